@@ -1,0 +1,19 @@
+#pragma once
+// Small file-system helpers shared by every writer: outputs appear whole or not at all.
+#include <functional>
+#include <string>
+
+namespace patchcore {
+
+// Reads a whole file; throws std::runtime_error naming the file when it cannot be opened or read.
+std::string read_file(const std::string& path);
+
+// Calls write(tmp_path) with a temporary path beside `path`, flushes it and renames it onto `path`.
+// If write throws, the temporary file is removed and `path` is left as it was.
+void write_file_atomically(const std::string& path, const std::function<void(const std::string& tmp_path)>& write);
+
+// Same for a whole directory: write(tmp_dir) fills a fresh temporary directory beside `dir`, which
+// then replaces `dir` (an existing `dir` is moved aside first and deleted only after the rename).
+void write_directory_atomically(const std::string& dir, const std::function<void(const std::string& tmp_dir)>& write);
+
+}  // namespace patchcore

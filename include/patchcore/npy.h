@@ -1,0 +1,31 @@
+#pragma once
+// NumPy .npy files (format 1.0/2.0, little-endian, C order): the exchange format for golden
+// fixtures written by python3-numpy and for the raw anomaly maps that `patchcore predict` writes.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace patchcore {
+
+struct NpyArray {
+  std::string dtype;             // NumPy descr without byte order: "f4", "f8", "i8", "i4", "u1", "b1", "u2"
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> data;     // raw little-endian element bytes, C order
+
+  int64_t numel() const;
+  size_t item_size() const;
+  // Element values converted to the requested type; throws if the stored dtype is not numeric.
+  std::vector<float> as_float() const;
+  std::vector<double> as_double() const;
+  std::vector<int64_t> as_int64() const;
+};
+
+// Throws std::runtime_error naming the file and the problem (bad magic, unsupported dtype,
+// Fortran order, size that does not match the header).
+NpyArray read_npy(const std::string& path);
+
+// Written to a temporary file in the same folder and renamed, so a reader never sees half a file.
+void write_npy(const std::string& path, const float* data, const std::vector<int64_t>& shape);
+void write_npy(const std::string& path, const NpyArray& array);
+
+}  // namespace patchcore
