@@ -1,0 +1,18 @@
+#pragma once
+// common.Aggregator: the per-layer embeddings of a patch merged into one vector of target_dim.
+#include <torch/torch.h>
+
+namespace patchcore {
+
+class Aggregator {
+ public:
+  explicit Aggregator(int64_t target_dim);
+  // [N, layers, D] → [N, target_dim]: rows flattened (first layer first), then adaptive average pooling.
+  torch::Tensor forward(const torch::Tensor& features) const;
+  int64_t target_dim() const { return target_dim_; }
+
+ private:
+  int64_t target_dim_;
+};
+
+}  // namespace patchcore

@@ -1,0 +1,77 @@
+#pragma once
+// Image decoding and the reference preprocessing (PIL 9.4 + torchvision 0.14), bit for bit:
+//   PIL.Image.open(p).convert("RGB") → Resize(shorter side) → CenterCrop → ToTensor → Normalize.
+//
+// Decoding goes through OpenCV (IMREAD_UNCHANGED, so the real depth and channels are visible) and then
+// applies PIL's conversion rules: alpha is dropped, palettes are expanded, 16-bit grey (PIL mode I / I;16)
+// saturates at 255, 16-bit colour keeps the high byte, EXIF orientation is ignored. The container header
+// is parsed first so that the pixel limit is enforced before any pixel buffer is allocated; only PNG,
+// JPEG, BMP and TIFF are accepted.
+#include <torch/types.h>
+
+#include <array>
+#include <cstdint>
+#include <opencv2/core.hpp>
+#include <stdexcept>
+#include <string>
+
+namespace patchcore {
+
+// Any problem with an image file or its contents; the message names the file.
+class ImageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct ImageLimits {
+  // PIL raises DecompressionBombError above twice Image.MAX_IMAGE_PIXELS (2 · 89478485).
+  int64_t max_pixels = 178956970;
+};
+
+// CV_8UC3 in RGB order, the array PIL's convert("RGB") gives.
+cv::Mat load_image_rgb(const std::string& path, const ImageLimits& limits = {});
+// CV_8UC1 with PIL mode L semantics (nonzero = defect): grey as stored, 1-bit as 0/255, 16-bit grey
+// saturated at 255, colour and palette masks converted with PIL's convert("L") luma weights.
+cv::Mat load_mask(const std::string& path, const ImageLimits& limits = {});
+// As load_image_rgb, from the encoded bytes; `name` is only used in error messages.
+cv::Mat decode_image_rgb(const std::string& bytes, const std::string& name, const ImageLimits& limits = {});
+// As load_mask, from the encoded bytes.
+cv::Mat decode_mask(const std::string& bytes, const std::string& name, const ImageLimits& limits = {});
+
+// Pillow's antialiased BILINEAR resize (Image.resize(..., BILINEAR)) of an 8-bit image with 1 or 3
+// channels, bit-exact: triangle filter widened by the downscale factor, 22-bit fixed-point weights,
+// horizontal pass then vertical pass, each rounded and clamped to uint8.
+cv::Mat pil_resize_bilinear(const cv::Mat& image, int out_width, int out_height);
+
+// Pillow's NEAREST resize, which Image.resize substitutes for any filter on mode "1" and "P" images.
+cv::Mat pil_resize_nearest(const cv::Mat& image, int out_width, int out_height);
+
+// torchvision's Resize(int) output size for a width x height image: the shorter side becomes `shorter`,
+// the longer one int(shorter * long / short). Returns {width, height}.
+std::array<int, 2> resized_size_shorter_side(int width, int height, int shorter);
+
+// torchvision's CenterCrop offsets for a crop x crop window in a width x height image (crop <= both
+// sides): int(round((side - crop) / 2.0)) with Python's round half to even. Returns {left, top}.
+std::array<int, 2> center_crop_offsets(int width, int height, int crop);
+
+struct ImageTransform {
+  int resize = 256;  // shorter side
+  int crop = 224;    // center crop (square)
+  std::array<float, 3> mean{0.485f, 0.456f, 0.406f};
+  std::array<float, 3> std{0.229f, 0.224f, 0.225f};
+
+  // Throws std::invalid_argument unless 0 < crop <= resize and every std is finite and nonzero.
+  void validate() const;
+  // Resize(resize) + CenterCrop(crop) on a uint8 image with 1 or 3 channels; only the cropped pixels are
+  // computed, which gives the same bytes as resizing the whole image and cropping.
+  cv::Mat resize_and_crop(const cv::Mat& image) const;
+  // ToTensor + Normalize of a crop x crop CV_8UC3 RGB image: float32 [3, crop, crop], contiguous.
+  torch::Tensor to_tensor(const cv::Mat& rgb_cropped) const;
+  // File → normalised tensor, the whole reference image pipeline.
+  torch::Tensor load(const std::string& path, const ImageLimits& limits = {}) const;
+  // File → uint8 crop x crop mask: the resampled bytes (0..255) that the reference's ToTensor divides by
+  // 255. Like PIL, 1-bit and palette PNG masks are resampled with NEAREST, all others with BILINEAR.
+  cv::Mat load_mask(const std::string& path, const ImageLimits& limits = {}) const;
+};
+
+}  // namespace patchcore
