@@ -1,0 +1,94 @@
+#pragma once
+// patchcore.PatchCore: the whole method. Images → backbone features → locally aggregated patches →
+// embedding → memory bank (coreset) → nearest-neighbour patch scores → image score and segmentation.
+#include <torch/torch.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "patchcore/aggregator.h"
+#include "patchcore/backbone.h"
+#include "patchcore/image.h"
+#include "patchcore/nearest_neighbour_scorer.h"
+#include "patchcore/network_feature_aggregator.h"
+#include "patchcore/patch_maker.h"
+#include "patchcore/preprocessing.h"
+#include "patchcore/rescale_segmentor.h"
+#include "patchcore/sampler.h"
+
+namespace patchcore {
+
+// The settings the reference pickles as patchcore_params.pkl, plus the image transform, which a model
+// directory must carry so that predict needs no other flags.
+struct PatchCoreParams {
+  std::vector<std::string> layers_to_extract_from{"layer2", "layer3"};
+  int64_t pretrain_embed_dimension = 1024;
+  int64_t target_embed_dimension = 1024;
+  int64_t patchsize = 3;
+  int64_t patchstride = 1;
+  int64_t anomaly_scorer_num_nn = 1;
+  ImageTransform transform;  // resize/crop; input_shape is (3, crop, crop)
+  std::vector<int64_t> input_shape() const { return {3, transform.crop, transform.crop}; }
+};
+
+struct PredictResult {
+  std::vector<float> scores;         // one per image: the highest patch score
+  std::vector<torch::Tensor> masks;  // one [crop, crop] float32 map per image
+};
+
+// Reports progress of long steps: stage name, items done, items in total.
+using ProgressCallback = std::function<void(const std::string& stage, size_t done, size_t total)>;
+
+class PatchCore {
+ public:
+  explicit PatchCore(const std::string& device = "cpu");
+
+  // As the reference's PatchCore.load(): wires backbone, patch maker, embedding, sampler and scorer.
+  void load(std::shared_ptr<Backbone> backbone, const PatchCoreParams& params,
+            std::shared_ptr<BaseSampler> featuresampler = std::make_shared<IdentitySampler>(),
+            std::shared_ptr<FaissNN> nn_method = std::make_shared<FaissNN>(false, 4));
+
+  // images [B, 3, H, W] → patch embeddings [B·h·w, target_embed_dimension]; patch_shape receives {h, w}.
+  torch::Tensor embed(const torch::Tensor& images, std::vector<int64_t>* patch_shape = nullptr) const;
+
+  // Fits the memory bank on training images (files, read with params.transform). Batches of
+  // `batch_size` images; the embeddings of all images are collected, subsampled, then indexed.
+  void fit(const std::vector<std::string>& image_paths, int64_t batch_size = 2, const ProgressCallback& progress = {});
+  // Fits on already-embedded features [N, D] (e.g. from embed()).
+  void fit_features(const torch::Tensor& features);
+
+  // Thread-safe once fitted: one loaded model can serve many threads.
+  PredictResult predict(const torch::Tensor& images) const;
+
+  // A model directory: patchcore_params.json, {prepend}nnscorer_search_index.faiss and a copy of the
+  // backbone weights with their size and CRC-32. Written to a temporary directory, then renamed.
+  void save_to_path(const std::string& save_path, const std::string& prepend = "") const;
+  // Needs nothing but the directory; every file is checked and errors name it.
+  static std::unique_ptr<PatchCore> load_from_path(const std::string& load_path, const std::string& device = "cpu",
+                                                   int num_workers = 4, const std::string& prepend = "");
+
+  const PatchCoreParams& params() const { return params_; }
+  const Backbone& backbone() const { return *feature_aggregator_->backbone(); }
+  const NearestNeighbourScorer& anomaly_scorer() const { return *anomaly_scorer_; }
+  int64_t memory_bank_size() const { return anomaly_scorer_->nn_method().size(); }
+
+ private:
+  void require_loaded(const char* what) const;
+
+  std::string device_;
+  PatchCoreParams params_;
+  std::unique_ptr<NetworkFeatureAggregator> feature_aggregator_;
+  std::unique_ptr<PatchMaker> patch_maker_;
+  std::unique_ptr<Preprocessing> preprocessing_;
+  std::unique_ptr<Aggregator> preadapt_aggregator_;
+  std::shared_ptr<BaseSampler> featuresampler_;
+  std::unique_ptr<NearestNeighbourScorer> anomaly_scorer_;
+  std::unique_ptr<RescaleSegmentor> anomaly_segmentor_;
+};
+
+// Threads for torch, OpenMP and FAISS together (Debian's torch starts with one).
+void set_num_threads(int threads);
+
+}  // namespace patchcore

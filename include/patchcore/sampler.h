@@ -1,0 +1,144 @@
+#pragma once
+// sampler.py: subsampling of the memory bank (identity, random, greedy coreset, approximate greedy coreset).
+//
+// The greedy samplers work on features projected to `dimension_to_project_features_to` dimensions and run
+// the farthest-point loop
+//     k = argmax(score) (first index on ties); select k; score_i = min(score_i, d(z_i, z_k))
+// with d(a, b) = sqrt(max(0, (-2 a.b + |a|^2) + |b|^2)) in float32. Two implementations of the loop exist:
+// greedy_coreset_reference (a plain scan per selection, as the Python reference does) and greedy_coreset_fast
+// (lower bounds from principal-component coordinates rule out most points). Every distance of both goes
+// through one kernel, and the fast loop only skips points whose computed distance provably cannot lower their
+// score, so both select exactly the same indices.
+//
+// Randomness (projection matrix, starting points, random subset) comes from std::mt19937_64 seeded by the
+// sampler's seed, mapped to numbers without std:: distributions, so results are the same on every platform
+// and for every thread count. It cannot reproduce the Python reference's torch/NumPy random streams; for
+// bit-exact comparisons inject the reference's W (set_projection) and starting points (set_starting_points).
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace patchcore {
+
+class BaseSampler {
+ public:
+  virtual ~BaseSampler() = default;
+  // Indices of the selected rows of `features` ([N, D] float32 CPU, N >= 1, D >= 1), in selection order.
+  // Throws std::invalid_argument for any other shape, dtype or device.
+  virtual std::vector<int64_t> select(const torch::Tensor& features) = 0;
+  // features.index_select(0, select(features)): the original (unprojected) rows.
+  torch::Tensor run(const torch::Tensor& features);
+};
+
+class IdentitySampler : public BaseSampler {
+ public:
+  std::vector<int64_t> select(const torch::Tensor& features) override;
+};
+
+// int(N * percentage) distinct rows chosen uniformly at random. Every call draws from a generator freshly
+// seeded with `seed`, so repeated calls select the same rows.
+class RandomSampler : public BaseSampler {
+ public:
+  // percentage must lie in (0, 1); std::invalid_argument otherwise.
+  explicit RandomSampler(double percentage, uint64_t seed = 0);
+  std::vector<int64_t> select(const torch::Tensor& features) override;
+
+ private:
+  double percentage_;
+  uint64_t seed_;
+};
+
+enum class GreedyAlgorithm {
+  kFast,       // greedy_coreset_fast (default)
+  kReference,  // greedy_coreset_reference
+};
+
+// Full greedy coreset: initial score_i = L2 norm of row i of the N x N distance matrix (computed blockwise,
+// O(N^2 * dim) time, O(N) memory), then int(N * percentage) greedy selections.
+class GreedyCoresetSampler : public BaseSampler {
+ public:
+  // `device` is where the projection runs when it is not the CPU (the CPU projection uses the library's own
+  // kernel so that it does not depend on the thread count); the greedy loop always runs on the CPU.
+  GreedyCoresetSampler(double percentage, torch::Device device = torch::kCPU,
+                       int64_t dimension_to_project_features_to = 128, uint64_t seed = 0);
+
+  // Uses `weight` ([dimension_to_project_features_to, D] float32, like nn.Linear.weight) instead of a
+  // random matrix; select() throws if D does not match the features. An undefined tensor clears it.
+  void set_projection(torch::Tensor weight);
+  void set_algorithm(GreedyAlgorithm algorithm) { algorithm_ = algorithm; }
+
+  // The matrix select() multiplies features with D columns by: the injected one, or a seeded draw from
+  // U(-1/sqrt(D), 1/sqrt(D)) (PyTorch's nn.Linear default initialisation).
+  torch::Tensor projection_weight(int64_t feature_dim) const;
+  // Z, the points the loop works on: features x W^T, or the features themselves when D already equals the
+  // target dimension. [N, dim] float32 contiguous CPU.
+  torch::Tensor project(const torch::Tensor& features) const;
+  // Score of every point before the first selection.
+  virtual std::vector<float> initial_scores(const torch::Tensor& projected);
+
+  std::vector<int64_t> select(const torch::Tensor& features) override;
+
+ protected:
+  double percentage_;
+  torch::Device device_;
+  int64_t dimension_;
+  uint64_t seed_;
+  GreedyAlgorithm algorithm_ = GreedyAlgorithm::kFast;
+  torch::Tensor weight_;
+};
+
+// Approximate greedy coreset (the one PatchCore uses): initial score_i = mean distance to
+// min(number_of_starting_points, N) distinct random points, which are not themselves selected.
+class ApproximateGreedyCoresetSampler : public GreedyCoresetSampler {
+ public:
+  ApproximateGreedyCoresetSampler(double percentage, torch::Device device = torch::kCPU,
+                                  int64_t number_of_starting_points = 10,
+                                  int64_t dimension_to_project_features_to = 128, uint64_t seed = 0);
+
+  // Uses these row indices as the starting points (non-empty; each must be < N at select()). An empty
+  // vector returns to seeded random starts.
+  void set_starting_points(std::vector<int64_t> indices);
+  // The starting points select() uses for n rows.
+  std::vector<int64_t> starting_points(int64_t n) const;
+
+  std::vector<float> initial_scores(const torch::Tensor& projected) override;
+
+ private:
+  int64_t number_of_starting_points_;
+  std::vector<int64_t> starting_points_;
+};
+
+// Factory used by the CLI: "identity", "random", "greedy", "approx_greedy". Throws std::invalid_argument
+// for other names and (except for identity) for a percentage outside (0, 1).
+std::unique_ptr<BaseSampler> make_sampler(const std::string& name, double percentage, uint64_t seed,
+                                          torch::Device device = torch::kCPU);
+
+// ---- Building blocks of the greedy samplers, exposed for tests and benchmarks. ----
+// `projected` is always [N, dim] float32 contiguous CPU with N >= 1; every distance below is computed by the
+// shared kernel, so equal inputs give bit-identical distances in every function.
+
+// d(z_i, z_p) for every row i (the row is the first operand), one row of the distance matrix at a time.
+std::vector<float> distances_to_point(const torch::Tensor& projected, int64_t point);
+// Mean over `points` of d(z_i, z_p) (float sum in the order given, divided by the count).
+std::vector<float> mean_distance_to_points(const torch::Tensor& projected, const std::vector<int64_t>& points);
+// sqrt(sum_j d(z_i, z_j)^2) for every row i, accumulated in double in j order.
+std::vector<float> distance_matrix_row_norms(const torch::Tensor& projected);
+
+// Work done by greedy_coreset_fast, for benchmarks.
+struct GreedyStats {
+  int64_t exact_distances = 0;  // point-to-centre distances computed by the kernel
+  int64_t lower_bounds = 0;     // first-level lower bounds evaluated (points whose block the box test kept)
+  int64_t passes = 0;           // passes over the data, each for a batch of speculated centres
+};
+
+// Both run `count` (>= 0) greedy selections starting from `scores` (one per row, finite, >= 0) and return the
+// selected indices; they return identical results for identical inputs.
+std::vector<int64_t> greedy_coreset_reference(const torch::Tensor& projected, std::vector<float> scores,
+                                              int64_t count);
+std::vector<int64_t> greedy_coreset_fast(const torch::Tensor& projected, std::vector<float> scores, int64_t count,
+                                         GreedyStats* stats = nullptr);
+
+}  // namespace patchcore

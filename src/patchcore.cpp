@@ -1,0 +1,254 @@
+#include "patchcore/patchcore.h"
+
+#include <omp.h>
+#include <zlib.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+
+#include "patchcore/file_util.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace patchcore {
+namespace {
+
+constexpr const char* kFormat = "patchcore-model";
+constexpr int kFormatVersion = 1;
+constexpr const char* kParamsFile = "patchcore_params.json";
+
+struct FileDigest {
+  uint64_t bytes = 0;
+  uint32_t crc32 = 0;
+};
+
+FileDigest digest(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot open file");
+  FileDigest d;
+  uLong crc = crc32(0L, Z_NULL, 0);
+  std::vector<char> buffer(1 << 20);
+  while (in) {
+    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+    const auto n = in.gcount();
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(buffer.data()), static_cast<uInt>(n));
+    d.bytes += static_cast<uint64_t>(n);
+  }
+  if (in.bad()) throw std::runtime_error(path + ": read error");
+  d.crc32 = static_cast<uint32_t>(crc);
+  return d;
+}
+
+void check_params(const PatchCoreParams& p) {
+  if (p.layers_to_extract_from.empty()) throw std::invalid_argument("PatchCore: no layers to extract from");
+  if (p.pretrain_embed_dimension < 1 || p.target_embed_dimension < 1)
+    throw std::invalid_argument("PatchCore: embedding dimensions must be positive");
+  if (p.anomaly_scorer_num_nn < 1) throw std::invalid_argument("PatchCore: k (anomaly_scorer_num_nn) must be at least 1");
+  p.transform.validate();
+}
+
+std::string nn_kind(const FaissNN& nn) {
+  return dynamic_cast<const ApproximateFaissNN*>(&nn) ? "ApproximateFaissNN" : "FaissNN";
+}
+
+}  // namespace
+
+void set_num_threads(int threads) {
+  if (threads < 1) throw std::invalid_argument("threads must be at least 1, got " + std::to_string(threads));
+  torch::set_num_threads(threads);
+  omp_set_num_threads(threads);
+}
+
+PatchCore::PatchCore(const std::string& device) : device_(device) { parse_device(device); }
+
+void PatchCore::load(std::shared_ptr<Backbone> backbone, const PatchCoreParams& params,
+                     std::shared_ptr<BaseSampler> featuresampler, std::shared_ptr<FaissNN> nn_method) {
+  check_params(params);
+  if (!featuresampler) throw std::invalid_argument("PatchCore: featuresampler is null");
+  params_ = params;
+  feature_aggregator_ = std::make_unique<NetworkFeatureAggregator>(std::move(backbone), params.layers_to_extract_from, device_);
+  const auto feature_dimensions = feature_aggregator_->feature_dimensions(params.input_shape());
+  patch_maker_ = std::make_unique<PatchMaker>(params.patchsize, params.patchstride);
+  preprocessing_ = std::make_unique<Preprocessing>(feature_dimensions, params.pretrain_embed_dimension);
+  preadapt_aggregator_ = std::make_unique<Aggregator>(params.target_embed_dimension);
+  featuresampler_ = std::move(featuresampler);
+  anomaly_scorer_ = std::make_unique<NearestNeighbourScorer>(params.anomaly_scorer_num_nn, std::move(nn_method));
+  anomaly_segmentor_ = std::make_unique<RescaleSegmentor>(device_, params.transform.crop);
+}
+
+void PatchCore::require_loaded(const char* what) const {
+  if (!feature_aggregator_) throw std::logic_error(std::string("PatchCore::") + what + " before load()");
+}
+
+torch::Tensor PatchCore::embed(const torch::Tensor& images, std::vector<int64_t>* patch_shape) const {
+  require_loaded("embed");
+  torch::NoGradGuard no_grad;
+  const auto features = feature_aggregator_->forward(images);
+  std::vector<torch::Tensor> patches;
+  std::vector<std::vector<int64_t>> grids;
+  for (const auto& layer : params_.layers_to_extract_from) {
+    auto [p, grid] = patch_maker_->patchify(features[layer]);
+    patches.push_back(p);
+    grids.push_back(grid);
+  }
+  // Deeper layers are aligned to the first layer's patch grid after unfolding, by bilinear
+  // interpolation of every (channel, kernel position) plane, as the reference does.
+  const int64_t gh = grids[0][0], gw = grids[0][1];
+  namespace F = torch::nn::functional;
+  for (size_t i = 1; i < patches.size(); ++i) {
+    if (grids[i] == grids[0]) continue;
+    const torch::Tensor& t = patches[i];  // [B, L, C, p, p]
+    const int64_t b = t.size(0), c = t.size(2), p = t.size(3);
+    torch::Tensor planes = t.reshape({b, grids[i][0], grids[i][1], c, p, p}).permute({0, 3, 4, 5, 1, 2});
+    planes = F::interpolate(planes.reshape({-1, 1, grids[i][0], grids[i][1]}),
+                            F::InterpolateFuncOptions().size(std::vector<int64_t>{gh, gw}).mode(torch::kBilinear).align_corners(false));
+    patches[i] = planes.reshape({b, c, p, p, gh, gw}).permute({0, 4, 5, 1, 2, 3}).reshape({b, gh * gw, c, p, p});
+  }
+  for (auto& p : patches) p = p.reshape({-1, p.size(2), p.size(3), p.size(4)});
+  if (patch_shape) *patch_shape = grids[0];
+  return preadapt_aggregator_->forward(preprocessing_->forward(patches));
+}
+
+void PatchCore::fit(const std::vector<std::string>& image_paths, int64_t batch_size, const ProgressCallback& progress) {
+  require_loaded("fit");
+  if (image_paths.empty()) throw std::invalid_argument("PatchCore::fit: no training images");
+  if (batch_size < 1) throw std::invalid_argument("PatchCore::fit: batch size must be at least 1");
+  torch::Tensor bank;  // [images · patches per image, D], allocated once the patch count is known
+  int64_t rows = 0;
+  for (size_t start = 0; start < image_paths.size(); start += static_cast<size_t>(batch_size)) {
+    const size_t end = std::min(image_paths.size(), start + static_cast<size_t>(batch_size));
+    std::vector<torch::Tensor> images;
+    for (size_t i = start; i < end; ++i) images.push_back(params_.transform.load(image_paths[i]));
+    const torch::Tensor embedded = embed(torch::stack(images));
+    if (!bank.defined()) {
+      const int64_t per_image = embedded.size(0) / static_cast<int64_t>(images.size());
+      bank = torch::empty({per_image * static_cast<int64_t>(image_paths.size()), embedded.size(1)}, torch::kFloat32);
+    }
+    bank.slice(0, rows, rows + embedded.size(0)).copy_(embedded);
+    rows += embedded.size(0);
+    if (progress) progress("embedding training images", end, image_paths.size());
+  }
+  if (progress) progress("coreset", 0, 1);
+  fit_features(bank);
+  if (progress) progress("coreset", 1, 1);
+}
+
+void PatchCore::fit_features(const torch::Tensor& features) {
+  require_loaded("fit");
+  anomaly_scorer_->fit({featuresampler_->run(features)});
+}
+
+PredictResult PatchCore::predict(const torch::Tensor& images) const {
+  require_loaded("predict");
+  if (!anomaly_scorer_->nn_method().is_fitted()) throw std::logic_error("PatchCore::predict before fit() or load_from_path()");
+  const int64_t batch = images.size(0);
+  std::vector<int64_t> grid;
+  const torch::Tensor features = embed(images, &grid);
+  const torch::Tensor patch_scores = patch_maker_->unpatch_scores(std::get<0>(anomaly_scorer_->predict({features})), batch);
+  const torch::Tensor image_scores = patch_maker_->score(patch_scores).contiguous();
+  PredictResult result;
+  result.scores.assign(image_scores.data_ptr<float>(), image_scores.data_ptr<float>() + batch);
+  result.masks = anomaly_segmentor_->convert_to_segmentation(patch_scores.reshape({batch, grid[0], grid[1]}));
+  return result;
+}
+
+void PatchCore::save_to_path(const std::string& save_path, const std::string& prepend) const {
+  require_loaded("save_to_path");
+  const Backbone& net = backbone();
+  if (net.weights_path().empty())
+    throw std::logic_error("PatchCore::save_to_path: the backbone's weights were not loaded from a file");
+  const bool scripted = dynamic_cast<const TorchScriptBackbone*>(&net) != nullptr;
+  const std::string weights_file = prepend + (scripted ? "backbone.pt" : "backbone.pth");
+  const FileDigest weights = digest(net.weights_path());
+  json j = {
+      {"format", kFormat},
+      {"version", kFormatVersion},
+      {"backbone.name", scripted ? "torchscript" : net.name()},
+      {"backbone.weights", {{"file", weights_file}, {"bytes", weights.bytes}, {"crc32", weights.crc32}}},
+      {"layers_to_extract_from", params_.layers_to_extract_from},
+      {"input_shape", params_.input_shape()},
+      {"pretrain_embed_dimension", params_.pretrain_embed_dimension},
+      {"target_embed_dimension", params_.target_embed_dimension},
+      {"patchsize", params_.patchsize},
+      {"patchstride", params_.patchstride},
+      {"anomaly_scorer_num_nn", params_.anomaly_scorer_num_nn},
+      {"resize", params_.transform.resize},
+      {"mean", params_.transform.mean},
+      {"std", params_.transform.std},
+      {"nn_method", nn_kind(anomaly_scorer_->nn_method())},
+      {"memory_bank_size", memory_bank_size()},
+  };
+  write_directory_atomically(save_path, [&](const std::string& dir) {
+    anomaly_scorer_->save(dir, false, prepend);
+    fs::copy_file(net.weights_path(), fs::path(dir) / weights_file);
+    std::ofstream out(fs::path(dir) / (prepend + kParamsFile));
+    out << j.dump(2) << "\n";
+    if (!out) throw std::runtime_error(save_path + ": cannot write " + kParamsFile);
+  });
+}
+
+std::unique_ptr<PatchCore> PatchCore::load_from_path(const std::string& load_path, const std::string& device,
+                                                     int num_workers, const std::string& prepend) {
+  const std::string params_path = (fs::path(load_path) / (prepend + kParamsFile)).string();
+  if (!fs::is_directory(load_path)) throw std::runtime_error(load_path + ": no such model directory");
+  json j;
+  try {
+    j = json::parse(read_file(params_path));
+  } catch (const json::exception& e) {
+    throw std::runtime_error(params_path + ": malformed JSON: " + e.what());
+  }
+  try {
+    if (!j.is_object() || j.value("format", "") != kFormat)
+      throw std::runtime_error(params_path + ": not a patchcore model description");
+    const int version = j.at("version").get<int>();
+    if (version > kFormatVersion)
+      throw std::runtime_error(params_path + ": written by a newer patchcore (format version " + std::to_string(version) +
+                               ", this build reads up to " + std::to_string(kFormatVersion) + ")");
+    PatchCoreParams params;
+    params.layers_to_extract_from = j.at("layers_to_extract_from").get<std::vector<std::string>>();
+    params.pretrain_embed_dimension = j.at("pretrain_embed_dimension").get<int64_t>();
+    params.target_embed_dimension = j.at("target_embed_dimension").get<int64_t>();
+    params.patchsize = j.at("patchsize").get<int64_t>();
+    params.patchstride = j.at("patchstride").get<int64_t>();
+    params.anomaly_scorer_num_nn = j.at("anomaly_scorer_num_nn").get<int64_t>();
+    const auto input_shape = j.at("input_shape").get<std::vector<int64_t>>();
+    if (input_shape.size() != 3 || input_shape[1] != input_shape[2])
+      throw std::runtime_error(params_path + ": input_shape must be [3, crop, crop]");
+    params.transform.crop = static_cast<int>(input_shape[1]);
+    params.transform.resize = j.at("resize").get<int>();
+    params.transform.mean = j.at("mean").get<std::array<float, 3>>();
+    params.transform.std = j.at("std").get<std::array<float, 3>>();
+
+    const json& weights = j.at("backbone.weights");
+    const std::string weights_path = (fs::path(load_path) / weights.at("file").get<std::string>()).string();
+    if (!fs::is_regular_file(weights_path)) throw std::runtime_error(weights_path + ": backbone weights missing from the model");
+    const FileDigest found = digest(weights_path);
+    if (found.bytes != weights.at("bytes").get<uint64_t>() || found.crc32 != weights.at("crc32").get<uint32_t>())
+      throw std::runtime_error(weights_path + ": backbone weights do not match the size/CRC-32 recorded in " + params_path);
+
+    const std::string kind = j.at("nn_method").get<std::string>();
+    std::shared_ptr<FaissNN> nn;
+    if (kind == "FaissNN") nn = std::make_shared<FaissNN>(false, num_workers);
+    else if (kind == "ApproximateFaissNN") nn = std::make_shared<ApproximateFaissNN>(false, num_workers);
+    else throw std::runtime_error(params_path + ": unknown nn_method '" + kind + "'");
+
+    auto model = std::make_unique<PatchCore>(device);
+    model->load(load_backbone(j.at("backbone.name").get<std::string>(), weights_path, params.layers_to_extract_from),
+                params, std::make_shared<IdentitySampler>(), nn);
+    model->anomaly_scorer_->load(load_path, prepend);
+    if (nn->dimension() != params.target_embed_dimension)
+      throw std::runtime_error(NearestNeighbourScorer::index_filename(load_path, prepend) + ": index has dimension " +
+                               std::to_string(nn->dimension()) + ", the model's embedding has " +
+                               std::to_string(params.target_embed_dimension));
+    return model;
+  } catch (const json::exception& e) {
+    throw std::runtime_error(params_path + ": bad or missing field: " + e.what());
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(params_path + ": " + e.what());
+  }
+}
+
+}  // namespace patchcore

@@ -1,0 +1,174 @@
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "common_fixtures.h"
+#include "patchcore/patchcore.h"
+
+using namespace patchcore;
+using test::load_golden;
+using test::max_abs_diff;
+namespace fs = std::filesystem;
+
+namespace {
+
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+nlohmann::json golden_json() {
+  std::ifstream in(test::fixture("patchcore/tire_identity.json"));
+  return nlohmann::json::parse(in);
+}
+
+// ResNet-18 with the shared weights and the reference's defaults, memory bank = every training patch.
+std::unique_ptr<PatchCore> fitted_on_tire(const std::string& weights, const std::string& data) {
+  auto model = std::make_unique<PatchCore>("cpu");
+  model->load(load_backbone("resnet18", weights, {"layer2", "layer3"}), PatchCoreParams{});
+  std::vector<std::string> train;
+  const auto golden = golden_json();
+  for (const auto& name : golden["train"]) train.push_back(data + "/" + name.get<std::string>());
+  model->fit(train);
+  return model;
+}
+
+torch::Tensor tire_test_images(const std::string& data) {
+  std::vector<torch::Tensor> images;
+  const auto golden = golden_json();
+  for (const auto& name : golden["test"]) images.push_back(ImageTransform{}.load(data + "/" + name.get<std::string>()));
+  return torch::stack(images);
+}
+
+}  // namespace
+
+TEST(PatchMaker, PatchifyFollowsUnfoldOrderWithZeroPadding) {
+  const torch::Tensor x = torch::arange(2 * 3 * 4 * 5, torch::kFloat32).reshape({2, 3, 4, 5});
+  PatchMaker maker(3);
+  auto [patches, grid] = maker.patchify(x);
+  EXPECT_EQ(grid, (std::vector<int64_t>{4, 5}));
+  ASSERT_EQ(patches.sizes(), (std::vector<int64_t>{2, 20, 3, 3, 3}));
+  // Patch at grid (1, 2) of image 1, channel 2: the 3x3 neighbourhood around x[1, 2, 1, 2].
+  EXPECT_TRUE(torch::equal(patches[1][1 * 5 + 2][2], x[1][2].slice(0, 0, 3).slice(1, 1, 4)));
+  // Top-left patch: the padded row and column are zeros.
+  EXPECT_EQ(patches[0][0][0][0][0].item<float>(), 0.f);
+  EXPECT_EQ(patches[0][0][0][1][1].item<float>(), x[0][0][0][0].item<float>());
+}
+
+TEST(PatchMaker, ScoreIsMaxOverPatchesAndUnpatchSplitsBatches) {
+  PatchMaker maker(3);
+  const torch::Tensor scores = torch::tensor({1.f, 5.f, 2.f, 7.f, 3.f, 0.f});
+  const torch::Tensor per_image = maker.unpatch_scores(scores, 2);
+  EXPECT_EQ(per_image.sizes(), (std::vector<int64_t>{2, 3}));
+  EXPECT_TRUE(torch::equal(maker.score(per_image), torch::tensor({5.f, 7.f})));
+  EXPECT_THROW(maker.unpatch_scores(scores, 4), std::invalid_argument);
+  EXPECT_THROW(PatchMaker(0), std::invalid_argument);
+}
+
+TEST(PatchCore, TireEmbeddingScoresAndMapsMatchAnIndependentTorchPipeline) {
+  PATCHCORE_REQUIRE_SHARED(weights, "weights/resnet18-imagenet-stem-to-layer3.pth");
+  PATCHCORE_REQUIRE_SHARED(data, "data/tire");
+  const auto golden = golden_json();
+  auto model = fitted_on_tire(weights, data);
+  EXPECT_EQ(model->memory_bank_size(), golden["bank_rows"].get<int64_t>());
+
+  const torch::Tensor images = tire_test_images(data);
+  std::vector<int64_t> grid;
+  const torch::Tensor embedding = model->embed(images, &grid);
+  EXPECT_EQ(grid, (std::vector<int64_t>{28, 28}));
+  const auto rows = golden["rows"].get<std::vector<int64_t>>();
+  const torch::Tensor selected = embedding.index_select(0, torch::tensor(rows));
+  EXPECT_LT(max_abs_diff(selected, load_golden("patchcore/tire_test_embedding_rows.npy")), 1e-4);
+
+  const PredictResult result = model->predict(images);
+  const auto expected_scores = golden["image_scores"].get<std::vector<double>>();
+  const auto expected_sums = golden["map_sums"].get<std::vector<double>>();
+  const torch::Tensor expected_maps = load_golden("patchcore/tire_maps_every_8th.npy");
+  for (size_t i = 0; i < expected_scores.size(); ++i) {
+    EXPECT_NEAR(result.scores[i], expected_scores[i], 1e-3 * expected_scores[i]) << i;
+    EXPECT_NEAR(result.masks[i].to(torch::kFloat64).sum().item<double>(), expected_sums[i], 1e-4 * expected_sums[i]) << i;
+    const torch::Tensor subsampled = result.masks[i].slice(0, 0, 224, 8).slice(1, 0, 224, 8);
+    EXPECT_LT(max_abs_diff(subsampled, expected_maps[static_cast<int64_t>(i)]), 1e-3 * expected_scores[i]) << i;
+  }
+}
+
+TEST(PatchCore, ModelDirectoryRoundTripNeedsNoOtherFlags) {
+  PATCHCORE_REQUIRE_SHARED(weights, "weights/resnet18-imagenet-stem-to-layer3.pth");
+  PATCHCORE_REQUIRE_SHARED(data, "data/tire");
+  auto model = fitted_on_tire(weights, data);
+  const std::string dir = test::temp_dir() + "/model";
+  model->save_to_path(dir);
+  auto loaded = PatchCore::load_from_path(dir);
+  const torch::Tensor images = tire_test_images(data);
+  const PredictResult a = model->predict(images), b = loaded->predict(images);
+  EXPECT_EQ(a.scores, b.scores);
+  for (size_t i = 0; i < a.masks.size(); ++i) EXPECT_TRUE(torch::equal(a.masks[i], b.masks[i]));
+
+  // Saving over an existing model replaces it whole.
+  model->save_to_path(dir);
+  EXPECT_EQ(PatchCore::load_from_path(dir)->memory_bank_size(), model->memory_bank_size());
+
+  // Damaged copies: each error names the file at fault.
+  auto damaged = [&](const std::string& name, const std::function<void(const std::string&)>& damage) {
+    const std::string copy = test::temp_dir() + "/" + name;
+    fs::copy(dir, copy, fs::copy_options::recursive);
+    damage(copy);
+    return error_of([&] { PatchCore::load_from_path(copy); });
+  };
+  EXPECT_NE(damaged("no_index", [](const std::string& d) { fs::remove(d + "/nnscorer_search_index.faiss"); })
+                .find("nnscorer_search_index.faiss"),
+            std::string::npos);
+  EXPECT_NE(damaged("no_params", [](const std::string& d) { fs::remove(d + "/patchcore_params.json"); })
+                .find("patchcore_params.json: cannot open"),
+            std::string::npos);
+  EXPECT_NE(damaged("bad_json", [](const std::string& d) { std::ofstream(d + "/patchcore_params.json") << "{\"format\": "; })
+                .find("malformed JSON"),
+            std::string::npos);
+  EXPECT_NE(damaged("future", [](const std::string& d) {
+              std::ifstream in(d + "/patchcore_params.json");
+              auto j = nlohmann::json::parse(in);
+              j["version"] = 99;
+              std::ofstream(d + "/patchcore_params.json") << j.dump();
+            }).find("newer patchcore (format version 99"),
+            std::string::npos);
+  EXPECT_NE(damaged("weights", [](const std::string& d) { fs::resize_file(d + "/backbone.pth", 1000); })
+                .find("backbone.pth: backbone weights do not match"),
+            std::string::npos);
+  EXPECT_NE(damaged("dimension", [](const std::string& d) {
+              std::ifstream in(d + "/patchcore_params.json");
+              auto j = nlohmann::json::parse(in);
+              j["target_embed_dimension"] = 512;
+              std::ofstream(d + "/patchcore_params.json") << j.dump();
+            }).find("index has dimension 1024, the model's embedding has 512"),
+            std::string::npos);
+  EXPECT_NE(damaged("type", [](const std::string& d) {
+              std::ifstream in(d + "/patchcore_params.json");
+              auto j = nlohmann::json::parse(in);
+              j["patchsize"] = "three";
+              std::ofstream(d + "/patchcore_params.json") << j.dump();
+            }).find("bad or missing field"),
+            std::string::npos);
+}
+
+TEST(PatchCore, RejectsUseBeforeLoadOrFitAndBadParameters) {
+  PatchCore model;
+  EXPECT_THROW(model.predict(torch::zeros({1, 3, 32, 32})), std::logic_error);
+  auto backbone = std::make_shared<ResNetBackbone>("resnet18", std::vector<std::string>{"layer2", "layer3"});
+  PatchCoreParams params;
+  params.anomaly_scorer_num_nn = 0;
+  EXPECT_THROW(model.load(backbone, params), std::invalid_argument);
+  params.anomaly_scorer_num_nn = 1;
+  params.transform.crop = 64;
+  params.transform.resize = 64;
+  model.load(backbone, params);
+  EXPECT_THROW(model.predict(torch::zeros({1, 3, 64, 64})), std::logic_error);
+  EXPECT_THROW(model.fit(std::vector<std::string>{}), std::invalid_argument);
+  EXPECT_NE(error_of([&] { model.fit({"/nonexistent/image.png"}); }).find("/nonexistent/image.png"), std::string::npos);
+}
