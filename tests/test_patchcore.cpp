@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common_fixtures.h"
+#include "patchcore/evaluation.h"
 #include "patchcore/patchcore.h"
 
 using namespace patchcore;
@@ -97,6 +98,34 @@ TEST(PatchCore, TireEmbeddingScoresAndMapsMatchAnIndependentTorchPipeline) {
     const torch::Tensor subsampled = result.masks[i].slice(0, 0, 224, 8).slice(1, 0, 224, 8);
     EXPECT_LT(max_abs_diff(subsampled, expected_maps[static_cast<int64_t>(i)]), 1e-3 * expected_scores[i]) << i;
   }
+}
+
+TEST(Evaluation, MetricsOnARealSubsetMatchSklearnOnTheIndependentPipeline) {
+  PATCHCORE_REQUIRE_SHARED(weights, "weights/resnet18-imagenet-stem-to-layer3.pth");
+  PATCHCORE_REQUIRE_SHARED(data, "data/tire");
+  const auto golden = golden_json();
+  auto model = fitted_on_tire(weights, data);
+  std::vector<Sample> subset;
+  const auto all = MVTecDataset::test(data);
+  for (const auto& name : golden["test"]) {
+    const std::string path = data + "/" + name.get<std::string>();
+    auto it = std::find_if(all.begin(), all.end(), [&](const Sample& s) { return fs::equivalent(s.image_path, path); });
+    ASSERT_NE(it, all.end()) << path;
+    subset.push_back(*it);
+  }
+  EvaluationOptions options;
+  options.batch_size = 4;  // batches of 4 and 2: results must not depend on batching
+  const EvaluationResult r = evaluate(*model, subset, options);
+  ASSERT_EQ(r.images.size(), subset.size());
+  EXPECT_NEAR(r.image_auroc, golden["image_auroc"].get<double>(), 1e-9);
+  EXPECT_NEAR(r.pixel_auroc, golden["pixel_auroc"].get<double>(), 1e-4);
+  EXPECT_NEAR(r.pixel_auroc_defective, golden["pixel_auroc_defective"].get<double>(), 1e-4);
+  const auto expected_scores = golden["image_scores"].get<std::vector<double>>();
+  for (size_t i = 0; i < subset.size(); ++i) EXPECT_NEAR(r.images[i].score, expected_scores[i], 1e-3 * expected_scores[i]);
+  // AUPRO of the same maps and masks, as the metrics module computes it.
+  std::vector<cv::Mat> maps, masks;
+  for (const auto& image : r.images) maps.push_back(image.anomaly_map), masks.push_back(image.mask);
+  EXPECT_DOUBLE_EQ(r.aupro, aupro(maps, masks, 0.3));
 }
 
 TEST(PatchCore, ModelDirectoryRoundTripNeedsNoOtherFlags) {

@@ -101,9 +101,6 @@ int run_fit(const FitOptions& o, int threads) {
              make_sampler(o.sampler, o.coreset, o.seed, parse_device(o.device)), nn);
   spdlog::info("fitting on {} training images from {}", paths.size(), o.data);
   model.fit(paths, o.batch_size, progress_bar());
-  if (model.memory_bank_size() < o.k)
-    throw std::invalid_argument("--k " + std::to_string(o.k) + " is larger than the memory bank (" +
-                                std::to_string(model.memory_bank_size()) + " rows)");
   model.save_to_path(o.out);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   spdlog::info("model written to {}: memory bank of {} patches, {:.1f} s", o.out, model.memory_bank_size(), seconds);
