@@ -2,9 +2,21 @@
 // Paths and skips shared by all test executables.
 #include <gtest/gtest.h>
 
+#include <exception>
 #include <string>
 
 namespace patchcore::test {
+
+// The message of the exception f() throws, or "<no error>", so tests can check that it names the problem.
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
 
 // tests/fixtures/<relative>: golden files written by scripts/make_fixtures.sh.
 std::string fixture(const std::string& relative);

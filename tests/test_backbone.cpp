@@ -11,6 +11,7 @@
 
 using namespace patchcore;
 using test::load_golden;
+using test::error_of;
 using test::max_abs_diff;
 
 namespace {
@@ -54,15 +55,6 @@ double relative_error(const torch::Tensor& actual, const torch::Tensor& expected
   return max_abs_diff(actual, expected) / expected.abs().max().item<double>();
 }
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
 
 }  // namespace
 

@@ -9,21 +9,9 @@
 
 using namespace patchcore;
 using test::load_golden;
+using test::error_of;
 using test::max_abs_diff;
 
-namespace {
-
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
-
-}  // namespace
 
 TEST(FaissNN, ReturnsSquaredDistancesOfPythonFaiss) {
   FaissNN nn(false, 2);

@@ -10,20 +10,12 @@
 
 using namespace patchcore;
 using test::load_golden;
+using test::error_of;
 using test::max_abs_diff;
 namespace fs = std::filesystem;
 
 namespace {
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
 
 nlohmann::json golden_json() {
   std::ifstream in(test::fixture("patchcore/tire_identity.json"));
