@@ -4,6 +4,7 @@
 # The fixtures are committed; run this only when a generator changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh --fixtures
 PY=${PYTHON:-/usr/bin/python3}
 for script in scripts/fixtures/make_*.py; do
   echo "== $script"
