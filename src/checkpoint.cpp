@@ -9,20 +9,18 @@
 #include <cstring>
 #include <deque>
 #include <filesystem>
+#include <fstream>
 #include <functional>
-#include <limits>
 #include <memory>
 #include <new>
 #include <string_view>
 #include <unordered_map>
 
-#include "patchcore/file_util.h"
-
 namespace patchcore {
 namespace {
 
-// A state dict nests five deep (dict, rebuild tuple, persistent id tuple); the bounds only have to stop
-// a hostile pickle from growing the VM without limit.
+// A state dict nests a few levels deep (dict, rebuild-call tuple, persistent id tuple); these bounds only
+// stop a hostile pickle from growing the VM without limit.
 constexpr size_t kMaxStackDepth = 1 << 20;
 constexpr size_t kMaxMarkDepth = 256;
 constexpr size_t kMaxGlobalLength = 256;
@@ -188,15 +186,14 @@ class Unpickler {
  public:
   using PersistentLoad = std::function<Value(const Value& pid)>;
 
-  // `context` begins every message (file name, and the record for zip archives); offsets are reported
-  // relative to `data` plus `base`, i.e. as file offsets for the legacy format.
-  Unpickler(std::string context, const uint8_t* data, size_t size, size_t start, uint64_t base, Heap& heap,
-            Budget& budget, PersistentLoad persistent_load)
+  // `context` begins every message (file name, and the record for zip archives). The pickle starts at
+  // `start`; offsets in messages count from `data`, i.e. they are file offsets in the legacy format.
+  Unpickler(std::string context, const uint8_t* data, size_t size, size_t start, Heap& heap, Budget& budget,
+            PersistentLoad persistent_load)
       : context_(std::move(context)),
         data_(data),
         size_(size),
         pos_(start),
-        base_(base),
         heap_(heap),
         budget_(budget),
         persistent_load_(std::move(persistent_load)) {}
@@ -219,7 +216,7 @@ class Unpickler {
   size_t end() const { return pos_; }
 
  private:
-  std::string offset(size_t pos) const { return std::to_string(base_ + pos); }
+  static std::string offset(size_t pos) { return std::to_string(pos); }
 
   [[noreturn]] void malformed(const std::string& what) const {
     fail(context_, "malformed pickle at offset " + offset(op_at_) + " (opcode " + hex_byte(data_[op_at_]) + "): " + what);
@@ -657,7 +654,6 @@ class Unpickler {
   size_t size_;
   size_t pos_;
   size_t op_at_ = 0;
-  uint64_t base_;
   Heap& heap_;
   Budget& budget_;
   PersistentLoad persistent_load_;
@@ -671,8 +667,7 @@ class Unpickler {
 
 struct StorageInfo {
   std::string key;
-  c10::ScalarType dtype;  // of the first reference; the legacy data section counts elements of this type
-  uint64_t numel;
+  uint64_t numel;  // in elements of the first reference's type, which the legacy data section counts in
   uint64_t nbytes;
   const uint8_t* legacy_data = nullptr;
 };
@@ -715,7 +710,7 @@ class StorageTable {
     auto it = by_key_.find(key);
     if (it == by_key_.end()) {
       index = entries.size();
-      entries.push_back(StorageInfo{key, dtype, numel, nbytes});
+      entries.push_back(StorageInfo{key, numel, nbytes});
       by_key_.emplace(key, index);
       on_new_(entries.back());
     } else {
@@ -782,6 +777,8 @@ class StorageSource {
   // Bytes of the whole storage (StorageInfo::nbytes of them), valid until release().
   virtual const uint8_t* acquire(size_t storage) = 0;
   virtual void release(size_t storage) = 0;
+  // The storage's own aligned buffer, handed over for a tensor to keep; empty where there is none.
+  virtual at::DataPtr take(size_t /*storage*/) { return {}; }
 };
 
 bool is_contiguous(const TensorDesc& t) {
@@ -829,19 +826,33 @@ CheckedView check_view(const std::string& name, const std::string& tensor, const
   return {numel, last + 1};
 }
 
+// Any byte but 0/1 would be an invalid bool for every kernel that reads it, copy_ included.
+void normalize_bools(uint8_t* p, uint64_t count) {
+  for (uint64_t k = 0; k < count; ++k) p[k] = p[k] != 0;
+}
+
+// A tensor that is its whole storage, contiguously, can keep the storage's buffer instead of a copy.
+bool is_whole_storage(const TensorDesc& t, const CheckedView& view, const StorageTable& table) {
+  return view.numel > 0 && t.offset == 0 && t.storage.byte_offset == 0 && is_contiguous(t) &&
+         view.numel * c10::elementSize(t.storage.dtype) == table.entries[t.storage.storage].nbytes;
+}
+
+torch::Tensor adopt(at::DataPtr buffer, const TensorDesc& t, const CheckedView& view) {
+  auto holder = std::make_shared<at::DataPtr>(std::move(buffer));
+  auto* data = static_cast<uint8_t*>(holder->get());
+  if (t.storage.dtype == c10::kBool) normalize_bools(data, view.numel);
+  return torch::from_blob(data, t.sizes, [holder](void*) {}, torch::TensorOptions().dtype(t.storage.dtype));
+}
+
 torch::Tensor materialize(const TensorDesc& t, const CheckedView& view, const uint8_t* storage_bytes) {
   const auto options = torch::TensorOptions().dtype(t.storage.dtype);
   torch::Tensor out = torch::empty(t.sizes, options);
   if (view.numel == 0) return out;
   const size_t element_size = c10::elementSize(t.storage.dtype);
   const uint8_t* src = storage_bytes + t.storage.byte_offset + static_cast<uint64_t>(t.offset) * element_size;
-  // Any byte but 0/1 would be an invalid bool for every kernel that reads it, copy_ included.
   auto copy_raw = [&](void* dst, uint64_t count) {
     std::memcpy(dst, src, count * element_size);
-    if (t.storage.dtype == c10::kBool) {
-      auto* p = static_cast<uint8_t*>(dst);
-      for (uint64_t k = 0; k < count; ++k) p[k] = p[k] != 0;
-    }
+    if (t.storage.dtype == c10::kBool) normalize_bools(static_cast<uint8_t*>(dst), count);
   };
   if (is_contiguous(t)) {
     copy_raw(out.data_ptr(), view.numel);
@@ -895,7 +906,11 @@ StateDict assemble(const std::string& name, const Heap& heap, const Value& root,
   out.reserve(entries.size());
   for (const Entry& e : entries) {
     const size_t storage = e.desc->storage.storage;
-    torch::Tensor tensor = materialize(*e.desc, e.view, source.acquire(storage));
+    torch::Tensor tensor;
+    if (uses[storage] == 1 && is_whole_storage(*e.desc, e.view, table)) {
+      if (at::DataPtr buffer = source.take(storage)) tensor = adopt(std::move(buffer), *e.desc, e.view);
+    }
+    if (!tensor.defined()) tensor = materialize(*e.desc, e.view, source.acquire(storage));
     if (--uses[storage] == 0) source.release(storage);
     out.emplace_back(strip ? e.name.substr(prefix.size()) : e.name, std::move(tensor));
   }
@@ -927,7 +942,7 @@ StateDict load_legacy(const std::string& bytes, const std::string& name, const C
   Budget budget = pickle_budget(limits);
   size_t pos = 0;
   auto next_pickle = [&](const std::string& context, Unpickler::PersistentLoad load) {
-    Unpickler vm(context, data, size, pos, 0, heap, budget, std::move(load));
+    Unpickler vm(context, data, size, pos, heap, budget, std::move(load));
     Value v = vm.run();
     pos = vm.end();
     return v;
@@ -1078,6 +1093,7 @@ ZipRecords scan_zip(const std::string& name, const uint8_t* d, uint64_t n, uint6
     uint64_t compressed = le32(d + q + 20);
     uint64_t uncompressed = le32(d + q + 24);
     const uint64_t name_len = le16(d + q + 28), extra_len = le16(d + q + 30), comment_len = le16(d + q + 32);
+    const uint16_t first_disk = le16(d + q + 34);
     const uint32_t external_attributes = le32(d + q + 38);
     uint64_t local = le32(d + q + 42);
     if (dir_end - q - kEntrySize < name_len + extra_len + comment_len) fail(ctx, "corrupt zip archive: bad central directory entry");
@@ -1098,6 +1114,7 @@ ZipRecords scan_zip(const std::string& name, const uint8_t* d, uint64_t n, uint6
       }
       e += 4 + len;
     }
+    if (first_disk == 0xffff || (first_disk != disk && first_disk != 1)) fail(ctx, "multi-disk zip archives are not supported");
     if (flags & 1) fail(ctx, "zip record " + quote_name(full) + " is encrypted");
     // miniz "extracts" a directory by returning success without writing the buffer.
     if ((!full.empty() && full.back() == '/') || (external_attributes & 0x10)) {
@@ -1200,6 +1217,11 @@ class ZipSource : public StorageSource {
 
   void release(size_t storage) override { loaded_[storage].clear(); }
 
+  at::DataPtr take(size_t storage) override {
+    acquire(storage);
+    return std::move(loaded_[storage]);
+  }
+
  private:
   std::string name_;
   caffe2::serialize::PyTorchStreamReader& reader_;
@@ -1252,7 +1274,7 @@ StateDict load_zip(const std::string& bytes, const std::string& name, const Chec
                     std::to_string(s.nbytes));
     }
   });
-  Unpickler vm(ctx + "data.pkl: ", static_cast<const uint8_t*>(pickle.get()), pickle_size, 0, 0, heap, budget,
+  Unpickler vm(ctx + "data.pkl: ", static_cast<const uint8_t*>(pickle.get()), pickle_size, 0, heap, budget,
                [&](const Value& pid) { return table.declare(heap, pid); });
   const Value root = vm.run();
   if (vm.end() != pickle_size) fail(ctx, "data.pkl has " + std::to_string(pickle_size - vm.end()) + " bytes after its STOP opcode");
@@ -1292,11 +1314,13 @@ StateDict load_state_dict(const std::string& path, const CheckpointLimits& limit
     throw CheckpointError(path + ": file of " + std::to_string(size) + " bytes exceeds the limit of " +
                           std::to_string(limits.max_file_bytes) + " bytes");
   }
-  std::string bytes;
-  try {
-    bytes = read_file(path);
-  } catch (const std::exception& e) {
-    throw CheckpointError(e.what());  // read_file's message already starts with the path
+  // Read straight into one buffer of the known size: checkpoints are hundreds of megabytes.
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw CheckpointError(path + ": cannot open file");
+  std::string bytes(static_cast<size_t>(size), '\0');
+  in.read(bytes.data(), static_cast<std::streamsize>(size));
+  if (static_cast<uint64_t>(in.gcount()) != size || in.peek() != std::ifstream::traits_type::eof()) {
+    throw CheckpointError(path + ": read error (the file changed size while being read)");
   }
   return load_state_dict_from_memory(bytes, path, limits);
 }

@@ -5,8 +5,9 @@
 // and globals a state dict needs, with every size checked against the bytes really present and the limits.
 //
 // Both on-disk formats are read:
-//  - zip (torch >= 1.6): <archive>/data.pkl, <archive>/data/<key>, <archive>/version, all stored
-//    uncompressed (compressed records are refused: their declared size could not be trusted);
+//  - zip (torch >= 1.6): <archive>/data.pkl, <archive>/data/<key>, <archive>/version, read through
+//    libtorch's PyTorchStreamReader. Records must be stored uncompressed, as torch.save writes them (a
+//    deflated record's declared size cannot be trusted), and must match their CRC-32;
 //  - legacy (torch < 1.6 or _use_new_zipfile_serialization=False): magic, protocol and sys_info pickles,
 //    the object, the list of storage keys, then each storage as an int64 element count and raw bytes.
 // The dict may be wrapped as {"state_dict": {...}} or {"model": {...}}; a "module." prefix that every

@@ -130,7 +130,7 @@ std::vector<float> distance_matrix_row_norms(const torch::Tensor& projected);
 // Work done by greedy_coreset_fast, for benchmarks.
 struct GreedyStats {
   int64_t exact_distances = 0;  // point-to-centre distances computed by the kernel
-  int64_t lower_bounds = 0;     // first-level lower bounds evaluated (points whose block the box test kept)
+  int64_t lower_bounds = 0;     // first-level lower bounds evaluated, one per point and speculated centre
   int64_t passes = 0;           // passes over the data, each for a batch of speculated centres
 };
 
