@@ -5,12 +5,12 @@
 namespace patchcore {
 
 MeanMapper::MeanMapper(int64_t preprocessing_dim) : preprocessing_dim_(preprocessing_dim) {
-  if (preprocessing_dim <= 0) throw std::invalid_argument("MeanMapper: preprocessing_dim must be positive");
+  if (preprocessing_dim <= 0) throw std::invalid_argument("pooled dimension must be positive, got " + std::to_string(preprocessing_dim));
 }
 
 torch::Tensor MeanMapper::forward(const torch::Tensor& features) const {
   if (features.dim() < 1 || features.size(0) == 0 || features.numel() == 0)
-    throw std::invalid_argument("MeanMapper: features must be a non-empty [N, ...] tensor");
+    throw std::invalid_argument("features to pool must be a non-empty [N, ...] tensor");
   return torch::adaptive_avg_pool1d(features.reshape({features.size(0), 1, -1}), {preprocessing_dim_}).squeeze(1);
 }
 

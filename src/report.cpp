@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -61,6 +62,18 @@ void write_png(const std::string& path, const cv::Mat& image) {
     out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
     if (!out) throw std::runtime_error(path + ": write failed");
   });
+}
+
+std::pair<float, float> value_range(const std::vector<cv::Mat>& anomaly_maps) {
+  if (anomaly_maps.empty()) throw std::invalid_argument("value_range: no maps");
+  double lo = std::numeric_limits<double>::max(), hi = std::numeric_limits<double>::lowest();
+  for (const auto& m : anomaly_maps) {
+    double a, b;
+    cv::minMaxLoc(m, &a, &b);
+    lo = std::min(lo, a);
+    hi = std::max(hi, b);
+  }
+  return {static_cast<float>(lo), static_cast<float>(hi)};
 }
 
 cv::Mat to_uint16(const cv::Mat& anomaly_map, float vmin, float vmax) {

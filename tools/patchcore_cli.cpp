@@ -150,13 +150,9 @@ int run_predict(const std::string& model_dir, const std::vector<std::string>& in
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() /
                     static_cast<double>(images.size());
   // One colour scale for every overlay of the run, so images can be compared with each other.
-  float vmin = std::numeric_limits<float>::max(), vmax = vmax_option > 0 ? static_cast<float>(vmax_option) : 0.f;
-  for (const auto& m : maps) {
-    double lo, hi;
-    cv::minMaxLoc(m, &lo, &hi);
-    vmin = std::min(vmin, static_cast<float>(lo));
-    if (vmax_option <= 0) vmax = std::max(vmax, static_cast<float>(hi));
-  }
+  float vmin, vmax;
+  std::tie(vmin, vmax) = value_range(maps);
+  if (vmax_option > 0) vmax = static_cast<float>(vmax_option);
   write_directory_atomically(out, [&](const std::string& dir) {
     std::map<std::string, int> used;
     std::string csv = "image,score,overlay,map\n";
@@ -196,13 +192,10 @@ int run_evaluate(const std::string& model_dir, const std::string& data, const st
                         {"data", data},
                         {"mask_rule", mask_rule}};
   if (!out.empty()) {
-    float vmin = std::numeric_limits<float>::max(), vmax = std::numeric_limits<float>::lowest();
-    for (const auto& image : r.images) {
-      double lo, hi;
-      cv::minMaxLoc(image.anomaly_map, &lo, &hi);
-      vmin = std::min(vmin, static_cast<float>(lo));
-      vmax = std::max(vmax, static_cast<float>(hi));
-    }
+    std::vector<cv::Mat> maps;
+    for (const auto& image : r.images) maps.push_back(image.anomaly_map);
+    float vmin, vmax;
+    std::tie(vmin, vmax) = value_range(maps);
     auto progress = progress_bar();
     write_directory_atomically(out, [&](const std::string& dir) {
       fs::create_directory(dir + "/overlays");

@@ -2,6 +2,8 @@
 // common.Aggregator: the per-layer embeddings of a patch merged into one vector of target_dim.
 #include <torch/torch.h>
 
+#include "patchcore/preprocessing.h"
+
 namespace patchcore {
 
 class Aggregator {
@@ -9,10 +11,10 @@ class Aggregator {
   explicit Aggregator(int64_t target_dim);
   // [N, layers, D] → [N, target_dim]: rows flattened (first layer first), then adaptive average pooling.
   torch::Tensor forward(const torch::Tensor& features) const;
-  int64_t target_dim() const { return target_dim_; }
+  int64_t target_dim() const { return pool_.preprocessing_dim(); }
 
  private:
-  int64_t target_dim_;
+  MeanMapper pool_;  // the same flatten-and-pool, over the concatenated layers
 };
 
 }  // namespace patchcore

@@ -3,6 +3,8 @@
 #include <opencv2/core.hpp>
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "patchcore/metrics.h"
 
@@ -15,6 +17,8 @@ cv::Mat heatmap_overlay(const cv::Mat& rgb, const cv::Mat& anomaly_map, float vm
 cv::Mat plot_roc(const RocCurve& roc, double auroc, const std::string& title, int size = 480);
 // Encodes to PNG (8-bit BGR/gray or 16-bit gray) and writes it atomically; throws naming the path.
 void write_png(const std::string& path, const cv::Mat& image);
+// Lowest and highest value over all maps: one colour scale for a whole run, so images compare.
+std::pair<float, float> value_range(const std::vector<cv::Mat>& anomaly_maps);
 // The map scaled from [vmin, vmax] to 0..65535, for tools that read raw maps as 16-bit PNG.
 cv::Mat to_uint16(const cv::Mat& anomaly_map, float vmin, float vmax);
 
