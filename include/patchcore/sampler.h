@@ -116,7 +116,9 @@ class ApproximateGreedyCoresetSampler : public GreedyCoresetSampler {
 std::unique_ptr<BaseSampler> make_sampler(const std::string& name, double percentage, uint64_t seed,
                                           torch::Device device = torch::kCPU);
 
-// ---- Building blocks of the greedy samplers, exposed for tests and benchmarks. ----
+// ---- Building blocks of the greedy samplers, exposed for tests, benchmarks and comparisons on real features:
+// with z = sampler.project(x) and s = sampler.initial_scores(z), greedy_coreset_fast(z, s, count) and
+// greedy_coreset_reference(z, s, count) are what select() runs. ----
 // `projected` is always [N, dim] float32 contiguous CPU with N >= 1; every distance below is computed by the
 // shared kernel, so equal inputs give bit-identical distances in every function.
 
@@ -134,8 +136,8 @@ struct GreedyStats {
   int64_t passes = 0;           // passes over the data, each for a batch of speculated centres
 };
 
-// Both run `count` (>= 0) greedy selections starting from `scores` (one per row, finite, >= 0) and return the
-// selected indices; they return identical results for identical inputs.
+// Both run `count` (>= 0) greedy selections starting from `scores` (one finite value per row) and return the
+// selected indices; they return identical results for identical inputs, whatever the thread count.
 std::vector<int64_t> greedy_coreset_reference(const torch::Tensor& projected, std::vector<float> scores,
                                               int64_t count);
 std::vector<int64_t> greedy_coreset_fast(const torch::Tensor& projected, std::vector<float> scores, int64_t count,
