@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -225,6 +226,22 @@ std::string one_tensor_checkpoint(bool legacy, const std::string& name, int64_t 
 
 const char* format_name(bool legacy) { return legacy ? "legacy" : "zip"; }
 
+// Each loaded entry has the golden name, dtype and shape and owns contiguous memory; `values` then checks
+// its contents against the golden entry.
+void expect_entries(const StateDict& sd, const json& entries,
+                    const std::function<void(const std::string&, const torch::Tensor&, const json&)>& values) {
+  ASSERT_EQ(sd.size(), entries.size());
+  for (size_t k = 0; k < sd.size(); ++k) {
+    const auto& [name, t] = sd[k];
+    const json& e = entries[k];
+    ASSERT_EQ(name, e["name"].get<std::string>());
+    EXPECT_EQ(dtype_name(t.scalar_type()), e["dtype"].get<std::string>()) << name;
+    EXPECT_EQ(shape_of(t), e["shape"].get<std::vector<int64_t>>()) << name;
+    expect_owned_contiguous(name, t);
+    values(name, t, e);
+  }
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
@@ -237,23 +254,14 @@ TEST_P(ResNetFixture, MatchesTorchLoadExactly) {
   const NpyArray npy = read_npy(fixture_path("resnet18_stem_layer1_0.f4.npy"));
   const std::vector<float> all = npy.as_float();
   const StateDict sd = load_state_dict(fixture_path("resnet18_stem_layer1_0." + GetParam() + ".pth"));
-  ASSERT_EQ(sd.size(), golden["entries"].size());
+  ASSERT_FALSE(sd.empty());
   EXPECT_EQ(sd.front().first, "conv1.weight");
-  for (size_t k = 0; k < sd.size(); ++k) {
-    const auto& [name, t] = sd[k];
-    const json& e = golden["entries"][k];
-    ASSERT_EQ(name, e["name"].get<std::string>());
-    EXPECT_EQ(dtype_name(t.scalar_type()), e["dtype"].get<std::string>()) << name;
-    EXPECT_EQ(shape_of(t), e["shape"].get<std::vector<int64_t>>()) << name;
-    expect_owned_contiguous(name, t);
-    if (e.contains("f4_offset")) {
-      const size_t offset = e["f4_offset"].get<size_t>();
-      ASSERT_LE(offset + t.numel(), all.size());
-      EXPECT_EQ(std::memcmp(t.data_ptr<float>(), all.data() + offset, t.nbytes()), 0) << name;
-    } else {
-      expect_values(name, t, e["values"]);
-    }
-  }
+  expect_entries(sd, golden["entries"], [&](const std::string& name, const torch::Tensor& t, const json& e) {
+    if (!e.contains("f4_offset")) return expect_values(name, t, e["values"]);
+    const size_t offset = e["f4_offset"].get<size_t>();
+    ASSERT_LE(offset + t.numel(), all.size());
+    EXPECT_EQ(std::memcmp(t.data_ptr<float>(), all.data() + offset, t.nbytes()), 0) << name;
+  });
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, ResNetFixture, ::testing::Values("zip", "legacy"));
@@ -262,17 +270,8 @@ class DtypesFixture : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(DtypesFixture, EveryDtypeAndViewMatchesTorchLoad) {
   const json golden = fixture_json("dtypes.json");
-  const StateDict sd = load_state_dict(fixture_path("dtypes." + GetParam() + ".pth"));
-  ASSERT_EQ(sd.size(), golden["entries"].size());
-  for (size_t k = 0; k < sd.size(); ++k) {
-    const auto& [name, t] = sd[k];
-    const json& e = golden["entries"][k];
-    ASSERT_EQ(name, e["name"].get<std::string>());
-    EXPECT_EQ(dtype_name(t.scalar_type()), e["dtype"].get<std::string>()) << name;
-    EXPECT_EQ(shape_of(t), e["shape"].get<std::vector<int64_t>>()) << name;
-    expect_owned_contiguous(name, t);
-    expect_values(name, t, e["values"]);
-  }
+  expect_entries(load_state_dict(fixture_path("dtypes." + GetParam() + ".pth")), golden["entries"],
+                 [](const std::string& name, const torch::Tensor& t, const json& e) { expect_values(name, t, e["values"]); });
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, DtypesFixture, ::testing::Values("zip", "legacy", "zip_proto4"));
@@ -296,13 +295,8 @@ TEST(Checkpoint, SharedResNet18MatchesTorchChecksums) {
   EXPECT_EQ(sd[0].first, "conv1.weight");
   EXPECT_EQ(shape_of(sd[0].second), (std::vector<int64_t>{64, 3, 7, 7}));
   std::map<std::string, torch::Tensor> by_name;
-  for (size_t k = 0; k < sd.size(); ++k) {
-    const json& e = golden["entries"][k];
-    EXPECT_EQ(sd[k].first, e["name"].get<std::string>());
-    EXPECT_EQ(dtype_name(sd[k].second.scalar_type()), e["dtype"].get<std::string>()) << sd[k].first;
-    EXPECT_EQ(shape_of(sd[k].second), e["shape"].get<std::vector<int64_t>>()) << sd[k].first;
-    by_name[sd[k].first] = sd[k].second;
-  }
+  expect_entries(sd, golden["entries"],
+                 [&](const std::string& name, const torch::Tensor& t, const json&) { by_name[name] = t; });
   for (const auto& [name, check] : golden["checked"].items()) {
     const torch::Tensor& t = by_name.at(name);
     char hex[17];
