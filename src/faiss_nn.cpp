@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <filesystem>
+#include <fstream>
 #include <sstream>
 #include <stdexcept>
 
@@ -31,6 +32,36 @@ namespace {
 constexpr int kCoarseCentroids = 512;
 constexpr int kSubQuantizers = 64;
 constexpr int kBitsPerCode = 8;
+
+// FAISS sizes its buffers from the counts in a file's header before reading them, so a damaged header can
+// make it allocate terabytes. For the flat indexes (ours and the reference's) the header says exactly how
+// long the file must be; check that before FAISS reads it. Layout: fourcc, int32 d, int64 ntotal, two
+// int64 unused, uint8 is_trained, int32 metric, [float metric_arg if metric > 1], uint64 n, float[n].
+void check_flat_index_file(const std::string& filename) {
+  std::ifstream in(filename, std::ios::binary);
+  char fourcc[4] = {};
+  in.read(fourcc, 4);
+  const std::string kind(fourcc, 4);
+  if (!in || (kind != "IxF2" && kind != "IxFI" && kind != "IxFl")) return;  // another kind: FAISS's own checks
+  int32_t d = 0, metric = 0;
+  int64_t ntotal = 0, unused[2];
+  uint8_t is_trained = 0;
+  float metric_arg = 0;
+  uint64_t count = 0;
+  in.read(reinterpret_cast<char*>(&d), sizeof d).read(reinterpret_cast<char*>(&ntotal), sizeof ntotal);
+  in.read(reinterpret_cast<char*>(unused), sizeof unused).read(reinterpret_cast<char*>(&is_trained), 1);
+  in.read(reinterpret_cast<char*>(&metric), sizeof metric);
+  if (metric > 1) in.read(reinterpret_cast<char*>(&metric_arg), sizeof metric_arg);
+  in.read(reinterpret_cast<char*>(&count), sizeof count);
+  if (!in) throw std::runtime_error(filename + ": not a readable FAISS index: truncated header");
+  const uint64_t header = static_cast<uint64_t>(in.tellg());
+  const uint64_t size = std::filesystem::file_size(filename);
+  if (d < 1 || ntotal < 0 || count % static_cast<uint64_t>(d) != 0 || count / static_cast<uint64_t>(d) != static_cast<uint64_t>(ntotal) ||
+      count > (size - header) / sizeof(float) || header + count * sizeof(float) != size)
+    throw std::runtime_error(filename + ": not a readable FAISS index: the header declares " + std::to_string(ntotal) +
+                             " vectors of dimension " + std::to_string(d) + " (" + std::to_string(count) +
+                             " floats) but the file has " + std::to_string(size) + " bytes");
+}
 
 torch::Tensor as_float_rows(const torch::Tensor& t, const char* what) {
   if (!t.defined() || t.dim() != 2) throw std::invalid_argument(std::string(what) + " must be a 2-D [N, D] tensor");
@@ -109,7 +140,19 @@ std::unique_ptr<faiss::Index> FaissNN::build(const torch::Tensor& features) cons
   }
 }
 
-void FaissNN::fit(const torch::Tensor& features) { search_index_ = build(features); }
+void FaissNN::fit(const torch::Tensor& features) { install(build(features)); }
+
+void FaissNN::install(std::unique_ptr<faiss::Index> index) {
+  search_index_ = std::move(index);
+  try {
+    index_changed();
+  } catch (...) {
+    // A subclass that cannot use the index must not be left half fitted.
+    search_index_.reset();
+    index_changed();
+    throw;
+  }
+}
 
 std::pair<torch::Tensor, torch::Tensor> FaissNN::run(int64_t k, const torch::Tensor& query_features,
                                                      const torch::Tensor& index_features) const {
@@ -120,14 +163,7 @@ std::pair<torch::Tensor, torch::Tensor> FaissNN::run(int64_t k, const torch::Ten
     index = temporary.get();
   }
   if (!index) throw std::logic_error(std::string(kind()) + ": run() before fit() or load()");
-  const torch::Tensor queries = as_float_rows(query_features, "query features");
-  if (queries.size(1) != index->d)
-    throw std::invalid_argument(std::string(kind()) + ": query features have dimension " +
-                                std::to_string(queries.size(1)) + ", the index has " + std::to_string(index->d));
-  if (k < 1) throw std::invalid_argument(std::string(kind()) + ": n_nearest_neighbours must be at least 1");
-  if (k > index->ntotal)
-    throw std::invalid_argument(std::string(kind()) + ": n_nearest_neighbours " + std::to_string(k) +
-                                " is larger than the memory bank (" + std::to_string(index->ntotal) + " rows)");
+  const torch::Tensor queries = checked_queries(k, query_features, index->ntotal, index->d);
   auto distances = torch::empty({queries.size(0), k}, torch::kFloat32);
   auto indices = torch::empty({queries.size(0), k}, torch::kInt64);
   static_assert(sizeof(faiss::Index::idx_t) == sizeof(int64_t), "FAISS ids must be 64-bit");
@@ -135,6 +171,19 @@ std::pair<torch::Tensor, torch::Tensor> FaissNN::run(int64_t k, const torch::Ten
   index->search(queries.size(0), queries.data_ptr<float>(), k, distances.data_ptr<float>(),
                 reinterpret_cast<faiss::Index::idx_t*>(indices.data_ptr<int64_t>()));
   return {distances, indices};
+}
+
+torch::Tensor FaissNN::checked_queries(int64_t k, const torch::Tensor& query_features, int64_t rows,
+                                       int64_t dimension) const {
+  const torch::Tensor queries = as_float_rows(query_features, "query features");
+  if (queries.size(1) != dimension)
+    throw std::invalid_argument(std::string(kind()) + ": query features have dimension " +
+                                std::to_string(queries.size(1)) + ", the index has " + std::to_string(dimension));
+  if (k < 1) throw std::invalid_argument(std::string(kind()) + ": n_nearest_neighbours must be at least 1");
+  if (k > rows)
+    throw std::invalid_argument(std::string(kind()) + ": n_nearest_neighbours " + std::to_string(k) +
+                                " is larger than the memory bank (" + std::to_string(rows) + " rows)");
+  return queries;
 }
 
 void FaissNN::save(const std::string& filename) const {
@@ -159,6 +208,7 @@ void FaissNN::save(const std::string& filename) const {
 void FaissNN::load(const std::string& filename) {
   std::error_code ec;
   if (!std::filesystem::is_regular_file(filename, ec)) throw std::runtime_error(filename + ": no such index file");
+  check_flat_index_file(filename);
   std::unique_ptr<faiss::Index> index;
   try {
     index.reset(faiss::read_index(filename.c_str()));
@@ -166,13 +216,23 @@ void FaissNN::load(const std::string& filename) {
     // FAISS messages carry source locations; the first line is what a user needs.
     std::string what = e.what();
     throw std::runtime_error(filename + ": not a readable FAISS index: " + what.substr(0, what.find('\n')));
+  } catch (const std::bad_alloc&) {
+    throw std::runtime_error(filename + ": not a readable FAISS index: it declares more data than fits in memory");
   }
   if (!accepts(*index))
     throw std::runtime_error(filename + ": holds a FAISS index of another kind than " + kind() + " expects");
-  search_index_ = to_device(std::move(index));
+  install(to_device(std::move(index)));
 }
 
-void FaissNN::reset_index() { search_index_.reset(); }
+void FaissNN::reset_index() {
+  search_index_.reset();
+  index_changed();
+}
+
+const float* FaissNN::flat_rows() const {
+  const auto* flat = dynamic_cast<const faiss::IndexFlat*>(search_index_.get());
+  return flat ? flat->get_xb() : nullptr;
+}
 
 int64_t FaissNN::size() const { return search_index_ ? search_index_->ntotal : 0; }
 int64_t FaissNN::dimension() const { return search_index_ ? search_index_->d : 0; }

@@ -552,6 +552,10 @@ void ImageTransform::validate() const {
     throw std::invalid_argument("ImageTransform: crop (" + std::to_string(crop) + ") must not exceed resize (" +
                                 std::to_string(resize) + ")");
   }
+  if (resize > kMaxSide) {
+    throw std::invalid_argument("ImageTransform: resize (" + std::to_string(resize) + ") must not exceed " +
+                                std::to_string(kMaxSide));
+  }
   for (int c = 0; c < 3; ++c) {
     if (!std::isfinite(std[c]) || std[c] == 0.0f || !std::isfinite(mean[c])) {
       throw std::invalid_argument("ImageTransform: mean and std must be finite and std nonzero (channel " +

@@ -3,9 +3,17 @@
 #include <filesystem>
 #include <stdexcept>
 
+#include "patchcore/exact_pruned_nn.h"
 #include "patchcore/npy.h"
 
 namespace patchcore {
+
+std::shared_ptr<FaissNN> make_nn_method(const std::string& kind, int num_workers) {
+  if (kind == "FaissNN") return std::make_shared<FaissNN>(false, num_workers);
+  if (kind == "ExactPrunedNN") return std::make_shared<ExactPrunedNN>(false, num_workers);
+  if (kind == "ApproximateFaissNN") return std::make_shared<ApproximateFaissNN>(false, num_workers);
+  throw std::invalid_argument("unknown nn_method '" + kind + "' (FaissNN, ExactPrunedNN or ApproximateFaissNN)");
+}
 
 torch::Tensor concat_merge(const std::vector<torch::Tensor>& features) {
   if (features.empty()) throw std::invalid_argument("no feature arrays given");

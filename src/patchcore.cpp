@@ -5,10 +5,12 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
 #include "patchcore/file_util.h"
+#include "patchcore/image_batches.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -42,16 +44,31 @@ FileDigest digest(const std::string& path) {
   return d;
 }
 
+void check_range(const std::string& what, int64_t value, int64_t low, int64_t high) {
+  if (value < low || value > high)
+    throw std::invalid_argument(what + " must be in [" + std::to_string(low) + ", " + std::to_string(high) + "], got " +
+                                std::to_string(value));
+}
+
 void check_params(const PatchCoreParams& p) {
   if (p.layers_to_extract_from.empty()) throw std::invalid_argument("PatchCore: no layers to extract from");
-  if (p.pretrain_embed_dimension < 1 || p.target_embed_dimension < 1)
-    throw std::invalid_argument("PatchCore: embedding dimensions must be positive");
-  if (p.anomaly_scorer_num_nn < 1) throw std::invalid_argument("PatchCore: k (anomaly_scorer_num_nn) must be at least 1");
+  check_range("PatchCore: pretrain_embed_dimension", p.pretrain_embed_dimension, 1, PatchCoreParams::kMaxEmbedDimension);
+  check_range("PatchCore: target_embed_dimension", p.target_embed_dimension, 1, PatchCoreParams::kMaxEmbedDimension);
+  check_range("PatchCore: patchsize", p.patchsize, 1, PatchCoreParams::kMaxPatchsize);
+  check_range("PatchCore: patchstride", p.patchstride, 1, PatchCoreParams::kMaxPatchsize);
+  check_range("PatchCore: k (anomaly_scorer_num_nn)", p.anomaly_scorer_num_nn, 1, PatchCoreParams::kMaxNearestNeighbours);
   p.transform.validate();
 }
 
-std::string nn_kind(const FaissNN& nn) {
-  return dynamic_cast<const ApproximateFaissNN*>(&nn) ? "ApproximateFaissNN" : "FaissNN";
+// An integer of the model description, range-checked before it is narrowed or used for a size. Floats
+// are refused rather than converted: converting one beyond int64's range is undefined behaviour.
+int64_t bounded(const json& value, const std::string& key, int64_t low, int64_t high) {
+  // nlohmann keeps integers above INT64_MAX as unsigned; read as int64 they would wrap to negatives.
+  if (!value.is_number_integer() || (value.is_number_unsigned() && value.get<uint64_t>() > static_cast<uint64_t>(high)))
+    throw std::invalid_argument(key + " must be an integer in [" + std::to_string(low) + ", " + std::to_string(high) +
+                                "], got " + value.dump());
+  check_range(key, value.get<int64_t>(), low, high);
+  return value.get<int64_t>();
 }
 
 }  // namespace
@@ -74,6 +91,8 @@ void PatchCore::load(std::shared_ptr<Backbone> backbone, const PatchCoreParams& 
   patch_maker_ = std::make_unique<PatchMaker>(params.patchsize, params.patchstride);
   preprocessing_ = std::make_unique<Preprocessing>(feature_dimensions, params.pretrain_embed_dimension);
   preadapt_aggregator_ = std::make_unique<Aggregator>(params.target_embed_dimension);
+  patch_embedder_ = std::make_unique<PatchEmbedder>(feature_dimensions, params.patchsize, params.patchstride,
+                                                    params.pretrain_embed_dimension, params.target_embed_dimension);
   featuresampler_ = std::move(featuresampler);
   anomaly_scorer_ = std::make_unique<NearestNeighbourScorer>(params.anomaly_scorer_num_nn, std::move(nn_method));
   anomaly_segmentor_ = std::make_unique<RescaleSegmentor>(device_, params.transform.crop);
@@ -83,71 +102,65 @@ void PatchCore::require_loaded(const char* what) const {
   if (!feature_aggregator_) throw std::logic_error(std::string("PatchCore::") + what + " before load()");
 }
 
-torch::Tensor PatchCore::embed(const torch::Tensor& images, std::vector<int64_t>* patch_shape) const {
+torch::Tensor PatchCore::embed(const torch::Tensor& images, std::vector<int64_t>* patch_shape, StageTimer* timer) const {
   require_loaded("embed");
   torch::NoGradGuard no_grad;
-  const auto features = feature_aggregator_->forward(images);
-  std::vector<torch::Tensor> patches;
-  std::vector<std::vector<int64_t>> grids;
-  for (const auto& layer : params_.layers_to_extract_from) {
-    auto [p, grid] = patch_maker_->patchify(features[layer]);
-    patches.push_back(p);
-    grids.push_back(grid);
+  std::vector<torch::Tensor> features;
+  {
+    StageTimer::Scope scope(timer, "backbone");
+    const auto by_layer = feature_aggregator_->forward(images);
+    for (const auto& layer : params_.layers_to_extract_from) features.push_back(by_layer[layer]);
   }
-  // Deeper layers are aligned to the first layer's patch grid after unfolding, by bilinear
-  // interpolation of every (channel, kernel position) plane, as the reference does.
-  const int64_t gh = grids[0][0], gw = grids[0][1];
-  namespace F = torch::nn::functional;
-  for (size_t i = 1; i < patches.size(); ++i) {
-    if (grids[i] == grids[0]) continue;
-    const torch::Tensor& t = patches[i];  // [B, L, C, p, p]
-    const int64_t b = t.size(0), c = t.size(2), p = t.size(3);
-    torch::Tensor planes = t.reshape({b, grids[i][0], grids[i][1], c, p, p}).permute({0, 3, 4, 5, 1, 2});
-    planes = F::interpolate(planes.reshape({-1, 1, grids[i][0], grids[i][1]}),
-                            F::InterpolateFuncOptions().size(std::vector<int64_t>{gh, gw}).mode(torch::kBilinear).align_corners(false));
-    patches[i] = planes.reshape({b, c, p, p, gh, gw}).permute({0, 4, 5, 1, 2, 3}).reshape({b, gh * gw, c, p, p});
-  }
-  for (auto& p : patches) p = p.reshape({-1, p.size(2), p.size(3), p.size(4)});
-  if (patch_shape) *patch_shape = grids[0];
-  return preadapt_aggregator_->forward(preprocessing_->forward(patches));
+  StageTimer::Scope scope(timer, "embedding");
+  return patch_embedder_->forward(features, patch_shape);
 }
 
-void PatchCore::fit(const std::vector<std::string>& image_paths, int64_t batch_size, const ProgressCallback& progress) {
+void PatchCore::fit(const std::vector<std::string>& image_paths, int64_t batch_size, const ProgressCallback& progress,
+                    StageTimer* timer) {
   require_loaded("fit");
   if (image_paths.empty()) throw std::invalid_argument("PatchCore::fit: no training images");
   if (batch_size < 1) throw std::invalid_argument("PatchCore::fit: batch size must be at least 1");
   torch::Tensor bank;  // [images · patches per image, D], allocated once the patch count is known
   int64_t rows = 0;
-  for (size_t start = 0; start < image_paths.size(); start += static_cast<size_t>(batch_size)) {
-    const size_t end = std::min(image_paths.size(), start + static_cast<size_t>(batch_size));
-    std::vector<torch::Tensor> images;
-    for (size_t i = start; i < end; ++i) images.push_back(params_.transform.load(image_paths[i]));
-    const torch::Tensor embedded = embed(torch::stack(images));
+  ImageBatches batches(image_paths, params_.transform, batch_size, timer);
+  for (torch::Tensor images; batches.next(images);) {
+    const torch::Tensor embedded = embed(images, nullptr, timer);
     if (!bank.defined()) {
-      const int64_t per_image = embedded.size(0) / static_cast<int64_t>(images.size());
+      const int64_t per_image = embedded.size(0) / images.size(0);
       bank = torch::empty({per_image * static_cast<int64_t>(image_paths.size()), embedded.size(1)}, torch::kFloat32);
     }
     bank.slice(0, rows, rows + embedded.size(0)).copy_(embedded);
     rows += embedded.size(0);
-    if (progress) progress("embedding training images", end, image_paths.size());
+    if (progress) progress("embedding training images", batches.done(), image_paths.size());
   }
   if (progress) progress("coreset", 0, 1);
-  fit_features(bank);
+  fit_features(bank, timer);
   if (progress) progress("coreset", 1, 1);
 }
 
-void PatchCore::fit_features(const torch::Tensor& features) {
+void PatchCore::fit_features(const torch::Tensor& features, StageTimer* timer) {
   require_loaded("fit");
-  anomaly_scorer_->fit({featuresampler_->run(features)});
+  torch::Tensor sampled;
+  {
+    StageTimer::Scope scope(timer, "coreset");
+    sampled = featuresampler_->run(features);
+  }
+  StageTimer::Scope scope(timer, "index");
+  anomaly_scorer_->fit({sampled});
 }
 
-PredictResult PatchCore::predict(const torch::Tensor& images) const {
+PredictResult PatchCore::predict(const torch::Tensor& images, StageTimer* timer) const {
   require_loaded("predict");
   if (!anomaly_scorer_->nn_method().is_fitted()) throw std::logic_error("PatchCore::predict before fit() or load_from_path()");
   const int64_t batch = images.size(0);
   std::vector<int64_t> grid;
-  const torch::Tensor features = embed(images, &grid);
-  const torch::Tensor patch_scores = patch_maker_->unpatch_scores(std::get<0>(anomaly_scorer_->predict({features})), batch);
+  const torch::Tensor features = embed(images, &grid, timer);
+  torch::Tensor patch_scores;
+  {
+    StageTimer::Scope scope(timer, "search");
+    patch_scores = patch_maker_->unpatch_scores(std::get<0>(anomaly_scorer_->predict({features})), batch);
+  }
+  StageTimer::Scope scope(timer, "segmentation");
   const torch::Tensor image_scores = patch_maker_->score(patch_scores).contiguous();
   PredictResult result;
   result.scores.assign(image_scores.data_ptr<float>(), image_scores.data_ptr<float>() + batch);
@@ -178,7 +191,7 @@ void PatchCore::save_to_path(const std::string& save_path, const std::string& pr
       {"resize", params_.transform.resize},
       {"mean", params_.transform.mean},
       {"std", params_.transform.std},
-      {"nn_method", nn_kind(anomaly_scorer_->nn_method())},
+      {"nn_method", anomaly_scorer_->nn_method().kind()},
       {"memory_bank_size", memory_bank_size()},
   };
   write_directory_atomically(save_path, [&](const std::string& dir) {
@@ -203,37 +216,41 @@ std::unique_ptr<PatchCore> PatchCore::load_from_path(const std::string& load_pat
   try {
     if (!j.is_object() || j.value("format", "") != kFormat)
       throw std::runtime_error(params_path + ": not a patchcore model description");
-    const int version = j.at("version").get<int>();
+    const int64_t version = bounded(j.at("version"), "version", 1, std::numeric_limits<int32_t>::max());
     if (version > kFormatVersion)
       throw std::runtime_error(params_path + ": written by a newer patchcore (format version " + std::to_string(version) +
                                ", this build reads up to " + std::to_string(kFormatVersion) + ")");
     PatchCoreParams params;
     params.layers_to_extract_from = j.at("layers_to_extract_from").get<std::vector<std::string>>();
-    params.pretrain_embed_dimension = j.at("pretrain_embed_dimension").get<int64_t>();
-    params.target_embed_dimension = j.at("target_embed_dimension").get<int64_t>();
-    params.patchsize = j.at("patchsize").get<int64_t>();
-    params.patchstride = j.at("patchstride").get<int64_t>();
-    params.anomaly_scorer_num_nn = j.at("anomaly_scorer_num_nn").get<int64_t>();
-    const auto input_shape = j.at("input_shape").get<std::vector<int64_t>>();
-    if (input_shape.size() != 3 || input_shape[1] != input_shape[2])
+    const auto field = [&](const char* key, int64_t high) { return bounded(j.at(key), key, 1, high); };
+    params.pretrain_embed_dimension = field("pretrain_embed_dimension", PatchCoreParams::kMaxEmbedDimension);
+    params.target_embed_dimension = field("target_embed_dimension", PatchCoreParams::kMaxEmbedDimension);
+    params.patchsize = field("patchsize", PatchCoreParams::kMaxPatchsize);
+    params.patchstride = field("patchstride", PatchCoreParams::kMaxPatchsize);
+    params.anomaly_scorer_num_nn = field("anomaly_scorer_num_nn", PatchCoreParams::kMaxNearestNeighbours);
+    const json& input_shape = j.at("input_shape");
+    if (!input_shape.is_array() || input_shape.size() != 3 || input_shape[1] != input_shape[2] ||
+        bounded(input_shape[0], "input_shape[0]", 3, 3) != 3)
       throw std::runtime_error(params_path + ": input_shape must be [3, crop, crop]");
-    params.transform.crop = static_cast<int>(input_shape[1]);
-    params.transform.resize = j.at("resize").get<int>();
+    params.transform.crop = static_cast<int>(bounded(input_shape[1], "input_shape[1]", 1, ImageTransform::kMaxSide));
+    params.transform.resize = static_cast<int>(field("resize", ImageTransform::kMaxSide));
     params.transform.mean = j.at("mean").get<std::array<float, 3>>();
     params.transform.std = j.at("std").get<std::array<float, 3>>();
 
     const json& weights = j.at("backbone.weights");
-    const std::string weights_path = (fs::path(load_path) / weights.at("file").get<std::string>()).string();
+    const std::string weights_file = weights.at("file").get<std::string>();
+    // Only a file of the model directory itself: the description must not send the loader elsewhere.
+    if (weights_file.empty() || weights_file == "." || weights_file == ".." ||
+        fs::path(weights_file).filename().string() != weights_file)
+      throw std::runtime_error(params_path + ": backbone.weights.file must name a file inside the model directory, got '" +
+                               weights_file + "'");
+    const std::string weights_path = (fs::path(load_path) / weights_file).string();
     if (!fs::is_regular_file(weights_path)) throw std::runtime_error(weights_path + ": backbone weights missing from the model");
     const FileDigest found = digest(weights_path);
     if (found.bytes != weights.at("bytes").get<uint64_t>() || found.crc32 != weights.at("crc32").get<uint32_t>())
       throw std::runtime_error(weights_path + ": backbone weights do not match the size/CRC-32 recorded in " + params_path);
 
-    const std::string kind = j.at("nn_method").get<std::string>();
-    std::shared_ptr<FaissNN> nn;
-    if (kind == "FaissNN") nn = std::make_shared<FaissNN>(false, num_workers);
-    else if (kind == "ApproximateFaissNN") nn = std::make_shared<ApproximateFaissNN>(false, num_workers);
-    else throw std::runtime_error(params_path + ": unknown nn_method '" + kind + "'");
+    const std::shared_ptr<FaissNN> nn = make_nn_method(j.at("nn_method").get<std::string>(), num_workers);
 
     auto model = std::make_unique<PatchCore>(device);
     model->load(load_backbone(j.at("backbone.name").get<std::string>(), weights_path, params.layers_to_extract_from),

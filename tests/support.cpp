@@ -41,4 +41,13 @@ std::string temp_dir() {
   return p.string();
 }
 
+std::string linked_data_set(const std::string& source, const std::vector<std::string>& files) {
+  const fs::path root = fs::path(temp_dir()) / fs::path(source).filename();
+  for (const auto& f : files) {
+    fs::create_directories((root / f).parent_path());
+    fs::create_symlink(fs::absolute(fs::path(source) / f), root / f);
+  }
+  return root.string();
+}
+
 }  // namespace patchcore::test

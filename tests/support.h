@@ -4,6 +4,7 @@
 
 #include <exception>
 #include <string>
+#include <vector>
 
 namespace patchcore::test {
 
@@ -24,6 +25,9 @@ std::string fixture(const std::string& relative);
 std::string shared(const std::string& relative);
 // A fresh empty directory under the system temp folder, removed at process exit.
 std::string temp_dir();
+// A fresh folder with symlinks to `files` (paths relative to `source`, e.g. "train/good/000.png"), so a
+// test runs on a few images of a shared data set in its MVTec layout.
+std::string linked_data_set(const std::string& source, const std::vector<std::string>& files);
 
 }  // namespace patchcore::test
 

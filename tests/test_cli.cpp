@@ -32,13 +32,9 @@ CliRun run_cli(const std::string& args) {
 // A small MVTec-layout folder of links to real tire images: 3 good training images, 2 good and
 // 2 cut test images with their masks.
 std::string tiny_tire(const std::string& tire) {
-  const fs::path root = patchcore::test::temp_dir() + "/tire";
-  for (const char* d : {"train/good", "test/good", "test/cut", "ground_truth/cut"}) fs::create_directories(root / d);
-  for (const char* f : {"train/good/000.png", "train/good/001.png", "train/good/002.png", "test/good/000.png",
-                        "test/good/001.png", "test/cut/000.png", "test/cut/001.png", "ground_truth/cut/000_mask.png",
-                        "ground_truth/cut/001_mask.png"})
-    fs::create_symlink(fs::absolute(fs::path(tire) / f), root / f);
-  return root.string();
+  return patchcore::test::linked_data_set(
+      tire, {"train/good/000.png", "train/good/001.png", "train/good/002.png", "test/good/000.png", "test/good/001.png",
+             "test/cut/000.png", "test/cut/001.png", "ground_truth/cut/000_mask.png", "ground_truth/cut/001_mask.png"});
 }
 
 std::vector<std::vector<std::string>> read_csv(const std::string& path) {
@@ -109,7 +105,8 @@ TEST(Cli, BadInputGivesOneLineErrorAndNonZeroExit) {
       {fit + " --k 0", "--k"},
       {fit + " --layers layer2,layer9", "unknown layer 'layer9'"},
       {fit + " --backbone resnet19", "unknown backbone 'resnet19'"},
-      {fit + " --sampler identity --k 5000", "memory bank of 2352 rows is smaller than n_nearest_neighbours 5000"},
+      {fit + " --sampler random --coreset 0.1 --k 300", "memory bank of 235 rows is smaller than n_nearest_neighbours 300"},
+      {fit + " --k 2000", "k (anomaly_scorer_num_nn) must be in [1, 1024], got 2000"},
       {"fit --data " + data + " --weights " + data + "/train/good/000.png --out " + out, "000.png"},
       {"predict --model " + data + " " + data + "/test/good --out " + out, "patchcore_params.json"},
       {"evaluate --model /nonexistent --data " + data, "/nonexistent"},

@@ -174,8 +174,49 @@ TEST(PatchCore, ModelDirectoryRoundTripNeedsNoOtherFlags) {
               auto j = nlohmann::json::parse(in);
               j["patchsize"] = "three";
               std::ofstream(d + "/patchcore_params.json") << j.dump();
+            }).find("patchsize must be an integer in [1, 31], got \"three\""),
+            std::string::npos);
+  EXPECT_NE(damaged("missing", [](const std::string& d) {
+              std::ifstream in(d + "/patchcore_params.json");
+              auto j = nlohmann::json::parse(in);
+              j.erase("patchsize");
+              std::ofstream(d + "/patchcore_params.json") << j.dump();
             }).find("bad or missing field"),
             std::string::npos);
+  EXPECT_NE(damaged("escape", [](const std::string& d) {
+              std::ifstream in(d + "/patchcore_params.json");
+              auto j = nlohmann::json::parse(in);
+              j["backbone.weights"]["file"] = "../backbone.pth";
+              std::ofstream(d + "/patchcore_params.json") << j.dump();
+            }).find("backbone.weights.file must name a file inside the model directory, got '../backbone.pth'"),
+            std::string::npos);
+}
+
+TEST(PatchCore, EmbedEqualsTheStepByStepReferencePathForOtherSettings) {
+  // Untrained ResNet-18 (seeded), three layers, 5 x 5 patches and dimensions whose bins straddle layers.
+  torch::manual_seed(11);
+  const std::vector<std::string> layers{"layer1", "layer2", "layer3"};
+  auto backbone = std::make_shared<ResNetBackbone>("resnet18", layers);
+  PatchCoreParams params;
+  params.layers_to_extract_from = layers;
+  params.patchsize = 5;
+  params.pretrain_embed_dimension = 300;
+  params.target_embed_dimension = 200;
+  params.transform.resize = params.transform.crop = 64;
+  PatchCore model;
+  model.load(backbone, params);
+  const torch::Tensor images = torch::randn({2, 3, 64, 64});
+  std::vector<int64_t> grid, reference_grid;
+  StageTimer timer;
+  const torch::Tensor embedding = model.embed(images, &grid, &timer);
+  EXPECT_EQ(timer.stages().size(), 2u);  // backbone, embedding
+  std::vector<torch::Tensor> features;
+  for (const auto& item : backbone->extract(images, layers)) features.push_back(item.value());
+  const torch::Tensor expected = reference_embedding(features, PatchMaker(5), Preprocessing({64, 128, 256}, 300), Aggregator(200),
+                                                     &reference_grid);
+  EXPECT_EQ(grid, reference_grid);
+  EXPECT_EQ(grid, (std::vector<int64_t>{16, 16}));
+  EXPECT_LT(max_abs_diff(embedding, expected) / expected.abs().max().item<double>(), 1e-5);
 }
 
 TEST(PatchCore, RejectsUseBeforeLoadOrFitAndBadParameters) {

@@ -13,9 +13,11 @@
 #include <sstream>
 #include <thread>
 
+#include "patchcore/bench.h"
 #include "patchcore/dataset.h"
 #include "patchcore/evaluation.h"
 #include "patchcore/file_util.h"
+#include "patchcore/image_batches.h"
 #include "patchcore/npy.h"
 #include "patchcore/patchcore.h"
 #include "patchcore/report.h"
@@ -81,11 +83,8 @@ struct FitOptions {
   uint64_t seed = 0;
 };
 
-int run_fit(const FitOptions& o, int threads) {
-  const auto start = std::chrono::steady_clock::now();
-  const auto train = MVTecDataset::train(o.data);
-  std::vector<std::string> paths;
-  for (const auto& s : train) paths.push_back(s.image_path);
+// A loaded, unfitted model as the fit options describe it.
+std::unique_ptr<PatchCore> make_model(const FitOptions& o, int threads) {
   PatchCoreParams params;
   params.layers_to_extract_from = split_commas(o.layers);
   params.pretrain_embed_dimension = params.target_embed_dimension = o.dim;
@@ -93,17 +92,33 @@ int run_fit(const FitOptions& o, int threads) {
   params.anomaly_scorer_num_nn = o.k;
   params.transform.resize = o.resize;
   params.transform.crop = o.crop;
-  std::shared_ptr<FaissNN> nn;
-  if (o.nn == "exact") nn = std::make_shared<FaissNN>(false, threads);
-  else nn = std::make_shared<ApproximateFaissNN>(false, threads);
-  PatchCore model(o.device);
-  model.load(load_backbone(o.backbone, o.weights, params.layers_to_extract_from), params,
-             make_sampler(o.sampler, o.coreset, o.seed, parse_device(o.device)), nn);
+  const std::map<std::string, std::string> nn_kinds{
+      {"exact", "ExactPrunedNN"}, {"flat", "FaissNN"}, {"approximate", "ApproximateFaissNN"}};
+  auto model = std::make_unique<PatchCore>(o.device);
+  model->load(load_backbone(o.backbone, o.weights, params.layers_to_extract_from), params,
+              make_sampler(o.sampler, o.coreset, o.seed, parse_device(o.device)), make_nn_method(nn_kinds.at(o.nn), threads));
+  return model;
+}
+
+int run_fit(const FitOptions& o, int threads) {
+  const auto start = std::chrono::steady_clock::now();
+  const auto train = MVTecDataset::train(o.data);
+  std::vector<std::string> paths;
+  for (const auto& s : train) paths.push_back(s.image_path);
+  const auto model = make_model(o, threads);
   spdlog::info("fitting on {} training images from {}", paths.size(), o.data);
-  model.fit(paths, o.batch_size, progress_bar());
-  model.save_to_path(o.out);
+  model->fit(paths, o.batch_size, progress_bar());
+  model->save_to_path(o.out);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  spdlog::info("model written to {}: memory bank of {} patches, {:.1f} s", o.out, model.memory_bank_size(), seconds);
+  spdlog::info("model written to {}: memory bank of {} patches, {:.1f} s", o.out, model->memory_bank_size(), seconds);
+  return 0;
+}
+
+int run_bench(const FitOptions& o, const BenchOptions& options, const std::string& json_path, int threads) {
+  const auto model = make_model(o, threads);
+  const BenchResult r = bench(*model, o.data, options, progress_bar());
+  std::printf("%s", format_bench(r).c_str());
+  if (!json_path.empty()) write_text(json_path, bench_json(r));
   return 0;
 }
 
@@ -135,17 +150,15 @@ int run_predict(const std::string& model_dir, const std::vector<std::string>& in
   std::vector<cv::Mat> maps;
   auto progress = progress_bar();
   const auto start = std::chrono::steady_clock::now();
-  for (size_t begin = 0; begin < images.size(); begin += static_cast<size_t>(batch_size)) {
-    const size_t end = std::min(images.size(), begin + static_cast<size_t>(batch_size));
-    std::vector<torch::Tensor> batch;
-    for (size_t i = begin; i < end; ++i) batch.push_back(transform.load(images[i]));
-    const auto result = model->predict(torch::stack(batch));
+  ImageBatches batches(images, transform, batch_size);
+  for (torch::Tensor batch; batches.next(batch);) {
+    const auto result = model->predict(batch);
     for (size_t i = 0; i < result.scores.size(); ++i) {
       scores.push_back(result.scores[i]);
       const torch::Tensor m = result.masks[i].contiguous();
       maps.push_back(cv::Mat(transform.crop, transform.crop, CV_32F, m.data_ptr<float>()).clone());
     }
-    progress("predicting", end, images.size());
+    progress("predicting", batches.done(), images.size());
   }
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() /
                     static_cast<double>(images.size());
@@ -233,28 +246,35 @@ int main(int argc, char** argv) {
   int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   app.add_option("--threads", threads, "threads for torch, OpenMP and FAISS")->check(CLI::Range(1, 1024));
 
-  FitOptions fit;
+  // The model options, shared by fit and bench.
+  auto add_model_options = [](CLI::App* cmd, FitOptions& o) {
+    cmd->add_option("--data", o.data, "data set root with train/good")->required()->check(CLI::ExistingDirectory);
+    cmd->add_option("--weights", o.weights, "torchvision .pth checkpoint (or TorchScript file with --backbone torchscript)")
+        ->required()->check(CLI::ExistingFile);
+    cmd->add_option("--backbone", o.backbone, "resnet18, wide_resnet50_2, ... or torchscript")->capture_default_str();
+    cmd->add_option("--layers", o.layers, "comma-separated layers to extract from")->capture_default_str();
+    cmd->add_option("--sampler", o.sampler, "coreset sampler")->capture_default_str()
+        ->check(CLI::IsMember({"approx_greedy", "greedy", "random", "identity"}));
+    cmd->add_option("--coreset", o.coreset, "fraction of patches kept in the memory bank, in (0, 1)")->capture_default_str()
+        ->check(CLI::Range(0.0, 1.0));
+    cmd->add_option("--k", o.k, "nearest neighbours averaged per patch score")->capture_default_str()->check(CLI::PositiveNumber);
+    cmd->add_option("--patchsize", o.patchsize, "patch neighbourhood size")->capture_default_str()->check(CLI::PositiveNumber);
+    cmd->add_option("--dim", o.dim, "embedding dimension (pretrain and target)")->capture_default_str()->check(CLI::PositiveNumber);
+    cmd->add_option("--resize", o.resize, "shorter side after resizing")->capture_default_str()->check(CLI::Range(1, ImageTransform::kMaxSide));
+    cmd->add_option("--crop", o.crop, "center crop size")->capture_default_str()->check(CLI::Range(1, ImageTransform::kMaxSide));
+    cmd->add_option("--seed", o.seed, "sampler seed")->capture_default_str();
+    cmd->add_option("--batch-size", o.batch_size, "images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+    cmd->add_option("--nn", o.nn,
+                    "exact (ExactPrunedNN: brute force's neighbours, pruned), flat (FaissNN: the reference's brute "
+                    "force) or approximate (ApproximateFaissNN, IVF-PQ)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"exact", "flat", "approximate"}));
+    cmd->add_option("--device", o.device, "cpu or cuda[:N]")->capture_default_str();
+  };
+  FitOptions fit, bench_model;
   auto* fit_cmd = app.add_subcommand("fit", "fit a model on the good training images of an MVTec-layout folder");
-  fit_cmd->add_option("--data", fit.data, "data set root with train/good")->required()->check(CLI::ExistingDirectory);
-  fit_cmd->add_option("--weights", fit.weights, "torchvision .pth checkpoint (or TorchScript file with --backbone torchscript)")
-      ->required()->check(CLI::ExistingFile);
+  add_model_options(fit_cmd, fit);
   fit_cmd->add_option("--out", fit.out, "model directory to write")->required();
-  fit_cmd->add_option("--backbone", fit.backbone, "resnet18, wide_resnet50_2, ... or torchscript")->capture_default_str();
-  fit_cmd->add_option("--layers", fit.layers, "comma-separated layers to extract from")->capture_default_str();
-  fit_cmd->add_option("--sampler", fit.sampler, "coreset sampler")->capture_default_str()
-      ->check(CLI::IsMember({"approx_greedy", "greedy", "random", "identity"}));
-  fit_cmd->add_option("--coreset", fit.coreset, "fraction of patches kept in the memory bank, in (0, 1)")->capture_default_str()
-      ->check(CLI::Range(0.0, 1.0));
-  fit_cmd->add_option("--k", fit.k, "nearest neighbours averaged per patch score")->capture_default_str()->check(CLI::PositiveNumber);
-  fit_cmd->add_option("--patchsize", fit.patchsize, "patch neighbourhood size")->capture_default_str()->check(CLI::PositiveNumber);
-  fit_cmd->add_option("--dim", fit.dim, "embedding dimension (pretrain and target)")->capture_default_str()->check(CLI::PositiveNumber);
-  fit_cmd->add_option("--resize", fit.resize, "shorter side after resizing")->capture_default_str()->check(CLI::Range(1, 8192));
-  fit_cmd->add_option("--crop", fit.crop, "center crop size")->capture_default_str()->check(CLI::Range(1, 8192));
-  fit_cmd->add_option("--seed", fit.seed, "sampler seed")->capture_default_str();
-  fit_cmd->add_option("--batch-size", fit.batch_size, "images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
-  fit_cmd->add_option("--nn", fit.nn, "exact (FaissNN) or approximate (ApproximateFaissNN, IVF-PQ)")->capture_default_str()
-      ->check(CLI::IsMember({"exact", "approximate"}));
-  fit_cmd->add_option("--device", fit.device, "cpu or cuda[:N]")->capture_default_str();
 
   std::string model_dir, out, json_path, data, mask_rule = "half";
   std::vector<std::string> inputs;
@@ -276,16 +296,28 @@ int main(int argc, char** argv) {
       ->capture_default_str()->check(CLI::IsMember({"half", "reference"}));
   evaluate_cmd->add_option("--batch-size", batch_size, "images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
 
+  BenchOptions bench_options;
+  auto* bench_cmd = app.add_subcommand("bench", "fit on train/good, predict the test split, and report time per stage and memory");
+  add_model_options(bench_cmd, bench_model);
+  bench_cmd->add_option("--repeat", bench_options.repeat, "predict passes over the test split (figures are medians)")
+      ->capture_default_str()->check(CLI::Range(1, 1000));
+  bench_cmd->add_option("--json", json_path, "also write the figures as JSON to this file");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
   try {
-    if (fit_cmd->parsed() && fit.sampler != "identity" && !(fit.coreset > 0 && fit.coreset < 1))
-      throw std::invalid_argument("--coreset must be strictly between 0 and 1, got " + std::to_string(fit.coreset));
+    for (const FitOptions* o : {&fit, &bench_model})
+      if (o->sampler != "identity" && !(o->coreset > 0 && o->coreset < 1))
+        throw std::invalid_argument("--coreset must be strictly between 0 and 1, got " + std::to_string(o->coreset));
     set_num_threads(threads);
     if (fit_cmd->parsed()) return run_fit(fit, threads);
+    if (bench_cmd->parsed()) {
+      bench_options.batch_size = bench_model.batch_size;
+      return run_bench(bench_model, bench_options, json_path, threads);
+    }
     if (predict_cmd->parsed()) return run_predict(model_dir, inputs, out, vmax, batch_size, threads);
     return run_evaluate(model_dir, data, out, json_path, mask_rule, batch_size, threads);
   } catch (const std::exception& e) {

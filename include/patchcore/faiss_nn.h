@@ -28,8 +28,9 @@ class FaissNN {
   // k nearest bank rows of each query [Q, D] → (squared distances [Q, k] float32, indices [Q, k] int64).
   // With index_features, searches a throw-away index of the same kind built from them instead.
   // Thread-safe for concurrent calls on a fitted index.
-  std::pair<torch::Tensor, torch::Tensor> run(int64_t n_nearest_neighbours, const torch::Tensor& query_features,
-                                              const torch::Tensor& index_features = {}) const;
+  virtual std::pair<torch::Tensor, torch::Tensor> run(int64_t n_nearest_neighbours,
+                                                      const torch::Tensor& query_features,
+                                                      const torch::Tensor& index_features = {}) const;
   void save(const std::string& filename) const;
   // Throws naming the file when it is missing, truncated, not a FAISS index, or of another index kind.
   void load(const std::string& filename);
@@ -40,6 +41,8 @@ class FaissNN {
   int64_t dimension() const;  // feature length
   bool on_gpu() const { return on_gpu_; }
   int num_workers() const { return num_workers_; }
+  // The class name, as patchcore_params.json records the nn_method.
+  virtual const char* kind() const { return "FaissNN"; }
 
  protected:
   virtual std::unique_ptr<faiss::Index> create_index(int64_t dimension) const;
@@ -47,11 +50,19 @@ class FaissNN {
   virtual void train(faiss::Index& index, const torch::Tensor& features) const;
   // True when a loaded index is of the kind this class builds.
   virtual bool accepts(const faiss::Index& index) const;
-  virtual const char* kind() const { return "FaissNN"; }
+  // Called after fit(), load() and reset_index(), so a subclass can derive its own search structure from the
+  // stored index and drop it with the index.
+  virtual void index_changed() {}
+  // The bank [size(), dimension()] row-major as a flat CPU index stores it; nullptr for other index kinds.
+  const float* flat_rows() const;
+  // run()'s argument checks against a bank of `rows` x `dimension`; → the queries as contiguous float32.
+  torch::Tensor checked_queries(int64_t n_nearest_neighbours, const torch::Tensor& query_features, int64_t rows,
+                                int64_t dimension) const;
 
  private:
   std::unique_ptr<faiss::Index> build(const torch::Tensor& features) const;
   std::unique_ptr<faiss::Index> to_device(std::unique_ptr<faiss::Index> index) const;
+  void install(std::unique_ptr<faiss::Index> index);
 
   bool on_gpu_;
   int num_workers_;
@@ -65,12 +76,12 @@ class FaissNN {
 class ApproximateFaissNN : public FaissNN {
  public:
   using FaissNN::FaissNN;
+  const char* kind() const override { return "ApproximateFaissNN"; }
 
  protected:
   std::unique_ptr<faiss::Index> create_index(int64_t dimension) const override;
   void train(faiss::Index& index, const torch::Tensor& features) const override;
   bool accepts(const faiss::Index& index) const override;
-  const char* kind() const override { return "ApproximateFaissNN"; }
 };
 
 }  // namespace patchcore

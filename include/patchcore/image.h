@@ -55,12 +55,15 @@ std::array<int, 2> resized_size_shorter_side(int width, int height, int shorter)
 std::array<int, 2> center_crop_offsets(int width, int height, int crop);
 
 struct ImageTransform {
+  // Bounds resize and crop, and so the size of every tensor derived from them.
+  static constexpr int kMaxSide = 4096;
+
   int resize = 256;  // shorter side
   int crop = 224;    // center crop (square)
   std::array<float, 3> mean{0.485f, 0.456f, 0.406f};
   std::array<float, 3> std{0.229f, 0.224f, 0.225f};
 
-  // Throws std::invalid_argument unless 0 < crop <= resize and every std is finite and nonzero.
+  // Throws std::invalid_argument unless 0 < crop <= resize <= kMaxSide and every std is finite and nonzero.
   void validate() const;
   // Resize(resize) + CenterCrop(crop) on a uint8 image with 1 or 3 channels; only the cropped pixels are
   // computed, which gives the same bytes as resizing the whole image and cropping.

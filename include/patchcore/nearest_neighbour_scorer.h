@@ -12,6 +12,10 @@
 
 namespace patchcore {
 
+// A CPU search method by its class name, as patchcore_params.json records it (FaissNN::kind()):
+// "FaissNN", "ExactPrunedNN" or "ApproximateFaissNN". Throws std::invalid_argument for any other name.
+std::shared_ptr<FaissNN> make_nn_method(const std::string& kind, int num_workers);
+
 // common.ConcatMerger: each [N, ...] array flattened to [N, -1], then concatenated along features.
 torch::Tensor concat_merge(const std::vector<torch::Tensor>& features);
 

@@ -10,6 +10,7 @@
 
 #include "patchcore/aggregator.h"
 #include "patchcore/backbone.h"
+#include "patchcore/embedding.h"
 #include "patchcore/image.h"
 #include "patchcore/nearest_neighbour_scorer.h"
 #include "patchcore/network_feature_aggregator.h"
@@ -17,12 +18,18 @@
 #include "patchcore/preprocessing.h"
 #include "patchcore/rescale_segmentor.h"
 #include "patchcore/sampler.h"
+#include "patchcore/stage_timer.h"
 
 namespace patchcore {
 
 // The settings the reference pickles as patchcore_params.pkl, plus the image transform, which a model
 // directory must carry so that predict needs no other flags.
 struct PatchCoreParams {
+  // Far beyond any published setting; they bound the memory and time a model description can demand.
+  static constexpr int64_t kMaxPatchsize = 31;
+  static constexpr int64_t kMaxEmbedDimension = 16384;
+  static constexpr int64_t kMaxNearestNeighbours = 1024;
+
   std::vector<std::string> layers_to_extract_from{"layer2", "layer3"};
   int64_t pretrain_embed_dimension = 1024;
   int64_t target_embed_dimension = 1024;
@@ -51,16 +58,22 @@ class PatchCore {
             std::shared_ptr<FaissNN> nn_method = std::make_shared<FaissNN>(false, 4));
 
   // images [B, 3, H, W] → patch embeddings [B·h·w, target_embed_dimension]; patch_shape receives {h, w}.
-  torch::Tensor embed(const torch::Tensor& images, std::vector<int64_t>* patch_shape = nullptr) const;
+  // `timer` (optional) receives stages "backbone" and "embedding".
+  torch::Tensor embed(const torch::Tensor& images, std::vector<int64_t>* patch_shape = nullptr,
+                      StageTimer* timer = nullptr) const;
 
   // Fits the memory bank on training images (files, read with params.transform). Batches of
-  // `batch_size` images; the embeddings of all images are collected, subsampled, then indexed.
-  void fit(const std::vector<std::string>& image_paths, int64_t batch_size = 2, const ProgressCallback& progress = {});
-  // Fits on already-embedded features [N, D] (e.g. from embed()).
-  void fit_features(const torch::Tensor& features);
+  // `batch_size` images; the embeddings of all images are collected, subsampled, then indexed. The next
+  // batch is decoded while the current one is embedded. `timer` (optional) receives stages "decode",
+  // "backbone", "embedding", "coreset" and "index".
+  void fit(const std::vector<std::string>& image_paths, int64_t batch_size = 2, const ProgressCallback& progress = {},
+           StageTimer* timer = nullptr);
+  // Fits on already-embedded features [N, D] (e.g. from embed()); `timer` receives "coreset" and "index".
+  void fit_features(const torch::Tensor& features, StageTimer* timer = nullptr);
 
-  // Thread-safe once fitted: one loaded model can serve many threads.
-  PredictResult predict(const torch::Tensor& images) const;
+  // Thread-safe once fitted: one loaded model can serve many threads. `timer` (optional) receives
+  // stages "backbone", "embedding", "search" and "segmentation".
+  PredictResult predict(const torch::Tensor& images, StageTimer* timer = nullptr) const;
 
   // A model directory: patchcore_params.json, {prepend}nnscorer_search_index.faiss and a copy of the
   // backbone weights with their size and CRC-32. Written to a temporary directory, then renamed.
@@ -83,6 +96,7 @@ class PatchCore {
   std::unique_ptr<PatchMaker> patch_maker_;
   std::unique_ptr<Preprocessing> preprocessing_;
   std::unique_ptr<Aggregator> preadapt_aggregator_;
+  std::unique_ptr<PatchEmbedder> patch_embedder_;  // computes what patch_maker_, preprocessing_ and preadapt_aggregator_ define
   std::shared_ptr<BaseSampler> featuresampler_;
   std::unique_ptr<NearestNeighbourScorer> anomaly_scorer_;
   std::unique_ptr<RescaleSegmentor> anomaly_segmentor_;

@@ -1,0 +1,457 @@
+#include "patchcore/exact_pruned_nn.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+namespace patchcore {
+
+namespace {
+
+// Leading principal axes of the three bound tiers (clamped to the feature length). The first tier's bound is
+// computed for every row of every visited cell; each refinement cuts the rows that reach the next, costlier
+// stage about threefold on CNN patch features.
+constexpr int64_t kTierAxes[3] = {32, 128, 256};
+constexpr int64_t kRowsPerCell = 64;  // k-means cells over the first-tier coordinates
+constexpr int kKMeansIterations = 8;
+constexpr int64_t kChunk = 28;        // consecutive queries (one row of a 28x28 patch grid) in one work item
+constexpr int64_t kLanes = 8;         // rows per interleaved block of first-tier coordinates
+constexpr double kUnit = 5.9604644775390625e-08;        // float unit roundoff, 2^-24
+constexpr double kDoubleUnit = 1.1102230246251565e-16;  // 2^-53
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+using v8f = float __attribute__((vector_size(32)));
+
+// Through memcpy: the buffers carry no 32-byte alignment.
+inline void load8(v8f& v, const float* p) { std::memcpy(&v, p, sizeof v); }
+inline void store8(float* p, const v8f& v) { std::memcpy(p, &v, sizeof v); }
+
+// sum((a - b)^2) over n floats in 16 lanes. Every term is non-negative, so the relative error is at most
+// relative_error_of_sum(n).
+__attribute__((target_clones("arch=haswell", "default"))) float squared_distance(const float* a, const float* b,
+                                                                                  int64_t n) {
+  v8f lo{}, hi{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v8f a0, a1, b0, b1;
+    load8(a0, a + i);
+    load8(a1, a + i + 8);
+    load8(b0, b + i);
+    load8(b1, b + i + 8);
+    const v8f d0 = a0 - b0, d1 = a1 - b1;
+    lo += d0 * d0;
+    hi += d1 * d1;
+  }
+  float tail = 0.f;
+  for (; i < n; ++i) {
+    const float d = a[i] - b[i];
+    tail += d * d;
+  }
+  const v8f s = lo + hi;
+  float t[8];
+  std::memcpy(t, &s, sizeof t);
+  return (((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]))) + tail;
+}
+
+double relative_error_of_sum(int64_t n) { return (static_cast<double>(n) / 16.0 + 24.0) * kUnit * 1.01; }
+
+// First-tier bounds of a query against `block_count` blocks of 8 rows: |q|^2 + |r|^2 - 2 q.r over the leading
+// axes plus the squared difference of the remaining norms. The axes of a block are interleaved, so one
+// broadcast query coordinate times one load serves 8 rows and the 8 dot products need no horizontal sums.
+__attribute__((target_clones("arch=haswell", "default"))) void first_tier(const float* blocks, const float* norms,
+                                                                          const float* tails, int64_t block_count,
+                                                                          int64_t axes, const float* q, float q_norm,
+                                                                          float q_tail, float* out) {
+  for (int64_t b = 0; b < block_count; ++b) {
+    const float* block = blocks + b * axes * kLanes;
+    v8f acc0{}, acc1{};  // two chains: half the dependent-add latency
+    int64_t j = 0;
+    for (; j + 2 <= axes; j += 2) {
+      v8f r0, r1;
+      load8(r0, block + j * kLanes);
+      load8(r1, block + (j + 1) * kLanes);
+      acc0 += q[j] * r0;
+      acc1 += q[j + 1] * r1;
+    }
+    if (j < axes) {
+      v8f r0;
+      load8(r0, block + j * kLanes);
+      acc0 += q[j] * r0;
+    }
+    v8f rn, rt;
+    load8(rn, norms + b * kLanes);
+    load8(rt, tails + b * kLanes);
+    const v8f d = q_tail - rt;
+    store8(out + b * kLanes, ((q_norm + rn) - 2.0f * (acc0 + acc1)) + d * d);
+  }
+}
+
+// A vector x is represented by its leading rotated coordinates c and, per tier, the norm t of the rest. For the
+// exact rotation (c*, t*) the bound is a distance in R^(axes+1), so an error of at most e in (c, t) moves the
+// square root of a bound by at most e. This is e for a tail computed as sqrt(|x|^2 - |c|^2) from coordinates
+// that are off by at most `coordinate_error` in norm, the subtraction's own rounding included.
+double tail_error(double norm, double coordinate_error, double tail, double unit) {
+  const double e = 2.0 * norm * coordinate_error + coordinate_error * coordinate_error + 4.0 * unit * norm * norm;
+  const double through_square = tail > 0.0 ? std::min(std::sqrt(e), e / tail) : std::sqrt(e);
+  return through_square + kUnit * tail;  // + rounding the tail to float
+}
+
+// Thresholds are kept in float next to float bounds: round up so that the cast never tightens them.
+float round_up(double x) {
+  const float f = static_cast<float>(x);
+  return static_cast<double>(f) < x ? std::nextafter(f, kInf) : f;
+}
+
+// A bound that overflowed to NaN says nothing: it must keep its row, so it counts as 0.
+inline float usable(float bound) { return bound == bound ? bound : 0.f; }
+
+struct Neighbour {
+  float distance;
+  int64_t row;
+  bool operator<(const Neighbour& o) const { return distance < o.distance || (distance == o.distance && row < o.row); }
+};
+
+// Lloyd's k-means from evenly spaced rows (deterministic, no seed): → the cell of every row of x [n, axes].
+torch::Tensor kmeans_cells(const torch::Tensor& x, int64_t cells) {
+  const int64_t n = x.size(0);
+  torch::Tensor centres = x.index_select(0, (torch::arange(cells, torch::kInt64) * n).div(cells, "floor"));
+  const torch::Tensor norms = x.pow(2).sum(1, true);
+  torch::Tensor assignment;
+  for (int i = 0;; ++i) {
+    assignment = (norms - 2.0 * x.mm(centres.t()) + centres.pow(2).sum(1).unsqueeze(0)).argmin(1);
+    if (i == kKMeansIterations) return assignment;
+    const torch::Tensor counts = torch::zeros({cells}, torch::kFloat32).index_add_(0, assignment, torch::ones({n}));
+    const torch::Tensor sums = torch::zeros_like(centres).index_add_(0, assignment, x);
+    // An emptied cell keeps its centre.
+    centres = torch::where(counts.unsqueeze(1) > 0, sums / counts.clamp_min(1.0).unsqueeze(1), centres);
+  }
+}
+
+}  // namespace
+
+// Rows are stored cell by cell in "slots"; each cell starts at a multiple of 8 slots, and padding slots have an
+// infinite first-tier norm so that no bound lets them through.
+struct ExactPrunedNN::Pruning {
+  const float* rows = nullptr;  // the flat index's storage, [count, dim]
+  int64_t count = 0, dim = 0;
+  int64_t axes[3] = {};  // per tier, clamped to dim; axes[2] is the projection width
+  torch::Tensor mean;    // [dim] float32: the centre for rows and queries alike
+  torch::Tensor basis;   // [dim, axes[2]] float32: leading principal axes
+  int64_t slots = 0;
+  std::vector<int64_t> row_of_slot;  // -1 on padding
+  std::vector<float> blocks;         // [slots / 8, axes[0], 8] first-tier coordinates, interleaved
+  std::vector<float> norms;          // [slots] squared first-tier norms
+  std::vector<float> tails[3];       // per tier [slots]: norm of the coordinates beyond the tier's axes
+  std::vector<float> coordinates;    // [slots, axes[2]]
+  struct Cell {
+    int64_t begin, end;               // slots
+    double radius;                    // of its rows' first-tier coordinates around the centre
+    float tail_low, tail_high;        // range of its rows' first-tier tails
+  };
+  std::vector<Cell> cells;
+  std::vector<float> centres;  // [cells, axes[0]]
+  float row_error = 0.f;       // bound on every row's representation error (see tail_error)
+  float first_tier_norm = 0.f;  // largest first-tier norm of a row
+};
+
+ExactPrunedNN::ExactPrunedNN(bool on_gpu, int num_workers) : FaissNN(false, num_workers) {
+  if (on_gpu) throw std::invalid_argument("ExactPrunedNN: searches on the CPU only (on_gpu must be false)");
+}
+
+ExactPrunedNN::~ExactPrunedNN() = default;
+
+void ExactPrunedNN::index_changed() {
+  pruning_.reset();
+  const float* rows = flat_rows();
+  if (!rows) return;
+  auto p = std::make_shared<Pruning>();
+  p->rows = rows;
+  p->count = size();
+  p->dim = dimension();
+  const int64_t n = p->count, d = p->dim;
+  for (int t = 0; t < 3; ++t) p->axes[t] = std::min(kTierAxes[t], d);
+  const int64_t width = p->axes[2], first = p->axes[0];
+  const torch::Tensor x = torch::from_blob(const_cast<float*>(rows), {n, d}, torch::kFloat32);
+  // Non-finite values would make every bound meaningless.
+  if (!torch::isfinite(x).all().item<bool>())
+    throw std::invalid_argument(std::string(kind()) + ": the memory bank contains NaN or infinite values");
+
+  // Any orthonormal basis keeps the bounds valid; the principal axes only make them tight. So the covariance
+  // may be accumulated from float products, in slices to bound the temporary memory.
+  p->mean = x.to(torch::kFloat64).mean(0).to(torch::kFloat32);
+  const torch::Tensor mean64 = p->mean.to(torch::kFloat64);
+  constexpr int64_t kSlice = 4096;
+  torch::Tensor covariance = torch::zeros({d, d}, torch::kFloat64);
+  for (int64_t s = 0; s < n; s += kSlice) {
+    const torch::Tensor centred = x.slice(0, s, std::min(n, s + kSlice)) - p->mean;
+    covariance += centred.t().mm(centred).to(torch::kFloat64);
+  }
+  // LAPACK's eigensolver makes thousands of small multithreaded BLAS calls; on a busy machine every one
+  // waits for a descheduled thread (measured: 30 s instead of 0.3 s). One thread, for this thread only.
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  torch::Tensor vectors;
+  try {
+    vectors = std::get<1>(torch::linalg::eigh(covariance, "L"));  // ascending eigenvalues
+  } catch (...) {
+    omp_set_num_threads(threads);
+    throw;
+  }
+  omp_set_num_threads(threads);
+  const torch::Tensor basis64 = vectors.slice(1, d - width, d).flip({1}).contiguous();
+  p->basis = basis64.to(torch::kFloat32).contiguous();
+
+  // Rows are rotated in double: their coordinate error is then negligible next to the float rounding.
+  std::vector<float> coordinates(static_cast<size_t>(n * width));
+  std::vector<float> tails[3];
+  for (auto& t : tails) t.resize(static_cast<size_t>(n));
+  const double coordinate_error_factor = std::sqrt(static_cast<double>(width)) * 2.0 * (d + 2) * kDoubleUnit;
+  double row_error = 0.0;
+  for (int64_t s = 0; s < n; s += kSlice) {
+    const int64_t e = std::min(n, s + kSlice);
+    const torch::Tensor centred = x.slice(0, s, e).to(torch::kFloat64) - mean64;
+    const torch::Tensor squared = centred.pow(2).sum(1).contiguous();
+    const torch::Tensor coords = centred.mm(basis64).contiguous();
+    const double* sq = squared.data_ptr<double>();
+    const double* c = coords.data_ptr<double>();
+    for (int64_t r = s; r < e; ++r) {
+      const double* cr = c + (r - s) * width;
+      for (int64_t j = 0; j < width; ++j) coordinates[r * width + j] = static_cast<float>(cr[j]);
+      const double norm = std::sqrt(sq[r - s]);
+      const double coordinate_error = coordinate_error_factor * norm;
+      double partial = 0.0, worst_tail = 0.0;
+      int64_t j = 0;
+      for (int t = 0; t < 3; ++t) {
+        for (; j < p->axes[t]; ++j) partial += cr[j] * cr[j];
+        const double tail = p->axes[t] == d ? 0.0 : std::sqrt(std::max(0.0, sq[r - s] - partial));
+        tails[t][r] = static_cast<float>(tail);
+        if (p->axes[t] < d) worst_tail = std::max(worst_tail, tail_error(norm, coordinate_error, tail, kDoubleUnit));
+      }
+      row_error = std::max(row_error, coordinate_error + kUnit * norm + worst_tail);
+    }
+  }
+  p->row_error = static_cast<float>(row_error * 1.01);
+
+  // Cells group rows that lie close in the first tier: a query skips whole cells, and the rows it does
+  // visit lie together in memory.
+  const int64_t cell_count = std::max<int64_t>(1, n / kRowsPerCell);
+  const torch::Tensor first_coords =
+      torch::from_blob(coordinates.data(), {n, width}, torch::kFloat32).slice(1, 0, first).contiguous();
+  const torch::Tensor assignment = kmeans_cells(first_coords, cell_count).contiguous();
+  const int64_t* cell_of_row = assignment.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> members(static_cast<size_t>(cell_count));
+  for (int64_t r = 0; r < n; ++r) members[cell_of_row[r]].push_back(r);
+
+  for (const auto& m : members) p->slots += (static_cast<int64_t>(m.size()) + kLanes - 1) / kLanes * kLanes;
+  p->row_of_slot.assign(static_cast<size_t>(p->slots), -1);
+  p->blocks.assign(static_cast<size_t>(p->slots * first), 0.f);
+  p->norms.assign(static_cast<size_t>(p->slots), kInf);
+  for (auto& t : p->tails) t.assign(static_cast<size_t>(p->slots), 0.f);
+  p->coordinates.assign(static_cast<size_t>(p->slots * width), 0.f);
+  double first_norm = 0.0;
+  int64_t slot = 0;
+  for (const auto& m : members) {
+    if (m.empty()) continue;
+    Pruning::Cell cell{slot, slot, 0.0, kInf, 0.f};
+    // The centre is the mean of the members in float; the radius is measured from exactly that centre.
+    std::vector<double> centre(static_cast<size_t>(first), 0.0);
+    for (int64_t r : m)
+      for (int64_t a = 0; a < first; ++a) centre[a] += coordinates[r * width + a];
+    std::vector<float> stored_centre(static_cast<size_t>(first));
+    for (int64_t a = 0; a < first; ++a) stored_centre[a] = static_cast<float>(centre[a] / m.size());
+    for (int64_t r : m) {
+      const float* cr = coordinates.data() + r * width;
+      double partial = 0.0, to_centre = 0.0;
+      for (int64_t a = 0; a < first; ++a) {
+        partial += static_cast<double>(cr[a]) * cr[a];
+        to_centre += (static_cast<double>(cr[a]) - stored_centre[a]) * (static_cast<double>(cr[a]) - stored_centre[a]);
+      }
+      first_norm = std::max(first_norm, std::sqrt(partial));
+      cell.radius = std::max(cell.radius, std::sqrt(to_centre));
+      cell.tail_low = std::min(cell.tail_low, tails[0][r]);
+      cell.tail_high = std::max(cell.tail_high, tails[0][r]);
+      p->row_of_slot[slot] = r;
+      p->norms[slot] = static_cast<float>(partial);
+      for (int t = 0; t < 3; ++t) p->tails[t][slot] = tails[t][r];
+      std::memcpy(p->coordinates.data() + slot * width, cr, static_cast<size_t>(width) * sizeof(float));
+      for (int64_t a = 0; a < first; ++a) p->blocks[(slot / kLanes) * first * kLanes + a * kLanes + slot % kLanes] = cr[a];
+      ++slot;
+    }
+    cell.radius *= 1.0 + 1e-12;
+    slot = (slot + kLanes - 1) / kLanes * kLanes;
+    cell.end = slot;
+    p->cells.push_back(cell);
+    p->centres.insert(p->centres.end(), stored_centre.begin(), stored_centre.end());
+  }
+  p->first_tier_norm = static_cast<float>(first_norm * (1.0 + 4.0 * kUnit));
+  pruning_ = std::move(p);
+}
+
+std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::run(int64_t k, const torch::Tensor& query_features,
+                                                           const torch::Tensor& index_features) const {
+  if (index_features.defined()) return FaissNN::run(k, query_features, index_features);
+  return search(k, query_features, nullptr);
+}
+
+std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const torch::Tensor& query_features,
+                                                              Stats* stats) const {
+  const std::shared_ptr<const Pruning> pruning = pruning_;
+  if (!pruning) throw std::logic_error(std::string(kind()) + ": run() before fit() or load()");
+  const Pruning& p = *pruning;
+  const torch::Tensor queries = checked_queries(k, query_features, p.count, p.dim);
+  if (!torch::isfinite(queries).all().item<bool>())
+    throw std::invalid_argument(std::string(kind()) + ": query features contain NaN or infinite values");
+  const int64_t nq = queries.size(0), d = p.dim, n = p.count, width = p.axes[2], first = p.axes[0];
+  const int64_t cell_count = static_cast<int64_t>(p.cells.size());
+
+  const torch::Tensor centred = (queries - p.mean).contiguous();
+  const torch::Tensor projected = centred.mm(p.basis).contiguous();  // [nq, width], float GEMM
+
+  auto distances = torch::empty({nq, k}, torch::kFloat32);
+  auto indices = torch::empty({nq, k}, torch::kInt64);
+  const float* q_rows = queries.data_ptr<float>();
+  const float* q_centred = centred.data_ptr<float>();
+  const float* q_coords = projected.data_ptr<float>();
+  float* out_distances = distances.data_ptr<float>();
+  int64_t* out_indices = indices.data_ptr<int64_t>();
+
+  // Float GEMM of length d: at most (d + 2) units per coordinate relative to |x|, plus rounding the basis.
+  const double coordinate_error_factor = std::sqrt(static_cast<double>(width)) * ((d + 2) * 1.01 + 1.0) * kUnit;
+  const double exact_error = relative_error_of_sum(d) + 2.0 * kUnit;
+  const double refine_error = relative_error_of_sum(width) + 4.0 * kUnit;
+  const double first_error = (first + 8) * kUnit * 1.01;  // also covers the double-precision cell bounds
+
+  int64_t total_refined = 0, total_exact = 0;
+  std::exception_ptr failure;
+  const int64_t chunks = (nq + kChunk - 1) / kChunk;
+
+#pragma omp parallel num_threads(num_workers()) reduction(+ : total_refined, total_exact)
+  {
+    try {
+      std::vector<float> bounds(static_cast<size_t>(p.slots));
+      std::vector<int64_t> stamp(static_cast<size_t>(n), -1);
+      std::vector<std::pair<float, int64_t>> cell_order(static_cast<size_t>(cell_count));
+      std::vector<Neighbour> best;
+      best.reserve(static_cast<size_t>(k));
+
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const int64_t chunk_begin = chunk * kChunk, chunk_end = std::min(nq, chunk_begin + kChunk);
+        for (int64_t qi = chunk_begin; qi < chunk_end; ++qi) {
+          const float* q = q_rows + qi * d;
+          const float* xc = q_centred + qi * d;
+          const float* c = q_coords + qi * width;
+
+          double squared = 0.0;
+          for (int64_t j = 0; j < d; ++j) squared += static_cast<double>(xc[j]) * xc[j];
+          const double norm = std::sqrt(squared);
+          const double coordinate_error = coordinate_error_factor * norm;
+          double partial = 0.0, worst_tail = 0.0, first_norm = 0.0;
+          float q_tails[3];
+          for (int64_t j = 0, t = 0; t < 3; ++t) {
+            for (; j < p.axes[t]; ++j) partial += static_cast<double>(c[j]) * c[j];
+            const double tail = p.axes[t] == d ? 0.0 : std::sqrt(std::max(0.0, squared - partial));
+            q_tails[t] = static_cast<float>(tail);
+            if (p.axes[t] < d) worst_tail = std::max(worst_tail, tail_error(norm, coordinate_error, tail, kUnit));
+            if (t == 0) first_norm = partial;
+          }
+          // + 2 units of the norm: centring the query in float moves it by at most one.
+          const double slack = (coordinate_error + 2.0 * kUnit * norm + worst_tail) * 1.01 + p.row_error;
+          const double first_absolute = first_error * std::pow(std::sqrt(first_norm) + p.first_tier_norm, 2.0);
+          float first_threshold = kInf, refine_threshold = kInf;
+          best.clear();
+
+          // A row can be skipped when its bound, less the bound's rounding, exceeds the square of (the k-th
+          // distance's largest true value + both vectors' representation errors).
+          auto consider = [&](int64_t r) {
+            if (stamp[r] == qi) return;
+            stamp[r] = qi;
+            ++total_exact;
+            const Neighbour candidate{squared_distance(q, p.rows + r * d, d), r};
+            if (static_cast<int64_t>(best.size()) < k) {
+              best.push_back(candidate);
+              std::push_heap(best.begin(), best.end());
+            } else if (candidate < best.front()) {
+              std::pop_heap(best.begin(), best.end());
+              best.back() = candidate;
+              std::push_heap(best.begin(), best.end());
+            } else {
+              return;
+            }
+            if (static_cast<int64_t>(best.size()) < k) return;
+            const double reach = std::sqrt(best.front().distance * (1.0 + exact_error)) + slack;
+            refine_threshold = round_up(reach * reach * (1.0 + refine_error));
+            first_threshold = round_up(reach * reach * (1.0 + first_error) + first_absolute);
+          };
+
+          // The previous query's neighbours first: adjacent patches look alike, so the threshold starts tight.
+          if (qi > chunk_begin)
+            for (int64_t i = 0; i < k; ++i) consider(out_indices[(qi - 1) * k + i]);
+
+          // Cells in increasing order of their bound: |q - centre| - radius over the first-tier axes, and the
+          // gap between the query's tail and the cell's range of tails.
+          for (int64_t ci = 0; ci < cell_count; ++ci) {
+            const Pruning::Cell& cell = p.cells[ci];
+            const float* centre = p.centres.data() + ci * first;
+            double to_centre = 0.0;
+            for (int64_t a = 0; a < first; ++a) to_centre += (static_cast<double>(c[a]) - centre[a]) * (c[a] - centre[a]);
+            const double gap = std::max(0.0, std::sqrt(to_centre) - cell.radius);
+            const double tail_gap = std::max({0.0, static_cast<double>(cell.tail_low) - q_tails[0],
+                                              static_cast<double>(q_tails[0]) - cell.tail_high});
+            cell_order[ci] = {static_cast<float>(gap * gap + tail_gap * tail_gap), ci};
+          }
+          std::sort(cell_order.begin(), cell_order.end());
+
+          for (const auto& [cell_bound, ci] : cell_order) {
+            if (cell_bound > first_threshold) break;
+            const Pruning::Cell& cell = p.cells[ci];
+            first_tier(p.blocks.data() + cell.begin * first, p.norms.data() + cell.begin, p.tails[0].data() + cell.begin,
+                       (cell.end - cell.begin) / kLanes, first, c, static_cast<float>(first_norm), q_tails[0],
+                       bounds.data() + cell.begin);
+            for (int64_t s = cell.begin; s < cell.end; ++s) {
+              if (bounds[s] > first_threshold) continue;  // also every padding slot (infinite bound)
+              const int64_t r = p.row_of_slot[s];
+              if (r < 0 || stamp[r] == qi) continue;
+              ++total_refined;
+              const float* rc = p.coordinates.data() + s * width;
+              bool excluded = false;
+              float sum = 0.f;
+              for (int64_t t = 1, done = 0; t < 3 && !excluded; ++t) {
+                if (p.axes[t] == p.axes[t - 1]) continue;
+                sum += squared_distance(c + done, rc + done, p.axes[t] - done);
+                done = p.axes[t];
+                const float rest = q_tails[t] - p.tails[t][s];
+                excluded = sum + rest * rest > refine_threshold;
+              }
+              if (!excluded) consider(r);
+            }
+          }
+
+          std::sort_heap(best.begin(), best.end());
+          for (int64_t i = 0; i < k; ++i) {
+            out_distances[qi * k + i] = best[i].distance;
+            out_indices[qi * k + i] = best[i].row;
+          }
+        }
+      }
+    } catch (...) {
+#pragma omp critical(exact_pruned_nn_failure)
+      if (!failure) failure = std::current_exception();
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+  if (stats) {
+    stats->queries += nq;
+    stats->refined += total_refined;
+    stats->exact += total_exact;
+  }
+  return {distances, indices};
+}
+
+}  // namespace patchcore
