@@ -1,7 +1,9 @@
 #include "patchcore/file_util.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -68,6 +70,12 @@ void write_directory_atomically(const std::string& dir, const std::function<void
     write(tmp.string());
     if (fs::exists(target)) {
       if (!fs::is_directory(target)) throw std::runtime_error(dir + ": exists and is not a directory");
+      // One atomic swap where the file system supports it, so that a process killed at any moment leaves
+      // `dir` holding either the old or the new contents, never nothing.
+      if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) == 0) {
+        fs::remove_all(tmp, ec);  // now the old directory
+        return;
+      }
       fs::path old = target;
       old += unique_suffix();
       fs::rename(target, old);

@@ -12,8 +12,11 @@ std::string read_file(const std::string& path);
 // If write throws, the temporary file is removed and `path` is left as it was.
 void write_file_atomically(const std::string& path, const std::function<void(const std::string& tmp_path)>& write);
 
-// Same for a whole directory: write(tmp_dir) fills a fresh temporary directory beside `dir`, which
-// then replaces `dir` (an existing `dir` is moved aside first and deleted only after the rename).
+// Same for a whole directory: write(tmp_dir) fills a fresh temporary directory `<dir>.tmp-<pid>-<hex>`
+// beside `dir`, which then replaces `dir`. An existing `dir` is exchanged with it in one renameat2(2), so
+// a process killed at any moment leaves the old or the new directory whole; only on file systems
+// without RENAME_EXCHANGE is the old one moved aside first. A killed writer can leave its temporary
+// directory behind, which is safe to delete.
 void write_directory_atomically(const std::string& dir, const std::function<void(const std::string& tmp_dir)>& write);
 
 }  // namespace patchcore

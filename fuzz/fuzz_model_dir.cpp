@@ -1,0 +1,83 @@
+// libFuzzer target: arbitrary bytes as the files of a model directory, loaded with
+// PatchCore::load_from_path and, when that succeeds, used for one prediction.
+//
+// Input layout: patchcore_params.json, kSeparator, nnscorer_search_index.faiss[, kSeparator,
+// nnscorer_features.npy]. The backbone is a small TorchScript feature extractor
+// (fuzz/model_dir_backbone.pt, written by scripts/fuzz/make_corpus.py) copied into the directory once, so
+// the seeds' size and CRC-32 match it and the fuzzer spends its time on the JSON, the index and the bank.
+#include <unistd.h>
+
+#include <cstddef>
+#include <cstdio>
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "patchcore/patchcore.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr char kSeparator[] = "\n==patchcore-fuzz==\n";
+
+std::string& model_dir() {
+  static std::string dir;
+  return dir;
+}
+
+void write(const fs::path& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!out) std::abort();  // the harness's own temp folder, not the input, is broken
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  std::string pattern = (fs::temp_directory_path() / "patchcore-fuzz-model-XXXXXX").string();
+  if (!::mkdtemp(pattern.data())) std::abort();
+  model_dir() = pattern;
+  fs::copy_file(PATCHCORE_FUZZ_BACKBONE, fs::path(pattern) / "backbone.pt");
+  std::atexit([] {
+    std::error_code ec;
+    fs::remove_all(model_dir(), ec);
+  });
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  const std::string input(reinterpret_cast<const char*>(data), size);
+  const std::string separator(kSeparator);
+  const size_t first = input.find(separator);
+  const size_t second = first == std::string::npos ? first : input.find(separator, first + separator.size());
+  const fs::path dir = model_dir();
+  write(dir / "patchcore_params.json", input.substr(0, first));
+  write(patchcore::NearestNeighbourScorer::index_filename(dir, ""),
+        first == std::string::npos ? std::string() : input.substr(first + separator.size(), second - first - separator.size()));
+  const fs::path features = patchcore::NearestNeighbourScorer::features_filename(dir, "");
+  if (second == std::string::npos) fs::remove(features);
+  else write(features, input.substr(second + separator.size()));
+
+  std::unique_ptr<patchcore::PatchCore> model;
+  try {
+    model = patchcore::PatchCore::load_from_path(dir, "cpu", 1);
+  } catch (const std::runtime_error& e) {
+    // The documented way to refuse a directory: an error that says which file is wrong.
+    if (std::string(e.what()).find(model_dir()) == std::string::npos) {
+      std::fprintf(stderr, "error does not name the model directory: %s\n", e.what());
+      std::abort();
+    }
+    return 0;
+  }
+  // A model that loads must predict or refuse with an error; a zero image is enough to run every stage.
+  const int64_t crop = model->params().transform.crop;
+  try {
+    const auto result = model->predict(torch::zeros({1, 3, crop, crop}));
+    if (result.scores.size() != 1 || result.masks.size() != 1) std::abort();
+  } catch (const std::exception&) {
+  }
+  return 0;
+}
