@@ -143,6 +143,15 @@ TEST(PatchCore, ModelDirectoryRoundTripNeedsNoOtherFlags) {
     damage(copy);
     return error_of([&] { PatchCore::load_from_path(copy); });
   };
+  // A copy whose patchcore_params.json went through `edit`.
+  auto edited = [&](const std::string& name, const std::function<void(nlohmann::json&)>& edit) {
+    return damaged(name, [&](const std::string& d) {
+      std::ifstream in(d + "/patchcore_params.json");
+      auto j = nlohmann::json::parse(in);
+      edit(j);
+      std::ofstream(d + "/patchcore_params.json") << j.dump();
+    });
+  };
   EXPECT_NE(damaged("no_index", [](const std::string& d) { fs::remove(d + "/nnscorer_search_index.faiss"); })
                 .find("nnscorer_search_index.faiss"),
             std::string::npos);
@@ -152,43 +161,23 @@ TEST(PatchCore, ModelDirectoryRoundTripNeedsNoOtherFlags) {
   EXPECT_NE(damaged("bad_json", [](const std::string& d) { std::ofstream(d + "/patchcore_params.json") << "{\"format\": "; })
                 .find("malformed JSON"),
             std::string::npos);
-  EXPECT_NE(damaged("future", [](const std::string& d) {
-              std::ifstream in(d + "/patchcore_params.json");
-              auto j = nlohmann::json::parse(in);
-              j["version"] = 99;
-              std::ofstream(d + "/patchcore_params.json") << j.dump();
-            }).find("newer patchcore (format version 99"),
+  EXPECT_NE(edited("future", [](nlohmann::json& j) { j["version"] = 99; })
+                .find("newer patchcore (format version 99"),
             std::string::npos);
   EXPECT_NE(damaged("weights", [](const std::string& d) { fs::resize_file(d + "/backbone.pth", 1000); })
                 .find("backbone.pth: backbone weights do not match"),
             std::string::npos);
-  EXPECT_NE(damaged("dimension", [](const std::string& d) {
-              std::ifstream in(d + "/patchcore_params.json");
-              auto j = nlohmann::json::parse(in);
-              j["target_embed_dimension"] = 512;
-              std::ofstream(d + "/patchcore_params.json") << j.dump();
-            }).find("index has dimension 1024, the model's embedding has 512"),
+  EXPECT_NE(edited("dimension", [](nlohmann::json& j) { j["target_embed_dimension"] = 512; })
+                .find("index has dimension 1024, the model's embedding has 512"),
             std::string::npos);
-  EXPECT_NE(damaged("type", [](const std::string& d) {
-              std::ifstream in(d + "/patchcore_params.json");
-              auto j = nlohmann::json::parse(in);
-              j["patchsize"] = "three";
-              std::ofstream(d + "/patchcore_params.json") << j.dump();
-            }).find("patchsize must be an integer in [1, 31], got \"three\""),
+  EXPECT_NE(edited("type", [](nlohmann::json& j) { j["patchsize"] = "three"; })
+                .find("patchsize must be an integer in [1, 31], got \"three\""),
             std::string::npos);
-  EXPECT_NE(damaged("missing", [](const std::string& d) {
-              std::ifstream in(d + "/patchcore_params.json");
-              auto j = nlohmann::json::parse(in);
-              j.erase("patchsize");
-              std::ofstream(d + "/patchcore_params.json") << j.dump();
-            }).find("bad or missing field"),
+  EXPECT_NE(edited("missing", [](nlohmann::json& j) { j.erase("patchsize"); })
+                .find("bad or missing field"),
             std::string::npos);
-  EXPECT_NE(damaged("escape", [](const std::string& d) {
-              std::ifstream in(d + "/patchcore_params.json");
-              auto j = nlohmann::json::parse(in);
-              j["backbone.weights"]["file"] = "../backbone.pth";
-              std::ofstream(d + "/patchcore_params.json") << j.dump();
-            }).find("backbone.weights.file must name a file inside the model directory, got '../backbone.pth'"),
+  EXPECT_NE(edited("escape", [](nlohmann::json& j) { j["backbone.weights"]["file"] = "../backbone.pth"; })
+                .find("backbone.weights.file must name a file inside the model directory, got '../backbone.pth'"),
             std::string::npos);
 }
 

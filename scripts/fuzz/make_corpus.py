@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures"))
+from make_common import TinyNet  # noqa: E402  the test suite's TorchScript backbone, also the fuzzer's
+
 # Keep in sync with kSeparator in fuzz/fuzz_model_dir.cpp.
 SEPARATOR = b"\n==patchcore-fuzz==\n"
 
@@ -81,16 +84,6 @@ def images(out):
     rgb.save(os.path.join(out, "rgb.tif"))
     rgb.save(os.path.join(out, "rgb_deflate.tif"), compression="tiff_adobe_deflate")
     grey.save(os.path.join(out, "grey.tif"))
-
-
-class TinyNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.block = torch.nn.Conv2d(4, 8, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.block(torch.relu(self.stem(x))).mean()
 
 
 def model_dirs(out, backbone_path):
