@@ -29,7 +29,7 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 BenchResult bench(PatchCore& model, const std::string& data_root, const BenchOptions& options, const ProgressCallback& progress) {
   if (options.repeat < 1) throw std::invalid_argument("bench: repeat must be at least 1");
-  if (options.batch_size < 1) throw std::invalid_argument("bench: batch size must be at least 1");
+  if (options.fit.batch_size < 1) throw std::invalid_argument("bench: batch size must be at least 1");
   std::vector<std::string> train, test;
   for (const auto& s : MVTecDataset::train(data_root)) train.push_back(s.image_path);
   for (const auto& s : MVTecDataset::test(data_root)) test.push_back(s.image_path);
@@ -41,7 +41,7 @@ BenchResult bench(PatchCore& model, const std::string& data_root, const BenchOpt
 
   StageTimer fit_timer;
   const auto fit_start = std::chrono::steady_clock::now();
-  model.fit(train, options.batch_size, progress, &fit_timer);
+  model.fit(train, options.fit, progress, &fit_timer);
   r.fit_seconds = seconds_since(fit_start);
   for (const auto& [stage, s] : fit_timer.stages()) r.fit_stage_seconds[stage] = s.seconds;
   r.memory_bank_size = model.memory_bank_size();
@@ -52,7 +52,7 @@ BenchResult bench(PatchCore& model, const std::string& data_root, const BenchOpt
   for (int pass = 0; pass < options.repeat; ++pass) {
     StageTimer timer;
     const auto start = std::chrono::steady_clock::now();
-    ImageBatches batches(test, model.params().transform, options.batch_size, &timer);
+    ImageBatches batches(test, model.params().transform, options.fit.batch_size, &timer);
     for (torch::Tensor images; batches.next(images);) {
       model.predict(images, &timer);
       if (progress) progress("predict pass " + std::to_string(pass + 1), batches.done(), test.size());

@@ -3,12 +3,14 @@
 #include <omp.h>
 #include <zlib.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
+#include "patchcore/feature_store.h"
 #include "patchcore/file_util.h"
 #include "patchcore/image_batches.h"
 
@@ -115,27 +117,53 @@ torch::Tensor PatchCore::embed(const torch::Tensor& images, std::vector<int64_t>
   return patch_embedder_->forward(features, patch_shape);
 }
 
-void PatchCore::fit(const std::vector<std::string>& image_paths, int64_t batch_size, const ProgressCallback& progress,
-                    StageTimer* timer) {
+void PatchCore::fit(const std::vector<std::string>& image_paths, const FitOptions& options,
+                    const ProgressCallback& progress, StageTimer* timer) {
   require_loaded("fit");
   if (image_paths.empty()) throw std::invalid_argument("PatchCore::fit: no training images");
-  if (batch_size < 1) throw std::invalid_argument("PatchCore::fit: batch size must be at least 1");
-  torch::Tensor bank;  // [images · patches per image, D], allocated once the patch count is known
-  int64_t rows = 0;
-  ImageBatches batches(image_paths, params_.transform, batch_size, timer);
+  if (options.batch_size < 1) throw std::invalid_argument("PatchCore::fit: batch size must be at least 1");
+  if (options.memory_budget_bytes < 0) throw std::invalid_argument("PatchCore::fit: the memory budget must be >= 0");
+  std::unique_ptr<FeatureStore> store;
+  torch::Tensor summary;  // of all rows, allocated once: growing it chunk by chunk would hold it twice
+  ImageBatches batches(image_paths, params_.transform, options.batch_size, timer);
   for (torch::Tensor images; batches.next(images);) {
     const torch::Tensor embedded = embed(images, nullptr, timer);
-    if (!bank.defined()) {
-      const int64_t per_image = embedded.size(0) / images.size(0);
-      bank = torch::empty({per_image * static_cast<int64_t>(image_paths.size()), embedded.size(1)}, torch::kFloat32);
+    torch::Tensor chunk;
+    {
+      StageTimer::Scope scope(timer, "coreset");
+      chunk = featuresampler_->summarize(embedded);
     }
-    bank.slice(0, rows, rows + embedded.size(0)).copy_(embedded);
-    rows += embedded.size(0);
+    if (!store) {
+      // Every image gives the same number of patches, so the first batch tells what the whole fit will hold.
+      const int64_t rows = embedded.size(0) / images.size(0) * static_cast<int64_t>(image_paths.size());
+      check_fit_memory(rows, embedded.size(1), options.memory_budget_bytes);
+      StageTimer::Scope scope(timer, "store");
+      store = std::make_unique<FeatureStore>(embedded.size(1), options.scratch_directory);
+      store->reserve(rows);
+      summary = torch::empty({rows, chunk.size(1)}, torch::kFloat32);
+    }
+    summary.slice(0, store->rows(), store->rows() + chunk.size(0)).copy_(chunk);
+    {
+      StageTimer::Scope scope(timer, "store");
+      store->append(embedded);
+    }
     if (progress) progress("embedding training images", batches.done(), image_paths.size());
   }
   if (progress) progress("coreset", 0, 1);
-  fit_features(bank, timer);
+  std::vector<int64_t> selected;
+  {
+    StageTimer::Scope scope(timer, "coreset");
+    selected = featuresampler_->select_from_summary(summary);
+    summary = torch::Tensor();
+  }
   if (progress) progress("coreset", 1, 1);
+  torch::Tensor bank;
+  {
+    StageTimer::Scope scope(timer, "store");
+    bank = store->gather(selected);
+    store.reset();
+  }
+  fit_memory_bank(bank, timer);
 }
 
 void PatchCore::fit_features(const torch::Tensor& features, StageTimer* timer) {
@@ -145,8 +173,29 @@ void PatchCore::fit_features(const torch::Tensor& features, StageTimer* timer) {
     StageTimer::Scope scope(timer, "coreset");
     sampled = featuresampler_->run(features);
   }
+  fit_memory_bank(sampled, timer);
+}
+
+void PatchCore::fit_memory_bank(const torch::Tensor& bank, StageTimer* timer) {
   StageTimer::Scope scope(timer, "index");
-  anomaly_scorer_->fit({sampled});
+  anomaly_scorer_->fit({bank});
+}
+
+void PatchCore::check_fit_memory(int64_t rows, int64_t dim, int64_t budget_bytes) const {
+  if (budget_bytes == 0) return;
+  const int64_t in_use = current_rss_bytes();
+  const int64_t selection = rows * featuresampler_->selection_bytes_per_row(dim);
+  // The bank tensor, the index's copy of it and the index's own working data, which is no larger.
+  const int64_t bank = 3 * featuresampler_->selection_size(rows) * dim * static_cast<int64_t>(sizeof(float));
+  const int64_t needed = in_use + std::max(selection, bank);
+  if (needed > budget_bytes) {
+    const auto mib = [](int64_t bytes) { return std::to_string(bytes >> 20) + " MiB"; };
+    throw std::runtime_error("PatchCore::fit: " + std::to_string(rows) + " training patches need about " +
+                             mib(needed) + " (" + mib(in_use) + " in use, " + mib(selection) +
+                             " for the coreset selection, " + mib(bank) +
+                             " for the memory bank and its index), more than the memory budget of " +
+                             mib(budget_bytes) + "; fit fewer images or keep a smaller fraction");
+  }
 }
 
 PredictResult PatchCore::predict(const torch::Tensor& images, StageTimer* timer) const {

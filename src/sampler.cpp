@@ -343,6 +343,14 @@ int64_t selection_count(int64_t n, double percentage) {
   return static_cast<int64_t>(static_cast<double>(n) * percentage);
 }
 
+// N of a summary that only carries the row count.
+int64_t summary_rows(const torch::Tensor& summary, const char* who) {
+  if (!summary.defined() || summary.dim() != 2 || summary.size(0) < 1)
+    throw std::invalid_argument(std::string(who) + ": the summary must be [N, k] with N >= 1, got " +
+                                (summary.defined() ? shape_of(summary) : std::string("undefined")));
+  return summary.size(0);
+}
+
 // ---- The points of the greedy loop. ----
 
 struct Points {
@@ -702,7 +710,8 @@ void build_leaves(std::vector<int64_t>& order, int64_t begin, int64_t end, const
 }
 
 // Everything the fast loop precomputes. Points live in "slots": tree order, each leaf padded to a multiple of
-// eight with empty slots (original -1) whose threshold 0 no bound is below.
+// eight with empty slots (original -1) whose threshold 0 no bound is below. The rows of Z stay where they are
+// (the fast loop reads them through `original`), so the loop needs far less memory than Z itself.
 struct Index {
   int64_t dim = 0;
   int64_t slots = 0;
@@ -719,67 +728,85 @@ struct Index {
   std::vector<int32_t> block_of;     // slot -> block
   std::vector<float> box_lo, box_hi;  // [blocks][level_width[0]]: bounding boxes of the first level
   std::vector<float> group_lo, group_hi;  // [slots / 8][level_width[0]]: the same per group of eight slots
-  std::vector<float> rows;           // [slots][dim]: the rows of Z
+  const float* data = nullptr;       // Z, [n][dim], row order
   std::vector<float> norms;          // [slots]
   double eta = 0.0;
 
   float level_value(int64_t level, int64_t slot, int64_t j) const {
     return level_data[level][((slot / 8) * level_width[level] + j) * 8 + slot % 8];
   }
+  const float* row(int64_t slot) const { return data + original[slot] * dim; }
 };
+
+// The levels used for points of dimension `dim`.
+std::vector<int64_t> level_dims(int64_t dim) {
+  std::vector<int64_t> levels;
+  for (int64_t k : kLevelDims)
+    if (k < dim) levels.push_back(k);
+  if (levels.empty()) levels.push_back(dim - 1);
+  return levels;
+}
+
+// Calls fill(row, values) for every row with its level values (each level's new principal coordinates, then
+// the residual norm after all coordinates so far), levels [0, nlevels) back to back. Returns max |z|^2.
+template <typename Fill>
+double for_each_level_values(const Points& p, const torch::Tensor& projected, const std::vector<double>& basis,
+                             const std::vector<int64_t>& levels, int64_t nlevels, Fill fill) {
+  const int64_t coords = levels[nlevels - 1];
+  torch::Tensor basis_t;
+  if (coords > 0)
+    basis_t = torch::from_blob(const_cast<double*>(basis.data()), {coords, p.dim}, torch::kFloat64).t();
+  int64_t stride = 0;
+  for (int64_t l = 0; l < nlevels; ++l) stride += levels[l] - (l > 0 ? levels[l - 1] : 0) + 1;
+  std::vector<float> values(static_cast<size_t>(stride));
+  double max_norm = 0.0;
+  for (int64_t b = 0; b < p.n; b += kProjectionRows) {
+    const int64_t e = std::min(p.n, b + kProjectionRows);
+    torch::Tensor pc;
+    if (coords > 0) pc = projected.slice(0, b, e).to(torch::kFloat64).mm(basis_t).contiguous();
+    for (int64_t i = b; i < e; ++i) {
+      const float* row = p.rows[i];
+      double norm = 0.0;
+      for (int64_t a = 0; a < p.dim; ++a) norm += static_cast<double>(row[a]) * row[a];
+      max_norm = std::max(max_norm, norm);
+      const double* c = coords > 0 ? pc.data_ptr<double>() + (i - b) * coords : nullptr;
+      double captured = 0.0;
+      float* out = values.data();
+      for (int64_t l = 0, j = 0; l < nlevels; ++l) {
+        for (; j < levels[l]; ++j) {
+          captured += c[j] * c[j];
+          *out++ = static_cast<float>(c[j]);
+        }
+        *out++ = static_cast<float>(std::sqrt(std::max(0.0, norm - captured)));
+      }
+      fill(i, values.data());
+    }
+  }
+  return max_norm;
+}
 
 Index build_index(const Points& p, const torch::Tensor& projected) {
   Index x;
   x.dim = p.dim;
-  for (int64_t k : kLevelDims)
-    if (k < p.dim) x.levels.push_back(k);
-  if (x.levels.empty()) x.levels.push_back(p.dim - 1);
+  x.data = p.data;
+  x.levels = level_dims(p.dim);
   const int64_t nlevels = static_cast<int64_t>(x.levels.size());
-  const int64_t coords = x.levels.back();
-  // Per row: the level values (new coordinates, residual norm) of every level back to back.
-  int64_t stride = 0;
-  for (int64_t l = 0; l < nlevels; ++l) {
-    x.level_width.push_back(x.levels[l] - (l > 0 ? x.levels[l - 1] : 0) + 1);
-    stride += x.level_width.back();
-  }
-  std::vector<float> values(static_cast<size_t>(p.n * stride));
-  double max_norm = 0.0;
-  {
-    torch::Tensor basis_t;
-    std::vector<double> basis;
-    if (coords > 0) {
-      basis = principal_directions(p, coords);
-      basis_t = torch::from_blob(basis.data(), {coords, p.dim}, torch::kFloat64).t();
-    }
-    for (int64_t b = 0; b < p.n; b += kProjectionRows) {
-      const int64_t e = std::min(p.n, b + kProjectionRows);
-      torch::Tensor pc;
-      if (coords > 0) pc = projected.slice(0, b, e).to(torch::kFloat64).mm(basis_t).contiguous();
-      for (int64_t i = b; i < e; ++i) {
-        const float* row = p.rows[i];
-        double norm = 0.0;
-        for (int64_t a = 0; a < p.dim; ++a) norm += static_cast<double>(row[a]) * row[a];
-        max_norm = std::max(max_norm, norm);
-        const double* c = coords > 0 ? pc.data_ptr<double>() + (i - b) * coords : nullptr;
-        double captured = 0.0;
-        float* out = &values[i * stride];
-        for (int64_t l = 0, j = 0; l < nlevels; ++l) {
-          for (; j < x.levels[l]; ++j) {
-            captured += c[j] * c[j];
-            *out++ = static_cast<float>(c[j]);
-          }
-          *out++ = static_cast<float>(std::sqrt(std::max(0.0, norm - captured)));
-        }
-      }
-    }
-  }
-  x.eta = kEta * std::sqrt(max_norm) + 1e-30;
+  for (int64_t l = 0; l < nlevels; ++l) x.level_width.push_back(x.levels[l] - (l > 0 ? x.levels[l - 1] : 0) + 1);
+  const int64_t width0 = x.level_width[0];
+  std::vector<double> basis;
+  if (x.levels.back() > 0) basis = principal_directions(p, x.levels.back());
 
-  // Tree order over the first level's values, which lead each row of `values`.
+  // Tree order over the first level's values; only they are kept for every row at once.
+  std::vector<float> first(static_cast<size_t>(p.n * width0));
+  const double max_norm = for_each_level_values(p, projected, basis, x.levels, 1, [&](int64_t i, const float* v) {
+    std::copy_n(v, width0, &first[i * width0]);
+  });
+  x.eta = kEta * std::sqrt(max_norm) + 1e-30;
   std::vector<int64_t> order(static_cast<size_t>(p.n));
   for (int64_t i = 0; i < p.n; ++i) order[i] = i;
   std::vector<std::pair<int64_t, int64_t>> leaves;
-  build_leaves(order, 0, p.n, values, stride, x.level_width[0], leaves);
+  build_leaves(order, 0, p.n, first, width0, width0, leaves);
+  first = std::vector<float>();
 
   x.blocks = static_cast<int64_t>(leaves.size());
   x.block_begin.push_back(0);
@@ -789,45 +816,59 @@ Index build_index(const Points& p, const torch::Tensor& projected) {
   x.original.assign(static_cast<size_t>(x.slots), -1);
   x.slot_of.resize(static_cast<size_t>(p.n));
   x.block_of.resize(static_cast<size_t>(x.slots));
-  for (int64_t l = 0; l < nlevels; ++l)
-    x.level_data.emplace_back(static_cast<size_t>(x.slots * x.level_width[l]), 0.0f);
-  x.rows.assign(static_cast<size_t>(x.slots * p.dim), 0.0f);
   x.norms.assign(static_cast<size_t>(x.slots), 0.0f);
-  const int64_t width0 = x.level_width[0];
-  x.box_lo.resize(static_cast<size_t>(x.blocks * width0));
-  x.box_hi.resize(static_cast<size_t>(x.blocks * width0));
-  x.group_lo.assign(static_cast<size_t>(x.slots / 8 * width0), std::numeric_limits<float>::infinity());
-  x.group_hi.assign(static_cast<size_t>(x.slots / 8 * width0), -std::numeric_limits<float>::infinity());
   for (int64_t b = 0; b < x.blocks; ++b) {
-    float* lo = &x.box_lo[b * width0];
-    float* hi = &x.box_hi[b * width0];
-    std::fill(lo, lo + width0, std::numeric_limits<float>::infinity());
-    std::fill(hi, hi + width0, -std::numeric_limits<float>::infinity());
     for (int64_t s = x.block_begin[b]; s < x.block_begin[b + 1]; ++s) x.block_of[s] = static_cast<int32_t>(b);
     for (int64_t q = leaves[b].first; q < leaves[b].second; ++q) {
       const int64_t i = order[q], s = x.block_begin[b] + (q - leaves[b].first);
       x.original[s] = i;
       x.slot_of[i] = s;
-      const float* v = &values[i * stride];
-      for (int64_t l = 0; l < nlevels; ++l) {
-        for (int64_t j = 0; j < x.level_width[l]; ++j)
-          x.level_data[l][((s / 8) * x.level_width[l] + j) * 8 + s % 8] = v[j];
-        v += x.level_width[l];
-      }
-      for (int64_t j = 0; j < width0; ++j) {
-        const float v = values[i * stride + j];
-        lo[j] = std::min(lo[j], v);
-        hi[j] = std::max(hi[j], v);
-        float& glo = x.group_lo[(s / 8) * width0 + j];
-        float& ghi = x.group_hi[(s / 8) * width0 + j];
-        glo = std::min(glo, v);
-        ghi = std::max(ghi, v);
-      }
-      std::copy_n(p.rows[i], p.dim, &x.rows[s * p.dim]);
       x.norms[s] = p.norms[i];
     }
   }
+  order = std::vector<int64_t>();
+
+  // Every level's values straight into slot order, in a second pass over Z.
+  for (int64_t l = 0; l < nlevels; ++l)
+    x.level_data.emplace_back(static_cast<size_t>(x.slots * x.level_width[l]), 0.0f);
+  for_each_level_values(p, projected, basis, x.levels, nlevels, [&](int64_t i, const float* v) {
+    const int64_t s = x.slot_of[i];
+    for (int64_t l = 0; l < nlevels; ++l) {
+      for (int64_t j = 0; j < x.level_width[l]; ++j)
+        x.level_data[l][((s / 8) * x.level_width[l] + j) * 8 + s % 8] = v[j];
+      v += x.level_width[l];
+    }
+  });
+
+  // Bounding boxes of the first level per block and per group of eight, from the values the bounds use.
+  x.box_lo.assign(static_cast<size_t>(x.blocks * width0), std::numeric_limits<float>::infinity());
+  x.box_hi.assign(static_cast<size_t>(x.blocks * width0), -std::numeric_limits<float>::infinity());
+  x.group_lo.assign(static_cast<size_t>(x.slots / 8 * width0), std::numeric_limits<float>::infinity());
+  x.group_hi.assign(static_cast<size_t>(x.slots / 8 * width0), -std::numeric_limits<float>::infinity());
+  for (int64_t s = 0; s < x.slots; ++s) {
+    if (x.original[s] < 0) continue;
+    const int64_t b = x.block_of[s];
+    for (int64_t j = 0; j < width0; ++j) {
+      const float v = x.level_value(0, s, j);
+      x.box_lo[b * width0 + j] = std::min(x.box_lo[b * width0 + j], v);
+      x.box_hi[b * width0 + j] = std::max(x.box_hi[b * width0 + j], v);
+      x.group_lo[(s / 8) * width0 + j] = std::min(x.group_lo[(s / 8) * width0 + j], v);
+      x.group_hi[(s / 8) * width0 + j] = std::max(x.group_hi[(s / 8) * width0 + j], v);
+    }
+  }
   return x;
+}
+
+// Bytes per point that the fast loop holds beside Z (the Index, its state and the scores), for memory plans.
+int64_t fast_loop_bytes_per_row(int64_t dim) {
+  int64_t level_floats = 0;
+  const std::vector<int64_t> levels = level_dims(dim);
+  for (size_t l = 0; l < levels.size(); ++l) level_floats += levels[l] - (l > 0 ? levels[l - 1] : 0) + 1;
+  const int64_t width0 = levels[0] + 1;
+  // level data and first-level values (build) + original, slot_of, order (build) + block_of + norms twice +
+  // row pointers + scores twice + score, threshold + group boxes.
+  const int64_t per_point = 4 * level_floats + 4 * width0 + 3 * 8 + 4 + 2 * 4 + 8 + 2 * 4 + 2 * 4 + 2 * 4 * width0 / 8;
+  return per_point + per_point / 8;  // leaves padded to multiples of eight slots: at most 7 in 64
 }
 
 }  // namespace
@@ -1075,11 +1116,11 @@ void process_blocks(const Index& x, const FastState& st, int64_t b0, int64_t b1,
     sc.norms.resize(static_cast<size_t>(count));
     sc.dist.resize(static_cast<size_t>(count));
     for (int64_t q = 0; q < count; ++q) {
-      sc.rows[q] = &x.rows[slots[q] * x.dim];
+      sc.rows[q] = x.row(slots[q]);
       sc.norms[q] = x.norms[slots[q]];
     }
     const int64_t cs = centres.slots[j];
-    detail::distance_kernel(sc.rows.data(), sc.norms.data(), count, &x.rows[cs * x.dim], x.norms[cs], x.dim,
+    detail::distance_kernel(sc.rows.data(), sc.norms.data(), count, x.row(cs), x.norms[cs], x.dim,
                             sc.dist.data());
     sc.exact += count;
     for (int64_t q = 0; q < count; ++q)
@@ -1206,15 +1247,26 @@ std::vector<int64_t> greedy_coreset_fast(const torch::Tensor& projected, std::ve
 
 // ---- Samplers. ----
 
+torch::Tensor BaseSampler::summarize(const torch::Tensor& features) const {
+  const torch::Tensor f = checked_features(features, "sampler");
+  return torch::empty({f.size(0), 0}, torch::kFloat32);
+}
+
+int64_t BaseSampler::selection_bytes_per_row(int64_t) const { return sizeof(int64_t); }
+
+std::vector<int64_t> BaseSampler::select(const torch::Tensor& features) {
+  return select_from_summary(summarize(features));
+}
+
 torch::Tensor BaseSampler::run(const torch::Tensor& features) {
   const std::vector<int64_t> indices = select(features);
   return features.index_select(0, torch::tensor(indices, torch::kInt64));
 }
 
-std::vector<int64_t> IdentitySampler::select(const torch::Tensor& features) {
-  const torch::Tensor f = checked_features(features, "IdentitySampler");
-  std::vector<int64_t> all(static_cast<size_t>(f.size(0)));
-  for (int64_t i = 0; i < f.size(0); ++i) all[i] = i;
+std::vector<int64_t> IdentitySampler::select_from_summary(const torch::Tensor& summary) {
+  const int64_t n = summary_rows(summary, "IdentitySampler");
+  std::vector<int64_t> all(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) all[i] = i;
   return all;
 }
 
@@ -1222,10 +1274,12 @@ RandomSampler::RandomSampler(double percentage, uint64_t seed) : percentage_(per
   check_percentage(percentage, "RandomSampler");
 }
 
-std::vector<int64_t> RandomSampler::select(const torch::Tensor& features) {
-  const torch::Tensor f = checked_features(features, "RandomSampler");
+int64_t RandomSampler::selection_size(int64_t n) const { return selection_count(n, percentage_); }
+
+std::vector<int64_t> RandomSampler::select_from_summary(const torch::Tensor& summary) {
+  const int64_t n = summary_rows(summary, "RandomSampler");
   std::mt19937_64 rng = make_rng(seed_, Stream::kRandomSubset);
-  return distinct_indices(f.size(0), selection_count(f.size(0), percentage_), rng);
+  return distinct_indices(n, selection_size(n), rng);
 }
 
 GreedyCoresetSampler::GreedyCoresetSampler(double percentage, torch::Device device,
@@ -1293,12 +1347,21 @@ std::vector<float> GreedyCoresetSampler::initial_scores(const torch::Tensor& pro
   return distance_matrix_row_norms(projected);
 }
 
-std::vector<int64_t> GreedyCoresetSampler::select(const torch::Tensor& features) {
-  const torch::Tensor z = project(features);
-  const int64_t count = selection_count(z.size(0), percentage_);
-  std::vector<float> scores = initial_scores(z);
-  return algorithm_ == GreedyAlgorithm::kFast ? greedy_coreset_fast(z, std::move(scores), count)
-                                              : greedy_coreset_reference(z, std::move(scores), count);
+int64_t GreedyCoresetSampler::selection_size(int64_t n) const { return selection_count(n, percentage_); }
+
+int64_t GreedyCoresetSampler::selection_bytes_per_row(int64_t) const {
+  return dimension_ * static_cast<int64_t>(sizeof(float)) + fast_loop_bytes_per_row(dimension_);
+}
+
+std::vector<int64_t> GreedyCoresetSampler::select_from_summary(const torch::Tensor& summary) {
+  if (!summary.defined() || summary.dim() != 2 || summary.size(1) != dimension_)
+    throw std::invalid_argument("GreedyCoresetSampler: the summary must be the projected features [N, " +
+                                std::to_string(dimension_) + "], got " +
+                                (summary.defined() ? shape_of(summary) : std::string("undefined")));
+  const int64_t count = selection_size(summary.size(0));
+  std::vector<float> scores = initial_scores(summary);
+  return algorithm_ == GreedyAlgorithm::kFast ? greedy_coreset_fast(summary, std::move(scores), count)
+                                              : greedy_coreset_reference(summary, std::move(scores), count);
 }
 
 ApproximateGreedyCoresetSampler::ApproximateGreedyCoresetSampler(double percentage, torch::Device device,

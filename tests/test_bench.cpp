@@ -142,7 +142,7 @@ TEST(Bench, ReportsEveryStageOfFitAndPredict) {
     predict_stages.push_back(stage);
     EXPECT_GT(ms, 0) << stage;
   }
-  EXPECT_EQ(fit_stages, (std::vector<std::string>{"backbone", "coreset", "decode", "embedding", "index"}));
+  EXPECT_EQ(fit_stages, (std::vector<std::string>{"backbone", "coreset", "decode", "embedding", "index", "store"}));
   EXPECT_EQ(predict_stages, (std::vector<std::string>{"backbone", "decode", "embedding", "search", "segmentation"}));
   EXPECT_GT(r.predict_ms_per_image, 0);
   EXPECT_DOUBLE_EQ(r.images_per_second, 1000.0 / r.predict_ms_per_image);

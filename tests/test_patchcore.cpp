@@ -6,6 +6,8 @@
 
 #include "common_fixtures.h"
 #include "patchcore/evaluation.h"
+#include "patchcore/file_util.h"
+#include "patchcore/image_batches.h"
 #include "patchcore/patchcore.h"
 
 using namespace patchcore;
@@ -179,6 +181,51 @@ TEST(PatchCore, ModelDirectoryRoundTripNeedsNoOtherFlags) {
   EXPECT_NE(edited("escape", [](nlohmann::json& j) { j["backbone.weights"]["file"] = "../backbone.pth"; })
                 .find("backbone.weights.file must name a file inside the model directory, got '../backbone.pth'"),
             std::string::npos);
+}
+
+TEST(PatchCore, StreamedFitEqualsFitFeaturesOnAllEmbeddingsWithinItsBudget) {
+  PATCHCORE_REQUIRE_SHARED(weights, "weights/resnet18-imagenet-stem-to-layer3.pth");
+  PATCHCORE_REQUIRE_SHARED(tire, "data/tire");
+  std::vector<std::string> train;
+  for (const auto& s : MVTecDataset::train(tire)) train.push_back(s.image_path);
+  train.resize(3);
+  const PatchCoreParams params;
+  const auto backbone = load_backbone("resnet18", weights, params.layers_to_extract_from);
+  auto make = [&] {
+    auto model = std::make_unique<PatchCore>();
+    model->load(backbone, params, std::make_shared<ApproximateGreedyCoresetSampler>(0.1));
+    return model;
+  };
+  FitOptions options;
+  options.batch_size = 2;  // a batch of 2, then one of 1
+  options.scratch_directory = test::temp_dir();
+  options.memory_budget_bytes = int64_t{64} << 30;
+  const auto streamed = make();
+  streamed->fit(train, options);
+  EXPECT_TRUE(fs::is_empty(options.scratch_directory));
+
+  // The same batches embedded and held at once, then subsampled.
+  const auto in_memory = make();
+  std::vector<torch::Tensor> embedded;
+  ImageBatches batches(train, params.transform, options.batch_size);
+  for (torch::Tensor images; batches.next(images);) embedded.push_back(in_memory->embed(images));
+  in_memory->fit_features(torch::cat(embedded));
+  const int64_t rows = streamed->memory_bank_size();
+  ASSERT_EQ(rows, 3 * 784 / 10);
+  ASSERT_EQ(in_memory->memory_bank_size(), rows);
+  const std::string work = test::temp_dir();
+  streamed->anomaly_scorer().nn_method().save(work + "/streamed.faiss");
+  in_memory->anomaly_scorer().nn_method().save(work + "/in_memory.faiss");
+  EXPECT_TRUE(read_file(work + "/streamed.faiss") == read_file(work + "/in_memory.faiss"));
+
+  // A budget below what is already in use is refused before the long work, and the fitted bank stays.
+  options.memory_budget_bytes = int64_t{1} << 20;
+  const std::string message = error_of([&] { streamed->fit(train, options); });
+  EXPECT_NE(message.find("2352 training patches need about"), std::string::npos) << message;
+  EXPECT_NE(message.find("more than the memory budget of 1 MiB"), std::string::npos) << message;
+  EXPECT_EQ(streamed->memory_bank_size(), rows);
+  options.memory_budget_bytes = -1;
+  EXPECT_THROW(streamed->fit(train, options), std::invalid_argument);
 }
 
 TEST(PatchCore, EmbedEqualsTheStepByStepReferencePathForOtherSettings) {

@@ -208,6 +208,9 @@ TEST(Robustness, OutOfRangeFitOptionsAreRefusedBeforeAnythingIsWritten) {
       {{"--batch-size", "0"}, "--batch-size"},
       {{"--nn", "approximate", "--dim", "100"}, "not divisible by 64"},
       {{"--sampler", "fastest"}, "--sampler"},
+      {{"--memory-budget", "1MiB"}, "more than the memory budget of 1 MiB"},
+      {{"--memory-budget", "lots"}, "--memory-budget"},
+      {{"--scratch-dir", "/nonexistent/scratch"}, "--scratch-dir"},
   };
   for (const auto& c : cases) {
     std::vector<std::string> args = fit;

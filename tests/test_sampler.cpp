@@ -195,6 +195,25 @@ TEST(GreedyCoresetFast, SamplerSelectionsMatchForBothAlgorithms) {
   EXPECT_EQ(greedy.select(small), greedy_fast);
 }
 
+TEST(Samplers, SelectionFromChunkSummariesEqualsSelectionFromAllRows) {
+  // What fit relies on to stream the training features: summarise batch by batch, select once.
+  const torch::Tensor x = clustered(4000, 256, 15, 4);
+  for (const std::string& name : {"identity", "random", "greedy", "approx_greedy"}) {
+    const auto sampler = make_sampler(name, 0.05, 3);
+    std::vector<torch::Tensor> chunks;
+    for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, 1}, {1, 700}, {700, 1500}, {1500, 4000}})
+      chunks.push_back(sampler->summarize(x.slice(0, begin, end)));
+    const torch::Tensor summary = torch::cat(chunks);
+    EXPECT_TRUE(torch::equal(summary, sampler->summarize(x))) << name;
+    const std::vector<int64_t> selected = sampler->select_from_summary(summary);
+    EXPECT_EQ(selected, sampler->select(x)) << name;
+    EXPECT_EQ(static_cast<int64_t>(selected.size()), sampler->selection_size(x.size(0))) << name;
+    EXPECT_GE(sampler->selection_bytes_per_row(256), summary.size(1) * 4) << name;
+  }
+  expect_invalid([&] { GreedyCoresetSampler(0.1).select_from_summary(torch::ones({10, 64})); }, "[N, 128]");
+  expect_invalid([&] { IdentitySampler().select_from_summary(torch::ones({0, 0})); }, "N >= 1");
+}
+
 TEST(GreedyCoresetFast, RejectsBadArguments) {
   const torch::Tensor z = clustered(10, 4, 2, 1);
   expect_invalid([&] { greedy_coreset_fast(z, std::vector<float>(9, 1.0f), 2); }, "9 scores for 10 points");

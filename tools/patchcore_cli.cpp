@@ -74,17 +74,18 @@ cv::Mat model_view(const PatchCore& model, const std::string& path) {
   return model.params().transform.resize_and_crop(load_image_rgb(path));
 }
 
-struct FitOptions {
+struct ModelOptions {
   std::string data, weights, out, backbone = "resnet18", layers = "layer2,layer3", sampler = "approx_greedy";
   std::string device = "cpu", nn = "exact";
   double coreset = 0.1;
-  int64_t k = 1, patchsize = 3, dim = 1024, batch_size = 2;
+  int64_t k = 1, patchsize = 3, dim = 1024;
   int resize = 256, crop = 224;
   uint64_t seed = 0;
+  FitOptions fit;
 };
 
 // A loaded, unfitted model as the fit options describe it.
-std::unique_ptr<PatchCore> make_model(const FitOptions& o, int threads) {
+std::unique_ptr<PatchCore> make_model(const ModelOptions& o, int threads) {
   PatchCoreParams params;
   params.layers_to_extract_from = split_commas(o.layers);
   params.pretrain_embed_dimension = params.target_embed_dimension = o.dim;
@@ -100,21 +101,21 @@ std::unique_ptr<PatchCore> make_model(const FitOptions& o, int threads) {
   return model;
 }
 
-int run_fit(const FitOptions& o, int threads) {
+int run_fit(const ModelOptions& o, int threads) {
   const auto start = std::chrono::steady_clock::now();
   const auto train = MVTecDataset::train(o.data);
   std::vector<std::string> paths;
   for (const auto& s : train) paths.push_back(s.image_path);
   const auto model = make_model(o, threads);
   spdlog::info("fitting on {} training images from {}", paths.size(), o.data);
-  model->fit(paths, o.batch_size, progress_bar());
+  model->fit(paths, o.fit, progress_bar());
   model->save_to_path(o.out);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   spdlog::info("model written to {}: memory bank of {} patches, {:.1f} s", o.out, model->memory_bank_size(), seconds);
   return 0;
 }
 
-int run_bench(const FitOptions& o, const BenchOptions& options, const std::string& json_path, int threads) {
+int run_bench(const ModelOptions& o, const BenchOptions& options, const std::string& json_path, int threads) {
   const auto model = make_model(o, threads);
   const BenchResult r = bench(*model, o.data, options, progress_bar());
   std::printf("%s", format_bench(r).c_str());
@@ -247,7 +248,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "threads for torch, OpenMP and FAISS")->check(CLI::Range(1, 1024));
 
   // The model options, shared by fit and bench.
-  auto add_model_options = [](CLI::App* cmd, FitOptions& o) {
+  auto add_model_options = [](CLI::App* cmd, ModelOptions& o) {
     cmd->add_option("--data", o.data, "data set root with train/good")->required()->check(CLI::ExistingDirectory);
     cmd->add_option("--weights", o.weights, "torchvision .pth checkpoint (or TorchScript file with --backbone torchscript)")
         ->required()->check(CLI::ExistingFile);
@@ -263,7 +264,13 @@ int main(int argc, char** argv) {
     cmd->add_option("--resize", o.resize, "shorter side after resizing")->capture_default_str()->check(CLI::Range(1, ImageTransform::kMaxSide));
     cmd->add_option("--crop", o.crop, "center crop size")->capture_default_str()->check(CLI::Range(1, ImageTransform::kMaxSide));
     cmd->add_option("--seed", o.seed, "sampler seed")->capture_default_str();
-    cmd->add_option("--batch-size", o.batch_size, "images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+    cmd->add_option("--batch-size", o.fit.batch_size, "images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+    cmd->add_option("--memory-budget", o.fit.memory_budget_bytes,
+                    "most resident memory fit may use, e.g. 2GiB (fit refuses at once what would not fit; 0: no limit)")
+        ->transform(CLI::AsSizeValue(true))->check(CLI::NonNegativeNumber);
+    cmd->add_option("--scratch-dir", o.fit.scratch_directory,
+                    "where the training features wait for the coreset, 4 bytes per value (default: the temporary directory)")
+        ->check(CLI::ExistingDirectory);
     cmd->add_option("--nn", o.nn,
                     "exact (ExactPrunedNN: brute force's neighbours, pruned), flat (FaissNN: the reference's brute "
                     "force) or approximate (ApproximateFaissNN, IVF-PQ)")
@@ -271,7 +278,7 @@ int main(int argc, char** argv) {
         ->check(CLI::IsMember({"exact", "flat", "approximate"}));
     cmd->add_option("--device", o.device, "cpu or cuda[:N]")->capture_default_str();
   };
-  FitOptions fit, bench_model;
+  ModelOptions fit, bench_model;
   auto* fit_cmd = app.add_subcommand("fit", "fit a model on the good training images of an MVTec-layout folder");
   add_model_options(fit_cmd, fit);
   fit_cmd->add_option("--out", fit.out, "model directory to write")->required();
@@ -309,13 +316,13 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   try {
-    for (const FitOptions* o : {&fit, &bench_model})
+    for (const ModelOptions* o : {&fit, &bench_model})
       if (o->sampler != "identity" && !(o->coreset > 0 && o->coreset < 1))
         throw std::invalid_argument("--coreset must be strictly between 0 and 1, got " + std::to_string(o->coreset));
     set_num_threads(threads);
     if (fit_cmd->parsed()) return run_fit(fit, threads);
     if (bench_cmd->parsed()) {
-      bench_options.batch_size = bench_model.batch_size;
+      bench_options.fit = bench_model.fit;
       return run_bench(bench_model, bench_options, json_path, threads);
     }
     if (predict_cmd->parsed()) return run_predict(model_dir, inputs, out, vmax, batch_size, threads);

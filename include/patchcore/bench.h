@@ -10,7 +10,7 @@ namespace patchcore {
 
 struct BenchOptions {
   int repeat = 3;          // predict passes over the test split; predict figures are medians over them
-  int64_t batch_size = 2;  // images per forward pass, in fit and in predict
+  FitOptions fit;  // its batch size also applies to predict
 };
 
 struct BenchResult {
@@ -19,7 +19,7 @@ struct BenchResult {
   int threads = 0;  // torch intra-op threads during the run
   int repeat = 0;
   double fit_seconds = 0;  // wall clock of the whole fit
-  // decode, backbone, embedding, coreset, index. Decoding runs beside the other stages, so the stages
+  // decode, backbone, embedding, store, coreset, index. Decoding runs beside the other stages, so the stages
   // can add up to more than fit_seconds.
   std::map<std::string, double> fit_stage_seconds;
   double predict_ms_per_image = 0;  // wall clock of a pass over the test split / its images

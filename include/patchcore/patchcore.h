@@ -45,6 +45,19 @@ struct PredictResult {
   std::vector<torch::Tensor> masks;  // one [crop, crop] float32 map per image
 };
 
+// How fit holds the training features.
+struct FitOptions {
+  int64_t batch_size = 2;  // images per forward pass
+  // Bound on the process's resident memory during fit, in bytes; 0 for none. Once the first batch shows how
+  // many patches the training set has, fit refuses to go on, before the long work, if what it must then hold
+  // (the memory already in use, plus the larger of the sampler's selection data and the memory bank with its
+  // index) would exceed it.
+  int64_t memory_budget_bytes = 0;
+  // Where the patch features wait for the coreset, in an unnamed file (FeatureStore); the system's temporary
+  // directory when empty. It needs 4 bytes per feature value: patches x target_embed_dimension x 4.
+  std::string scratch_directory;
+};
+
 // Reports progress of long steps: stage name, items done, items in total.
 using ProgressCallback = std::function<void(const std::string& stage, size_t done, size_t total)>;
 
@@ -62,12 +75,13 @@ class PatchCore {
   torch::Tensor embed(const torch::Tensor& images, std::vector<int64_t>* patch_shape = nullptr,
                       StageTimer* timer = nullptr) const;
 
-  // Fits the memory bank on training images (files, read with params.transform). Batches of
-  // `batch_size` images; the embeddings of all images are collected, subsampled, then indexed. The next
-  // batch is decoded while the current one is embedded. `timer` (optional) receives stages "decode",
-  // "backbone", "embedding", "coreset" and "index".
-  void fit(const std::vector<std::string>& image_paths, int64_t batch_size = 2, const ProgressCallback& progress = {},
-           StageTimer* timer = nullptr);
+  // Fits the memory bank on training images (files, read with params.transform), batch by batch. Each batch's
+  // embeddings go to a FeatureStore on disk and only the sampler's summary of them stays in memory; the
+  // selected rows are read back and indexed. The result equals fit_features() on all embeddings at once.
+  // The next batch is decoded while the current one is embedded. `timer` (optional) receives stages
+  // "decode", "backbone", "embedding", "store", "coreset" and "index".
+  void fit(const std::vector<std::string>& image_paths, const FitOptions& options = {},
+           const ProgressCallback& progress = {}, StageTimer* timer = nullptr);
   // Fits on already-embedded features [N, D] (e.g. from embed()); `timer` receives "coreset" and "index".
   void fit_features(const torch::Tensor& features, StageTimer* timer = nullptr);
 
@@ -89,6 +103,9 @@ class PatchCore {
 
  private:
   void require_loaded(const char* what) const;
+  void fit_memory_bank(const torch::Tensor& bank, StageTimer* timer);
+  // Throws when fitting `rows` patches of `dim` features would exceed the budget (0: no budget).
+  void check_fit_memory(int64_t rows, int64_t dim, int64_t budget_bytes) const;
 
   std::string device_;
   PatchCoreParams params_;

@@ -26,16 +26,31 @@ namespace patchcore {
 class BaseSampler {
  public:
   virtual ~BaseSampler() = default;
-  // Indices of the selected rows of `features` ([N, D] float32 CPU, N >= 1, D >= 1), in selection order.
-  // Throws std::invalid_argument for any other shape, dtype or device.
-  virtual std::vector<int64_t> select(const torch::Tensor& features) = 0;
+
+  // Selection runs in two steps so that fit can stream the training features past the sampler and keep only
+  // what the selection needs of them. summarize() maps rows to that summary (the projection for the greedy
+  // samplers, nothing but the row count for the others) one row at a time, so the summaries of consecutive
+  // chunks, concatenated, equal the summary of all rows. `features` must be [n, D] float32 CPU with n, D >= 1;
+  // std::invalid_argument otherwise.
+  virtual torch::Tensor summarize(const torch::Tensor& features) const;
+  // Indices of the selected rows, in selection order, given the summary of all N rows.
+  virtual std::vector<int64_t> select_from_summary(const torch::Tensor& summary) = 0;
+  // How many of n rows select() keeps.
+  virtual int64_t selection_size(int64_t n) const = 0;
+  // Peak bytes per row of D features that the summary and select_from_summary() hold together, for planning
+  // fit's memory.
+  virtual int64_t selection_bytes_per_row(int64_t feature_dim) const;
+
+  // select_from_summary(summarize(features)).
+  std::vector<int64_t> select(const torch::Tensor& features);
   // features.index_select(0, select(features)): the original (unprojected) rows.
   torch::Tensor run(const torch::Tensor& features);
 };
 
 class IdentitySampler : public BaseSampler {
  public:
-  std::vector<int64_t> select(const torch::Tensor& features) override;
+  std::vector<int64_t> select_from_summary(const torch::Tensor& summary) override;
+  int64_t selection_size(int64_t n) const override { return n; }
 };
 
 // int(N * percentage) distinct rows chosen uniformly at random. Every call draws from a generator freshly
@@ -44,7 +59,8 @@ class RandomSampler : public BaseSampler {
  public:
   // percentage must lie in (0, 1); std::invalid_argument otherwise.
   explicit RandomSampler(double percentage, uint64_t seed = 0);
-  std::vector<int64_t> select(const torch::Tensor& features) override;
+  std::vector<int64_t> select_from_summary(const torch::Tensor& summary) override;
+  int64_t selection_size(int64_t n) const override;
 
  private:
   double percentage_;
@@ -79,7 +95,11 @@ class GreedyCoresetSampler : public BaseSampler {
   // Score of every point before the first selection.
   virtual std::vector<float> initial_scores(const torch::Tensor& projected);
 
-  std::vector<int64_t> select(const torch::Tensor& features) override;
+  // The summary is project(features); select_from_summary() takes Z, [N, dimension_to_project_features_to].
+  torch::Tensor summarize(const torch::Tensor& features) const override { return project(features); }
+  std::vector<int64_t> select_from_summary(const torch::Tensor& summary) override;
+  int64_t selection_size(int64_t n) const override;
+  int64_t selection_bytes_per_row(int64_t feature_dim) const override;
 
  protected:
   double percentage_;

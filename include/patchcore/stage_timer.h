@@ -46,5 +46,7 @@ class StageTimer {
 
 // The most resident memory this process has used so far (VmHWM), in bytes; 0 where the system does not say.
 int64_t peak_rss_bytes();
+// The resident memory of this process now (VmRSS), in bytes; 0 where the system does not say.
+int64_t current_rss_bytes();
 
 }  // namespace patchcore
