@@ -1,23 +1,16 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer targets (PATCHCORE_FUZZ, clang, library instrumented with ASan+UBSan) into
-# ./build-fuzz, replays every saved regression input, then fuzzes each target for SECONDS (default 60)
+# Builds the libFuzzer targets (the build scripts/sanitize.sh uses, so after it nothing is rebuilt),
+# replays every saved regression input, then fuzzes each target for SECONDS (default 60)
 # starting from its seed corpus. Fails on any crash, sanitizer report, leak, timeout or out-of-memory.
-# Usage: scripts/fuzz.sh [SECONDS]
+# Usage: [FUZZ_SEED=N] scripts/fuzz.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh --fuzz
 SECONDS_PER_TARGET=${1:-60}
-BUILD_DIR=${BUILD_DIR:-build-fuzz}
+# A fixed seed by default, so that CI explores the same inputs each run; FUZZ_SEED=0 draws a new one.
+FUZZ_SEED=${FUZZ_SEED:-1}
 TARGETS=(fuzz_checkpoint fuzz_image fuzz_model_dir)
-cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER="${FUZZ_CXX:-clang++-14}" \
-  -DCMAKE_CXX_FLAGS=-g1 -DPATCHCORE_FUZZ=ON -DPATCHCORE_BUILD_TESTS=OFF -DPATCHCORE_BUILD_BENCHMARKS=OFF >/dev/null
-cmake --build "$BUILD_DIR" -j "${JOBS:-$(nproc)}" --target "${TARGETS[@]}"
-
-symbolizer=/usr/lib/llvm-14/bin/llvm-symbolizer
-[ -x "$symbolizer" ] && export ASAN_SYMBOLIZER_PATH="$symbolizer"
-export ASAN_OPTIONS="abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
-export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
-export LSAN_OPTIONS="suppressions=$PWD/scripts/lsan.supp:print_suppressions=0${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
+source scripts/sanitized_build.sh
+sanitized_build "${TARGETS[@]}"
 # Limits per input: a loader that needs more than this for a small file has a size check missing.
 LIMITS=(-timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048)
 
@@ -36,6 +29,6 @@ for target in "${TARGETS[@]}"; do
   scratch="$BUILD_DIR/corpus/$target"
   mkdir -p "$scratch"
   echo "== $target: fuzzing for ${SECONDS_PER_TARGET}s"
-  "$binary" "${LIMITS[@]}" "${dict[@]}" -max_total_time="$SECONDS_PER_TARGET" -print_final_stats=1 \
+  "$binary" "${LIMITS[@]}" "${dict[@]}" -seed="$FUZZ_SEED" -max_total_time="$SECONDS_PER_TARGET" -print_final_stats=1 \
     -artifact_prefix="$artifacts/" "$scratch" "fuzz/corpus/$target"
 done

@@ -108,9 +108,6 @@ float round_up(double x) {
   return static_cast<double>(f) < x ? std::nextafter(f, kInf) : f;
 }
 
-// A bound that overflowed to NaN says nothing: it must keep its row, so it counts as 0.
-inline float usable(float bound) { return bound == bound ? bound : 0.f; }
-
 struct Neighbour {
   float distance;
   int64_t row;
