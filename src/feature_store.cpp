@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <numeric>
 #include <stdexcept>
 
@@ -40,6 +41,9 @@ FeatureStore::~FeatureStore() {
 void FeatureStore::reserve(int64_t rows) {
   if (rows <= rows_) return;
   const int64_t row_bytes = dim_ * static_cast<int64_t>(sizeof(float));
+  if (rows > std::numeric_limits<int64_t>::max() / row_bytes)
+    throw std::runtime_error(directory_ + ": cannot reserve scratch space for " + std::to_string(rows) +
+                             " training patches: more bytes than a file can hold");
   const int error = ::posix_fallocate(fd_, 0, rows * row_bytes);
   if (error == EOPNOTSUPP || error == EINVAL) return;  // nothing to claim with; writes still report a full disk
   if (error != 0)

@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <limits>
 
 #include "patchcore/feature_store.h"
 #include "support.h"
@@ -64,4 +65,6 @@ TEST(FeatureStore, ErrorsNameTheDirectoryAndTheProblem) {
   const std::string message = error_of([&] { store.reserve(int64_t{1} << 55); });
   EXPECT_NE(message.find(dir), std::string::npos) << message;
   EXPECT_NE(message.find("cannot reserve"), std::string::npos) << message;
+  const std::string overflow = error_of([&] { store.reserve(std::numeric_limits<int64_t>::max()); });
+  EXPECT_NE(overflow.find(dir + ": cannot reserve"), std::string::npos) << overflow;
 }
