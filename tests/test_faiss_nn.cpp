@@ -1,10 +1,12 @@
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
 #include "common_fixtures.h"
 #include "patchcore/faiss_nn.h"
+#include "patchcore/file_util.h"
 #include "patchcore/nearest_neighbour_scorer.h"
 
 using namespace patchcore;
@@ -110,6 +112,34 @@ TEST(ApproximateFaissNN, ErrorsForTooFewPointsOrIndivisibleDimension) {
   ApproximateFaissNN nn;
   EXPECT_NE(error_of([&] { nn.fit(torch::randn({100, 64})); }).find("at least 512 training rows"), std::string::npos);
   EXPECT_NE(error_of([&] { nn.fit(torch::randn({600, 100})); }).find("not divisible by 64"), std::string::npos);
+}
+
+TEST(ApproximateFaissNN, DamagedIvfPqCountsAreRefusedBeforeFaissReadsThem) {
+  torch::manual_seed(0);
+  ApproximateFaissNN nn(false, 1);
+  nn.fit(torch::randn({1024, 64}));
+  const std::string dir = test::temp_dir(), good = dir + "/good.faiss";
+  nn.save(good);
+  const std::string bytes = read_file(good);
+  // Offsets in FAISS's IVF-PQ layout: fourcc and index header (37 bytes), nlist, nprobe, the flat quantizer
+  // (fourcc and header, count, 512 x 64 floats), an empty direct map (type, count), by_residual, code_size,
+  // then the product quantizer's d, M and nbits.
+  const size_t pq = 37 + 8 + 8 + 37 + 8 + 512 * 64 * 4 + 1 + 8 + 1 + 8;
+  auto damaged = [&](size_t offset, uint64_t value) {
+    std::string copy = bytes;
+    std::memcpy(copy.data() + offset, &value, sizeof value);
+    const std::string path = dir + "/damaged.faiss";
+    std::ofstream(path, std::ios::binary) << copy;
+    ApproximateFaissNN loaded;
+    return error_of([&] { loaded.load(path); });
+  };
+  ASSERT_EQ(damaged(pq, 64), "<no error>");  // the offsets are right: rewriting d with itself changes nothing
+  for (auto [offset, value] : {std::pair<size_t, uint64_t>{pq + 8, 0}, {pq + 8, 3}, {pq + 16, 40}, {pq + 16, 0}})
+    EXPECT_NE(damaged(offset, value).find("the product quantizer"), std::string::npos) << offset << " " << value;
+  EXPECT_NE(damaged(37, uint64_t{1} << 40).find("one centroid"), std::string::npos);  // nlist
+  std::ofstream(dir + "/truncated.faiss", std::ios::binary) << bytes.substr(0, bytes.size() - 100);
+  ApproximateFaissNN loaded;
+  EXPECT_NE(error_of([&] { loaded.load(dir + "/truncated.faiss"); }).find("more than the file holds"), std::string::npos);
 }
 
 TEST(NearestNeighbourScorer, ScoresAreMeanOfKSquaredDistances) {
