@@ -1,10 +1,12 @@
 #include "patchcore/backbone.h"
 
+#include <ATen/Context.h>
 #include <torch/script.h>
 
 #include <algorithm>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -54,7 +56,87 @@ int stage_of(const std::string& layer) {
   return 0;
 }
 
+// A convolution with the BatchNorm that follows it folded in (eval mode: y = (conv(x) - mean) * scale + beta
+// with scale = gamma / sqrt(var + eps)), weights in oneDNN's blocked layout for the convolution's geometry.
+struct FoldedConv {
+  torch::Tensor weight, bias;  // oneDNN tensors
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups = 1;
+
+  FoldedConv(const nn::Conv2dImpl& conv, const nn::BatchNorm2dImpl& bn) {
+    const auto& o = conv.options;
+    stride = at::IntArrayRef(o.stride()).vec();
+    padding = at::IntArrayRef(c10::get<torch::ExpandingArray<2>>(o.padding())).vec();
+    dilation = at::IntArrayRef(o.dilation()).vec();
+    groups = o.groups();
+    // In double, so that folding adds no more than the final rounding to float.
+    const torch::Tensor scale =
+        bn.weight.to(torch::kFloat64) / (bn.running_var.to(torch::kFloat64) + bn.options.eps()).sqrt();
+    torch::Tensor shift = bn.bias.to(torch::kFloat64) - bn.running_mean.to(torch::kFloat64) * scale;
+    if (conv.bias.defined()) shift += conv.bias.to(torch::kFloat64) * scale;
+    const torch::Tensor folded = (conv.weight.to(torch::kFloat64) * scale.view({-1, 1, 1, 1})).to(torch::kFloat32);
+    weight = at::mkldnn_reorder_conv2d_weight(folded.contiguous().to_mkldnn(), padding, stride, dilation, groups);
+    bias = shift.to(torch::kFloat32).to_mkldnn();
+  }
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    return at::mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups);
+  }
+};
+
+// A BasicBlock (two convolutions) or Bottleneck (three), each convolution but the last followed by ReLU.
+struct FoldedBlock {
+  std::vector<FoldedConv> convs;
+  std::optional<FoldedConv> downsample;
+
+  explicit FoldedBlock(nn::Module& block) {
+    nn::Sequential down{nullptr};
+    if (auto* basic = block.as<BasicBlockImpl>()) {
+      convs = {FoldedConv(*basic->conv1, *basic->bn1), FoldedConv(*basic->conv2, *basic->bn2)};
+      down = basic->downsample;
+    } else {
+      auto& b = *block.as<BottleneckImpl>();
+      convs = {FoldedConv(*b.conv1, *b.bn1), FoldedConv(*b.conv2, *b.bn2), FoldedConv(*b.conv3, *b.bn3)};
+      down = b.downsample;
+    }
+    if (down) downsample.emplace(*down->ptr(0)->as<nn::Conv2dImpl>(), *down->ptr(1)->as<nn::BatchNorm2dImpl>());
+  }
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    torch::Tensor out = x;
+    for (size_t i = 0; i < convs.size(); ++i) {
+      out = convs[i](out);
+      if (i + 1 < convs.size()) out.relu_();
+    }
+    out.add_(downsample ? (*downsample)(x) : x);
+    return out.relu_();
+  }
+};
+
+// Identifies the tensors a folded network was derived from: their storage and in-place version.
+std::vector<std::pair<const void*, int64_t>> tensor_versions(const nn::Module& module) {
+  std::vector<std::pair<const void*, int64_t>> versions;
+  for (const auto& t : module.parameters()) versions.emplace_back(t.data_ptr(), t._version());
+  for (const auto& t : module.buffers()) versions.emplace_back(t.data_ptr(), t._version());
+  return versions;
+}
+
 }  // namespace
+
+struct ResNetBackbone::Folded {
+  std::vector<std::pair<const void*, int64_t>> versions;
+  FoldedConv stem;  // conv1 with bn1
+  nn::MaxPool2dOptions maxpool;
+  std::vector<std::vector<FoldedBlock>> stages;
+
+  explicit Folded(ResNetImpl& resnet)
+      : versions(tensor_versions(resnet)), stem(*resnet.conv1, *resnet.bn1), maxpool(resnet.maxpool->options) {
+    for (auto& layer : resnet.layers) {
+      stages.emplace_back();
+      for (const auto& block : layer->children()) stages.back().emplace_back(*block);
+    }
+  }
+};
 
 void Backbone::check_layers(const std::vector<std::string>& layers) const {
   if (layers.empty()) throw std::invalid_argument(name() + ": no layers to extract from");
@@ -176,42 +258,74 @@ std::vector<std::string> ResNetBackbone::layer_names() const {
   return names;
 }
 
+bool ResNetBackbone::can_fold(const torch::Tensor& images, const std::vector<std::string>& layers) const {
+  const torch::Tensor& weight = resnet_->conv1->weight;
+  return at::hasMKLDNN() && !resnet_->is_training() && images.device().is_cpu() && weight.device().is_cpu() &&
+         images.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32 &&
+         std::none_of(layers.begin(), layers.end(), [](const std::string& l) { return l == "conv1" || l == "bn1"; });
+}
+
+std::shared_ptr<const ResNetBackbone::Folded> ResNetBackbone::folded() {
+  std::lock_guard<std::mutex> lock(folded_mutex_);
+  if (!folded_ || folded_->versions != tensor_versions(*resnet_)) {
+    torch::NoGradGuard no_grad;
+    folded_ = std::make_shared<const Folded>(*resnet_);
+  }
+  return folded_;
+}
+
 torch::OrderedDict<std::string, torch::Tensor> ResNetBackbone::extract(const torch::Tensor& images,
                                                                        const std::vector<std::string>& layers) {
   check_layers(layers);
   if (images.dim() != 4 || images.size(1) != 3)
     throw std::invalid_argument(name() + ": expected images of shape [B, 3, H, W], got " + shape_string(images.sizes()));
   torch::NoGradGuard no_grad;
+
+  // The network as steps in execution order, each with the layer names its output answers to.
+  using Step = std::function<torch::Tensor(const torch::Tensor&)>;
+  std::vector<std::pair<std::vector<std::string>, Step>> steps;
+  // Stage s's blocks as steps, block(b, x) running block b; the last also answers to the stage's name.
+  auto add_stage = [&](size_t s, size_t count, std::function<torch::Tensor(size_t, const torch::Tensor&)> block) {
+    const std::string stage = "layer" + std::to_string(s + 1);
+    for (size_t b = 0; b < count; ++b) {
+      std::vector<std::string> names{stage + "." + std::to_string(b)};
+      if (b + 1 == count) names.push_back(stage);
+      steps.emplace_back(names, [block, b](const torch::Tensor& t) { return block(b, t); });
+    }
+  };
+  torch::Tensor x = images;
+  std::shared_ptr<const Folded> f;
+  if (can_fold(images, layers)) {
+    f = folded();
+    x = images.contiguous().to_mkldnn();
+    steps.push_back({{"relu"}, [&](const torch::Tensor& t) { return f->stem(t).relu_(); }});
+    steps.push_back({{"maxpool"}, [&](const torch::Tensor& t) {
+                       const auto& o = f->maxpool;
+                       return torch::max_pool2d(t, o.kernel_size(), o.stride(), o.padding(), o.dilation(), o.ceil_mode());
+                     }});
+    for (size_t s = 0; s < f->stages.size(); ++s)
+      add_stage(s, f->stages[s].size(), [&, s](size_t b, const torch::Tensor& t) { return f->stages[s][b](t); });
+  } else {
+    steps.push_back({{"conv1"}, [&](const torch::Tensor& t) { return resnet_->conv1(t); }});
+    steps.push_back({{"bn1"}, [&](const torch::Tensor& t) { return resnet_->bn1(t); }});
+    steps.push_back({{"relu"}, [&](const torch::Tensor& t) { return resnet_->relu(t); }});
+    steps.push_back({{"maxpool"}, [&](const torch::Tensor& t) { return resnet_->maxpool(t); }});
+    for (size_t s = 0; s < resnet_->layers.size(); ++s)
+      add_stage(s, resnet_->layers[s]->size(),
+                [&, s](size_t b, const torch::Tensor& t) { return (resnet_->layers[s]->begin() + b)->forward(t); });
+  }
+
+  // Stops right after the deepest requested layer: deeper stages cost time and are never used.
   std::map<std::string, torch::Tensor> found;
   size_t remaining = std::set<std::string>(layers.begin(), layers.end()).size();
-  // Records x under `layer` if requested; true once every requested layer has been seen.
-  auto record = [&](const std::string& layer, const torch::Tensor& x) {
-    if (std::find(layers.begin(), layers.end(), layer) != layers.end() && !found.count(layer)) {
-      found[layer] = x;
-      --remaining;
-    }
-    return remaining == 0;
-  };
-  // Stops right after the deepest requested layer: deeper stages cost time and are never used.
-  torch::Tensor x = images;
-  const std::pair<const char*, std::function<torch::Tensor(const torch::Tensor&)>> stem[] = {
-      {"conv1", [&](const torch::Tensor& t) { return resnet_->conv1(t); }},
-      {"bn1", [&](const torch::Tensor& t) { return resnet_->bn1(t); }},
-      {"relu", [&](const torch::Tensor& t) { return resnet_->relu(t); }},
-      {"maxpool", [&](const torch::Tensor& t) { return resnet_->maxpool(t); }},
-  };
-  for (const auto& [layer, step] : stem) {
+  for (const auto& [names, step] : steps) {
     x = step(x);
-    if (record(layer, x)) return in_request_order(found, layers);
-  }
-  for (size_t s = 0; s < resnet_->layers.size(); ++s) {
-    const std::string stage = "layer" + std::to_string(s + 1);
-    size_t b = 0;
-    for (auto& block : *resnet_->layers[s]) {
-      x = block.forward(x);
-      if (record(stage + "." + std::to_string(b++), x)) return in_request_order(found, layers);
+    for (const auto& layer : names) {
+      if (std::find(layers.begin(), layers.end(), layer) == layers.end() || found.count(layer)) continue;
+      // A plain copy of a oneDNN tensor: later steps update those in place.
+      found[layer] = x.is_mkldnn() ? x.to_dense() : x;
+      if (--remaining == 0) return in_request_order(found, layers);
     }
-    if (record(stage, x)) return in_request_order(found, layers);
   }
   throw std::logic_error(name() + ": requested layers were not all reached");
 }

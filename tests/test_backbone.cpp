@@ -70,6 +70,29 @@ TEST(ResNetBackbone, Resnet18FeaturesMatchTorchvisionIncludingNestedLayers) {
     EXPECT_LT(relative_error(features[l], load_golden("common/resnet18_formula_" + l + ".npy")), 1e-5) << l;
 }
 
+TEST(ResNetBackbone, FoldedInferenceFollowsTheModulesAndTheirChanges) {
+  // extract() runs the convolutions with their BatchNorm folded in; a request for the stem's conv1 (which
+  // folding merges away) runs the modules themselves, so both can be compared on the same weights.
+  ResNetBackbone backbone("resnet18", {"layer2"});
+  set_formula_weights(backbone);
+  const torch::Tensor images = formula_images(2, 64);
+  auto folded = [&] { return backbone.extract(images, {"layer2"})["layer2"]; };
+  auto modules = [&] { return backbone.extract(images, {"conv1", "layer2"})["layer2"]; };
+  const torch::Tensor before = folded();
+  EXPECT_LT(relative_error(before, modules()), 1e-5);
+  EXPECT_FALSE(torch::equal(before, modules()));  // two different computations, not one path twice
+
+  // A tensor changed in place after the first run (a second load_state_dict does the same) is picked up.
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& b : backbone.module()->named_buffers())
+      if (b.key() == "layer2.0.bn1.running_var") b.value().mul_(9.0);
+  }
+  const torch::Tensor after = folded();
+  EXPECT_GT(relative_error(after, before), 1e-2);
+  EXPECT_LT(relative_error(after, modules()), 1e-5);
+}
+
 TEST(ResNetBackbone, WideResnet50FeaturesMatchTorchvision) {
   const std::vector<std::string> layers{"layer2", "layer3"};
   auto backbone = std::make_shared<ResNetBackbone>("wide_resnet50_2", layers);
