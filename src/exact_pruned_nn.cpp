@@ -34,7 +34,7 @@ inline void store8(float* p, const v8f& v) { std::memcpy(p, &v, sizeof v); }
 
 // sum((a - b)^2) over n floats in 16 lanes. Every term is non-negative, so the relative error is at most
 // relative_error_of_sum(n).
-__attribute__((target_clones("arch=haswell", "default"))) float squared_distance(const float* a, const float* b,
+__attribute__((target_clones("arch=x86-64-v3", "default"))) float squared_distance(const float* a, const float* b,
                                                                                   int64_t n) {
   v8f lo{}, hi{};
   int64_t i = 0;
@@ -64,7 +64,7 @@ double relative_error_of_sum(int64_t n) { return (static_cast<double>(n) / 16.0 
 // First-tier bounds of a query against `block_count` blocks of 8 rows: |q|^2 + |r|^2 - 2 q.r over the leading
 // axes plus the squared difference of the remaining norms. The axes of a block are interleaved, so one
 // broadcast query coordinate times one load serves 8 rows and the 8 dot products need no horizontal sums.
-__attribute__((target_clones("arch=haswell", "default"))) void first_tier(const float* blocks, const float* norms,
+__attribute__((target_clones("arch=x86-64-v3", "default"))) void first_tier(const float* blocks, const float* norms,
                                                                           const float* tails, int64_t block_count,
                                                                           int64_t axes, const float* q, float q_norm,
                                                                           float q_tail, float* out) {
@@ -304,7 +304,7 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
   const torch::Tensor queries = checked_queries(k, query_features, p.count, p.dim);
   if (!torch::isfinite(queries).all().item<bool>())
     throw std::invalid_argument(std::string(kind()) + ": query features contain NaN or infinite values");
-  const int64_t nq = queries.size(0), d = p.dim, n = p.count, width = p.axes[2], first = p.axes[0];
+  const int64_t nq = queries.size(0), d = p.dim, width = p.axes[2], first = p.axes[0];
   const int64_t cell_count = static_cast<int64_t>(p.cells.size());
 
   const torch::Tensor centred = (queries - p.mean).contiguous();
@@ -328,112 +328,149 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
   std::exception_ptr failure;
   const int64_t chunks = (nq + kChunk - 1) / kChunk;
 
+  // The state of one query's search.
+  struct Query {
+    const float* rows;    // as given
+    const float* coords;  // rotated, [width]
+    float first_norm = 0.f, tails[3] = {};
+    double slack = 0.0, first_absolute = 0.0;
+    float first_threshold = kInf, refine_threshold = kInf;
+    std::vector<Neighbour> best;  // max-heap of the k best so far
+    int64_t seed_cell = 0;
+  };
+
 #pragma omp parallel num_threads(num_workers()) reduction(+ : total_refined, total_exact)
   {
     try {
-      std::vector<float> bounds(static_cast<size_t>(p.slots));
-      std::vector<int64_t> stamp(static_cast<size_t>(n), -1);
+      std::vector<float> bounds(static_cast<size_t>(kRowsPerCell * 4));
+      std::vector<Query> chunk_queries(static_cast<size_t>(kChunk));
+      std::vector<float> cell_bounds(static_cast<size_t>(kChunk * cell_count));  // [query, cell]
       std::vector<std::pair<float, int64_t>> cell_order(static_cast<size_t>(cell_count));
-      std::vector<Neighbour> best;
-      best.reserve(static_cast<size_t>(k));
 
+      // A row can be skipped when its bound, less the bound's rounding, exceeds the square of (the k-th
+      // distance's largest true value + both vectors' representation errors).
+      auto consider = [&](Query& query, int64_t r) {
+        ++total_exact;
+        const Neighbour candidate{squared_distance(query.rows, p.rows + r * d, d), r};
+        std::vector<Neighbour>& best = query.best;
+        if (static_cast<int64_t>(best.size()) < k) {
+          best.push_back(candidate);
+          std::push_heap(best.begin(), best.end());
+        } else if (candidate < best.front()) {
+          std::pop_heap(best.begin(), best.end());
+          best.back() = candidate;
+          std::push_heap(best.begin(), best.end());
+        } else {
+          return;
+        }
+        if (static_cast<int64_t>(best.size()) < k) return;
+        const double reach = std::sqrt(best.front().distance * (1.0 + exact_error)) + query.slack;
+        query.refine_threshold = round_up(reach * reach * (1.0 + refine_error));
+        query.first_threshold = round_up(reach * reach * (1.0 + first_error) + query.first_absolute);
+      };
+
+      // Every row of one cell against one query: first-tier bounds for all, then the refined bounds and the
+      // exact distance for those that pass.
+      auto visit = [&](Query& query, int64_t ci) {
+        const Pruning::Cell& cell = p.cells[ci];
+        const int64_t slots = cell.end - cell.begin;
+        if (static_cast<int64_t>(bounds.size()) < slots) bounds.resize(static_cast<size_t>(slots));
+        first_tier(p.blocks.data() + cell.begin * first, p.norms.data() + cell.begin, p.tails[0].data() + cell.begin,
+                   slots / kLanes, first, query.coords, query.first_norm, query.tails[0], bounds.data());
+        for (int64_t i = 0; i < slots; ++i) {
+          if (bounds[i] > query.first_threshold) continue;  // also every padding slot (infinite bound)
+          const int64_t s = cell.begin + i;
+          ++total_refined;
+          const float* rc = p.coordinates.data() + s * width;
+          bool excluded = false;
+          float sum = 0.f;
+          for (int64_t t = 1, done = 0; t < 3 && !excluded; ++t) {
+            if (p.axes[t] == p.axes[t - 1]) continue;
+            sum += squared_distance(query.coords + done, rc + done, p.axes[t] - done);
+            done = p.axes[t];
+            const float rest = query.tails[t] - p.tails[t][s];
+            excluded = sum + rest * rest > query.refine_threshold;
+          }
+          if (!excluded) consider(query, p.row_of_slot[s]);
+        }
+      };
+
+      // A work item is one row of the patch grid. Its queries look alike and need mostly the same cells, so
+      // the cells are visited in one order for all of them and each cell's rows are read from memory once
+      // for the whole item rather than once per query.
 #pragma omp for schedule(dynamic, 1)
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        const int64_t chunk_begin = chunk * kChunk, chunk_end = std::min(nq, chunk_begin + kChunk);
-        for (int64_t qi = chunk_begin; qi < chunk_end; ++qi) {
-          const float* q = q_rows + qi * d;
+        const int64_t chunk_begin = chunk * kChunk, count = std::min(nq, chunk_begin + kChunk) - chunk_begin;
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t qi = chunk_begin + i;
+          Query& query = chunk_queries[i];
+          query.rows = q_rows + qi * d;
+          query.coords = q_coords + qi * width;
           const float* xc = q_centred + qi * d;
-          const float* c = q_coords + qi * width;
-
+          const float* c = query.coords;
           double squared = 0.0;
           for (int64_t j = 0; j < d; ++j) squared += static_cast<double>(xc[j]) * xc[j];
           const double norm = std::sqrt(squared);
           const double coordinate_error = coordinate_error_factor * norm;
           double partial = 0.0, worst_tail = 0.0, first_norm = 0.0;
-          float q_tails[3];
           for (int64_t j = 0, t = 0; t < 3; ++t) {
             for (; j < p.axes[t]; ++j) partial += static_cast<double>(c[j]) * c[j];
             const double tail = p.axes[t] == d ? 0.0 : std::sqrt(std::max(0.0, squared - partial));
-            q_tails[t] = static_cast<float>(tail);
+            query.tails[t] = static_cast<float>(tail);
             if (p.axes[t] < d) worst_tail = std::max(worst_tail, tail_error(norm, coordinate_error, tail, kUnit));
             if (t == 0) first_norm = partial;
           }
+          query.first_norm = static_cast<float>(first_norm);
           // + 2 units of the norm: centring the query in float moves it by at most one.
-          const double slack = (coordinate_error + 2.0 * kUnit * norm + worst_tail) * 1.01 + p.row_error;
-          const double first_absolute = first_error * std::pow(std::sqrt(first_norm) + p.first_tier_norm, 2.0);
-          float first_threshold = kInf, refine_threshold = kInf;
-          best.clear();
+          query.slack = (coordinate_error + 2.0 * kUnit * norm + worst_tail) * 1.01 + p.row_error;
+          query.first_absolute = first_error * std::pow(std::sqrt(first_norm) + p.first_tier_norm, 2.0);
+          query.first_threshold = query.refine_threshold = kInf;
+          query.best.clear();
+          query.best.reserve(static_cast<size_t>(k));
 
-          // A row can be skipped when its bound, less the bound's rounding, exceeds the square of (the k-th
-          // distance's largest true value + both vectors' representation errors).
-          auto consider = [&](int64_t r) {
-            if (stamp[r] == qi) return;
-            stamp[r] = qi;
-            ++total_exact;
-            const Neighbour candidate{squared_distance(q, p.rows + r * d, d), r};
-            if (static_cast<int64_t>(best.size()) < k) {
-              best.push_back(candidate);
-              std::push_heap(best.begin(), best.end());
-            } else if (candidate < best.front()) {
-              std::pop_heap(best.begin(), best.end());
-              best.back() = candidate;
-              std::push_heap(best.begin(), best.end());
-            } else {
-              return;
-            }
-            if (static_cast<int64_t>(best.size()) < k) return;
-            const double reach = std::sqrt(best.front().distance * (1.0 + exact_error)) + slack;
-            refine_threshold = round_up(reach * reach * (1.0 + refine_error));
-            first_threshold = round_up(reach * reach * (1.0 + first_error) + first_absolute);
-          };
-
-          // The previous query's neighbours first: adjacent patches look alike, so the threshold starts tight.
-          if (qi > chunk_begin)
-            for (int64_t i = 0; i < k; ++i) consider(out_indices[(qi - 1) * k + i]);
-
-          // Cells in increasing order of their bound: |q - centre| - radius over the first-tier axes, and the
-          // gap between the query's tail and the cell's range of tails.
+          // Bound of every cell: |q - centre| - radius over the first-tier axes, and the gap between the
+          // query's tail and the cell's range of tails.
+          float* row_bounds = cell_bounds.data() + i * cell_count;
           for (int64_t ci = 0; ci < cell_count; ++ci) {
             const Pruning::Cell& cell = p.cells[ci];
             const float* centre = p.centres.data() + ci * first;
             double to_centre = 0.0;
             for (int64_t a = 0; a < first; ++a) to_centre += (static_cast<double>(c[a]) - centre[a]) * (c[a] - centre[a]);
             const double gap = std::max(0.0, std::sqrt(to_centre) - cell.radius);
-            const double tail_gap = std::max({0.0, static_cast<double>(cell.tail_low) - q_tails[0],
-                                              static_cast<double>(q_tails[0]) - cell.tail_high});
-            cell_order[ci] = {static_cast<float>(gap * gap + tail_gap * tail_gap), ci};
+            const double tail_gap = std::max({0.0, static_cast<double>(cell.tail_low) - query.tails[0],
+                                              static_cast<double>(query.tails[0]) - cell.tail_high});
+            row_bounds[ci] = static_cast<float>(gap * gap + tail_gap * tail_gap);
           }
-          std::sort(cell_order.begin(), cell_order.end());
+          // The query's own nearest cell first: its threshold is then tight before the shared walk.
+          query.seed_cell = std::min_element(row_bounds, row_bounds + cell_count) - row_bounds;
+          visit(query, query.seed_cell);
+        }
 
-          for (const auto& [cell_bound, ci] : cell_order) {
-            if (cell_bound > first_threshold) break;
-            const Pruning::Cell& cell = p.cells[ci];
-            first_tier(p.blocks.data() + cell.begin * first, p.norms.data() + cell.begin, p.tails[0].data() + cell.begin,
-                       (cell.end - cell.begin) / kLanes, first, c, static_cast<float>(first_norm), q_tails[0],
-                       bounds.data() + cell.begin);
-            for (int64_t s = cell.begin; s < cell.end; ++s) {
-              if (bounds[s] > first_threshold) continue;  // also every padding slot (infinite bound)
-              const int64_t r = p.row_of_slot[s];
-              if (r < 0 || stamp[r] == qi) continue;
-              ++total_refined;
-              const float* rc = p.coordinates.data() + s * width;
-              bool excluded = false;
-              float sum = 0.f;
-              for (int64_t t = 1, done = 0; t < 3 && !excluded; ++t) {
-                if (p.axes[t] == p.axes[t - 1]) continue;
-                sum += squared_distance(c + done, rc + done, p.axes[t] - done);
-                done = p.axes[t];
-                const float rest = q_tails[t] - p.tails[t][s];
-                excluded = sum + rest * rest > refine_threshold;
-              }
-              if (!excluded) consider(r);
-            }
+        // Cells by their lowest bound over the item's queries. Once that exceeds every query's threshold,
+        // no later cell can hold a neighbour of any of them.
+        for (int64_t ci = 0; ci < cell_count; ++ci) {
+          float lowest = kInf;
+          for (int64_t i = 0; i < count; ++i) lowest = std::min(lowest, cell_bounds[i * cell_count + ci]);
+          cell_order[ci] = {lowest, ci};
+        }
+        std::sort(cell_order.begin(), cell_order.end());
+        for (const auto& [lowest, ci] : cell_order) {
+          float loosest = 0.f;
+          for (int64_t i = 0; i < count; ++i) loosest = std::max(loosest, chunk_queries[i].first_threshold);
+          if (lowest > loosest) break;
+          for (int64_t i = 0; i < count; ++i) {
+            Query& query = chunk_queries[i];
+            if (ci != query.seed_cell && cell_bounds[i * cell_count + ci] <= query.first_threshold) visit(query, ci);
           }
+        }
 
+        for (int64_t i = 0; i < count; ++i) {
+          std::vector<Neighbour>& best = chunk_queries[i].best;
           std::sort_heap(best.begin(), best.end());
-          for (int64_t i = 0; i < k; ++i) {
-            out_distances[qi * k + i] = best[i].distance;
-            out_indices[qi * k + i] = best[i].row;
+          const int64_t qi = chunk_begin + i;
+          for (int64_t j = 0; j < k; ++j) {
+            out_distances[qi * k + j] = best[j].distance;
+            out_indices[qi * k + j] = best[j].row;
           }
         }
       }

@@ -6,9 +6,13 @@
 // are rotated into the bank's principal axes, which preserves distances. For each (query, row) pair,
 //   |q_1:j - r_1:j|^2 + (|q_j+1:D| - |r_j+1:D|)^2  <=  |q - r|^2
 // (the second term by the reverse triangle inequality), so a row whose bound exceeds the k-th best distance
-// found so far cannot be a neighbour. Bounds over the leading 16 axes are computed for every row, rows are
-// visited in increasing bound order and refined with 64 and 128 axes before the exact distance over all D
-// features. Every bound carries a margin for float rounding, so the k neighbours are those of brute force.
+// found so far cannot be a neighbour. Rows are grouped into k-means cells of about 64 over the leading 32
+// axes; a cell whose bound (from its centre and radius) exceeds the threshold is skipped whole. Queries are
+// searched one patch-grid row (28) at a time: each first searches its own nearest cell, then the cells are walked
+// in one order for all 28, so a cell's data is read from memory once for all the queries that need it. Within
+// a cell, the bound over 32 axes is computed for every row, and rows that pass are refined with 128 and 256
+// axes before the exact distance over all D features. Every bound carries a margin for float rounding, so the
+// k neighbours are those of brute force.
 #include <torch/torch.h>
 
 #include <memory>
@@ -34,7 +38,7 @@ class ExactPrunedNN : public FaissNN {
   // How much work a search did, for benchmarks.
   struct Stats {
     int64_t queries = 0;
-    int64_t refined = 0;  // rows whose 16-axis bound did not exclude them
+    int64_t refined = 0;  // rows whose 32-axis bound did not exclude them
     int64_t exact = 0;    // rows whose exact distance was computed
   };
   // run() without index_features, also reporting its work.
