@@ -1,5 +1,8 @@
 #include "patchcore/image_batches.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <stdexcept>
 
 namespace patchcore {
@@ -19,6 +22,10 @@ void ImageBatches::start_reading() {
   const size_t begin = next_start_, end = std::min(paths_.size(), begin + batch_size_);
   next_start_ = end;
   pending_ = std::async(std::launch::async, [this, begin, end] {
+    // Below the compute threads: when it takes a core from one of them, every thread of that parallel region
+    // waits at the next barrier (measured: the backbone's 28 ms per image became 46 ms). At a low priority it
+    // runs in the gaps between and around parallel regions instead. Failure only costs that speed.
+    setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), 19);
     StageTimer::Scope scope(timer_, "decode");
     std::vector<torch::Tensor> images;
     for (size_t i = begin; i < end; ++i) images.push_back(transform_.load(paths_[i]));
