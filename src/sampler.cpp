@@ -13,6 +13,7 @@
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <numeric>
 #include <queue>
 #include <random>
 #include <sstream>
@@ -747,6 +748,13 @@ std::vector<int64_t> level_dims(int64_t dim) {
   return levels;
 }
 
+// Values per row that each level stores: its new principal coordinates, then the residual norm.
+std::vector<int64_t> level_widths(const std::vector<int64_t>& levels) {
+  std::vector<int64_t> widths;
+  for (size_t l = 0; l < levels.size(); ++l) widths.push_back(levels[l] - (l > 0 ? levels[l - 1] : 0) + 1);
+  return widths;
+}
+
 // Calls fill(row, values) for every row with its level values (each level's new principal coordinates, then
 // the residual norm after all coordinates so far), levels [0, nlevels) back to back. Returns max |z|^2.
 template <typename Fill>
@@ -756,8 +764,8 @@ double for_each_level_values(const Points& p, const torch::Tensor& projected, co
   torch::Tensor basis_t;
   if (coords > 0)
     basis_t = torch::from_blob(const_cast<double*>(basis.data()), {coords, p.dim}, torch::kFloat64).t();
-  int64_t stride = 0;
-  for (int64_t l = 0; l < nlevels; ++l) stride += levels[l] - (l > 0 ? levels[l - 1] : 0) + 1;
+  const std::vector<int64_t> widths = level_widths(levels);
+  const int64_t stride = std::accumulate(widths.begin(), widths.begin() + nlevels, int64_t{0});
   std::vector<float> values(static_cast<size_t>(stride));
   double max_norm = 0.0;
   for (int64_t b = 0; b < p.n; b += kProjectionRows) {
@@ -791,7 +799,7 @@ Index build_index(const Points& p, const torch::Tensor& projected) {
   x.data = p.data;
   x.levels = level_dims(p.dim);
   const int64_t nlevels = static_cast<int64_t>(x.levels.size());
-  for (int64_t l = 0; l < nlevels; ++l) x.level_width.push_back(x.levels[l] - (l > 0 ? x.levels[l - 1] : 0) + 1);
+  x.level_width = level_widths(x.levels);
   const int64_t width0 = x.level_width[0];
   std::vector<double> basis;
   if (x.levels.back() > 0) basis = principal_directions(p, x.levels.back());
@@ -861,10 +869,9 @@ Index build_index(const Points& p, const torch::Tensor& projected) {
 
 // Bytes per point that the fast loop holds beside Z (the Index, its state and the scores), for memory plans.
 int64_t fast_loop_bytes_per_row(int64_t dim) {
-  int64_t level_floats = 0;
-  const std::vector<int64_t> levels = level_dims(dim);
-  for (size_t l = 0; l < levels.size(); ++l) level_floats += levels[l] - (l > 0 ? levels[l - 1] : 0) + 1;
-  const int64_t width0 = levels[0] + 1;
+  const std::vector<int64_t> widths = level_widths(level_dims(dim));
+  const int64_t level_floats = std::accumulate(widths.begin(), widths.end(), int64_t{0});
+  const int64_t width0 = widths[0];
   // level data and first-level values (build) + original, slot_of, order (build) + block_of + norms twice +
   // row pointers + scores twice + score, threshold + group boxes.
   const int64_t per_point = 4 * level_floats + 4 * width0 + 3 * 8 + 4 + 2 * 4 + 8 + 2 * 4 + 2 * 4 + 2 * 4 * width0 / 8;
