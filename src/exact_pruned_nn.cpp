@@ -1,6 +1,7 @@
 #include "patchcore/exact_pruned_nn.h"
 
 #include <omp.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -20,6 +21,7 @@ namespace {
 constexpr int64_t kTierAxes[3] = {32, 128, 256};
 constexpr int64_t kRowsPerCell = 64;  // k-means cells over the first-tier coordinates
 constexpr int kKMeansIterations = 8;
+constexpr int64_t kSlice = 4096;     // rows per slice of the bank's temporaries
 constexpr int64_t kChunk = 28;        // consecutive queries (one row of a 28x28 patch grid) in one work item
 constexpr int64_t kLanes = 8;         // rows per interleaved block of first-tier coordinates
 constexpr double kUnit = 5.9604644775390625e-08;        // float unit roundoff, 2^-24
@@ -108,6 +110,18 @@ float round_up(double x) {
   return static_cast<double>(f) < x ? std::nextafter(f, kInf) : f;
 }
 
+// Asks the kernel to back the whole 2 MiB pages inside [data, data + bytes) with huge pages, now. A query
+// reads rows all over the bank and the coordinates (84 MB for tire's bank); on 4 KiB pages nearly every row
+// costs a TLB miss. Only a hint: without transparent huge pages (or before Linux 6.1) nothing changes.
+void use_huge_pages(const void* data, size_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end <= begin) return;
+  void* start = reinterpret_cast<void*>(begin);
+  if (madvise(start, end - begin, MADV_HUGEPAGE) == 0) madvise(start, end - begin, 25 /* MADV_COLLAPSE */);
+}
+
 struct Neighbour {
   float distance;
   int64_t row;
@@ -119,9 +133,21 @@ torch::Tensor kmeans_cells(const torch::Tensor& x, int64_t cells) {
   const int64_t n = x.size(0);
   torch::Tensor centres = x.index_select(0, (torch::arange(cells, torch::kInt64) * n).div(cells, "floor"));
   const torch::Tensor norms = x.pow(2).sum(1, true);
+  torch::Tensor scores = torch::empty({std::min(n, kSlice), cells}, torch::kFloat32);
   torch::Tensor assignment;
   for (int i = 0;; ++i) {
-    assignment = (norms - 2.0 * x.mm(centres.t()) + centres.pow(2).sum(1).unsqueeze(0)).argmin(1);
+    // In slices of rows, into one reused buffer: the whole distance matrix of a large bank would take
+    // gigabytes (164,640 rows in 2,572 cells: 1.7 GB), and fresh temporaries cost a page fault per 4 KiB.
+    const torch::Tensor centre_norms = centres.pow(2).sum(1).unsqueeze(0);
+    const torch::Tensor centres_t = centres.t();
+    std::vector<torch::Tensor> slices;
+    for (int64_t s = 0; s < n; s += kSlice) {
+      const int64_t e = std::min(n, s + kSlice);
+      torch::Tensor d = scores.slice(0, 0, e - s);
+      torch::mm_out(d, x.slice(0, s, e), centres_t);
+      slices.push_back(d.mul_(-2.0).add_(norms.slice(0, s, e)).add_(centre_norms).argmin(1));
+    }
+    assignment = torch::cat(slices);
     if (i == kKMeansIterations) return assignment;
     const torch::Tensor counts = torch::zeros({cells}, torch::kFloat32).index_add_(0, assignment, torch::ones({n}));
     const torch::Tensor sums = torch::zeros_like(centres).index_add_(0, assignment, x);
@@ -183,7 +209,6 @@ void ExactPrunedNN::index_changed() {
   // may be accumulated from float products, in slices to bound the temporary memory.
   p->mean = x.to(torch::kFloat64).mean(0).to(torch::kFloat32);
   const torch::Tensor mean64 = p->mean.to(torch::kFloat64);
-  constexpr int64_t kSlice = 4096;
   torch::Tensor covariance = torch::zeros({d, d}, torch::kFloat64);
   for (int64_t s = 0; s < n; s += kSlice) {
     const torch::Tensor centred = x.slice(0, s, std::min(n, s + kSlice)) - p->mean;
@@ -287,6 +312,9 @@ void ExactPrunedNN::index_changed() {
     p->centres.insert(p->centres.end(), stored_centre.begin(), stored_centre.end());
   }
   p->first_tier_norm = static_cast<float>(first_norm * (1.0 + 4.0 * kUnit));
+  use_huge_pages(rows, static_cast<size_t>(n * d) * sizeof(float));
+  use_huge_pages(p->coordinates.data(), p->coordinates.size() * sizeof(float));
+  use_huge_pages(p->blocks.data(), p->blocks.size() * sizeof(float));
   pruning_ = std::move(p);
 }
 
@@ -330,7 +358,7 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
 
   // The state of one query's search.
   struct Query {
-    const float* rows;    // as given
+    const float* features;  // as given, [d]
     const float* coords;  // rotated, [width]
     float first_norm = 0.f, tails[3] = {};
     double slack = 0.0, first_absolute = 0.0;
@@ -351,7 +379,7 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
       // distance's largest true value + both vectors' representation errors).
       auto consider = [&](Query& query, int64_t r) {
         ++total_exact;
-        const Neighbour candidate{squared_distance(query.rows, p.rows + r * d, d), r};
+        const Neighbour candidate{squared_distance(query.features, p.rows + r * d, d), r};
         std::vector<Neighbour>& best = query.best;
         if (static_cast<int64_t>(best.size()) < k) {
           best.push_back(candidate);
@@ -404,7 +432,7 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
         for (int64_t i = 0; i < count; ++i) {
           const int64_t qi = chunk_begin + i;
           Query& query = chunk_queries[i];
-          query.rows = q_rows + qi * d;
+          query.features = q_rows + qi * d;
           query.coords = q_coords + qi * width;
           const float* xc = q_centred + qi * d;
           const float* c = query.coords;
