@@ -406,8 +406,10 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
         first_tier(p.blocks.data() + cell.begin * first, p.norms.data() + cell.begin, p.tails[0].data() + cell.begin,
                    slots / kLanes, first, query.coords, query.first_norm, query.tails[0], bounds.data());
         for (int64_t i = 0; i < slots; ++i) {
-          if (bounds[i] > query.first_threshold) continue;  // also every padding slot (infinite bound)
+          if (bounds[i] > query.first_threshold) continue;
           const int64_t s = cell.begin + i;
+          // Padding slots have an infinite bound, which passes while fewer than k rows are found.
+          if (p.row_of_slot[s] < 0) continue;
           ++total_refined;
           const float* rc = p.coordinates.data() + s * width;
           bool excluded = false;
