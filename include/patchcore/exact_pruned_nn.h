@@ -8,11 +8,12 @@
 // (the second term by the reverse triangle inequality), so a row whose bound exceeds the k-th best distance
 // found so far cannot be a neighbour. Rows are grouped into k-means cells of about 64 over the leading 32
 // axes; a cell whose bound (from its centre and radius) exceeds the threshold is skipped whole. Queries are
-// searched one patch-grid row (28) at a time: each first searches its own nearest cell, then the cells are walked
-// in one order for all 28, so a cell's data is read from memory once for all the queries that need it. Within
-// a cell, the bound over 32 axes is computed for every row, and rows that pass are refined with 128 and 256
-// axes before the exact distance over all D features. Every bound carries a margin for float rounding, so the
-// k neighbours are those of brute force.
+// searched one patch-grid row (28) at a time: each first searches the cell with its nearest centre, then the
+// cells are walked in one order for all 28, so a cell's data is read from memory once for all the queries that
+// need it. Within a cell, the bound over 32 axes is computed for every row, and rows that pass are refined with
+// 128 and 256 axes. Rows that pass those too get their exact distance over all D features lowest bound first,
+// once the walk is done, so each distance found spares the rows whose bound it then exceeds. Every bound
+// carries a margin for float rounding, so the k neighbours are those of brute force.
 #include <torch/torch.h>
 
 #include <memory>
