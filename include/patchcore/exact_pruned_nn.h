@@ -12,8 +12,8 @@
 // cells are walked in one order for all 28, so a cell's data is read from memory once for all the queries that
 // need it. Within a cell, the bound over 32 axes is computed for every row, and rows that pass are refined with
 // 128 and 256 axes. Rows that pass those too get their exact distance over all D features lowest bound first,
-// once the walk is done, so each distance found spares the rows whose bound it then exceeds. Every bound
-// carries a margin for float rounding, so the k neighbours are those of brute force.
+// so each distance found spares the cell's rows whose bound it then exceeds. Every bound carries a margin for
+// float rounding, so the k neighbours are those of brute force.
 #include <torch/torch.h>
 
 #include <memory>
