@@ -15,6 +15,7 @@
 #include <map>
 #include <random>
 #include <regex>
+#include <set>
 #include <thread>
 
 #include "patchcore/dataset.h"
@@ -88,7 +89,7 @@ TEST(Robustness, FitKilledAtAnyMomentLeavesTheOldModelOrTheNewOneWhole) {
   std::mt19937 rng(20240607);
   std::uniform_real_distribution<double> delay(0.0, 1.1 * run_seconds);
   const std::regex leftover_name(R"((model|fresh\d)\.tmp-(\d+)-[0-9a-f]+)");
-  int killed = 0;
+  std::set<pid_t> killed;  // runs that the kill stopped
   for (int run = 0; run < 10; ++run) {
     // The first runs write to a path that does not exist yet, the others replace `model`.
     const fs::path out = run < 3 ? work / ("fresh" + std::to_string(run)) : model;
@@ -98,7 +99,7 @@ TEST(Robustness, FitKilledAtAnyMomentLeavesTheOldModelOrTheNewOneWhole) {
     ::kill(pid, SIGKILL);
     const int status = wait_for(pid);
     const bool was_killed = WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
-    killed += was_killed;
+    if (was_killed) killed.insert(pid);
     SCOPED_TRACE("run " + std::to_string(run) + ", killed after " + std::to_string(seconds) + " s" +
                  (was_killed ? "" : " (had finished)"));
     if (!was_killed) {
@@ -118,16 +119,17 @@ TEST(Robustness, FitKilledAtAnyMomentLeavesTheOldModelOrTheNewOneWhole) {
       EXPECT_NE(out, model) << "the previous model vanished";
       EXPECT_TRUE(was_killed);
     }
-    // What a kill leaves behind is a temporary folder named after the output and the killed process.
+    // What a kill leaves behind is a temporary folder named after the output and the killed process. The
+    // folders of earlier killed runs stay, so a leftover is checked against every run killed so far.
     for (const auto& entry : fs::directory_iterator(work)) {
       const std::string name = entry.path().filename().string();
       if (name == "model" || (name.rfind("fresh", 0) == 0 && name.size() == 6)) continue;
       std::smatch m;
       ASSERT_TRUE(std::regex_match(name, m, leftover_name)) << "unexpected file " << name;
-      EXPECT_TRUE(was_killed) << name << " left by a run that finished";
+      EXPECT_EQ(killed.count(static_cast<pid_t>(std::stol(m[2].str()))), 1u) << name << " left by a run that finished";
     }
   }
-  EXPECT_GT(killed, 0) << "every run finished before its kill, so nothing was tested";
+  EXPECT_FALSE(killed.empty()) << "every run finished before its kill, so nothing was tested";
 
   // Leftovers of killed runs do not stop a later fit from replacing the model.
   const int last = wait_for(spawn_cli(fit_args(model, 99), log));
