@@ -294,7 +294,8 @@ void ExactPrunedNN::index_changed() {
   std::vector<std::vector<int64_t>> members(static_cast<size_t>(cell_count));
   for (int64_t r = 0; r < n; ++r) members[cell_of_row[r]].push_back(r);
 
-  for (const auto& m : members) p->slots += (static_cast<int64_t>(m.size()) + kCellAlign - 1) / kCellAlign * kCellAlign;
+  auto aligned = [](int64_t slots) { return (slots + kCellAlign - 1) / kCellAlign * kCellAlign; };
+  for (const auto& m : members) p->slots += aligned(static_cast<int64_t>(m.size()));
   p->row_of_slot.assign(static_cast<size_t>(p->slots), -1);
   p->blocks.assign(static_cast<size_t>(p->slots * first), 0.f);
   p->norms.assign(static_cast<size_t>(p->slots), kInf);
@@ -330,7 +331,7 @@ void ExactPrunedNN::index_changed() {
       ++slot;
     }
     cell.radius *= 1.0 + 1e-12;
-    slot = (slot + kCellAlign - 1) / kCellAlign * kCellAlign;
+    slot = aligned(slot);
     cell.end = slot;
     p->cells.push_back(cell);
     p->centres.insert(p->centres.end(), stored_centre.begin(), stored_centre.end());
