@@ -35,7 +35,6 @@ using v8i = int32_t __attribute__((vector_size(32)));
 
 // Through memcpy: the buffers carry no 32-byte alignment.
 inline void load8(v8f& v, const float* p) { std::memcpy(&v, p, sizeof v); }
-inline void store8(float* p, const v8f& v) { std::memcpy(p, &v, sizeof v); }
 
 // sum((a - b)^2) over n floats in 16 lanes. Every term is non-negative, so the relative error is at most
 // relative_error_of_sum(n).
@@ -377,7 +376,7 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
   const double refine_error = relative_error_of_sum(width) + 4.0 * kUnit;
   // Also covers the cell bounds: their float |q - centre|^2 is off by at most relative_error_of_sum(first),
   // which moves gap^2 by at most that times (|q| + |centre|)^2, within first_absolute.
-  const double first_error = (first + 8) * kUnit * 1.01;
+  const double first_error = std::max((first + 8) * kUnit * 1.01, relative_error_of_sum(first));
 
   int64_t total_refined = 0, total_exact = 0;
   std::exception_ptr failure;
@@ -514,8 +513,8 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
             }
           }
           // The cell with the nearest centre first: it most often holds the nearest row, so the threshold is
-          // tight before the shared walk. (The cell with the lowest bound favours wide cells; seeded there, the
-          // walk visited 45 % more cells on tire.)
+          // tight before the shared walk. (The cell with the lowest bound favours wide cells, which hold it
+          // less often.)
           visit(query, query.seed_cell);
         }
 
