@@ -14,30 +14,53 @@ ImageBatches::ImageBatches(std::vector<std::string> paths, ImageTransform transf
 }
 
 ImageBatches::~ImageBatches() {
-  if (pending_.valid()) pending_.wait();
+  if (reading_) reading_->reader.wait();
+}
+
+void ImageBatches::read_claimed(Reading& reading) const {
+  for (size_t i; (i = reading.claimed.fetch_add(1)) < reading.images.size();) {
+    try {
+      reading.images[i] = transform_.load(paths_[reading.begin + i]);
+    } catch (...) {
+      reading.errors[i] = std::current_exception();
+    }
+  }
 }
 
 void ImageBatches::start_reading() {
   if (next_start_ >= paths_.size()) return;
-  const size_t begin = next_start_, end = std::min(paths_.size(), begin + batch_size_);
-  next_start_ = end;
-  pending_ = std::async(std::launch::async, [this, begin, end] {
+  auto reading = std::make_unique<Reading>();
+  reading->begin = next_start_;
+  const size_t count = std::min(paths_.size() - next_start_, batch_size_);
+  next_start_ += count;
+  reading->images.resize(count);
+  reading->errors.resize(count);
+  reading->reader = std::async(std::launch::async, [this, r = reading.get()] {
     // Below the compute threads: when it takes a core from one of them, every thread of that parallel region
     // waits at the next barrier (measured: the backbone's 28 ms per image became 46 ms). At a low priority it
     // runs in the gaps between and around parallel regions instead. Failure only costs that speed.
     setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), 19);
     StageTimer::Scope scope(timer_, "decode");
-    std::vector<torch::Tensor> images;
-    for (size_t i = begin; i < end; ++i) images.push_back(transform_.load(paths_[i]));
-    return torch::stack(images);
+    read_claimed(*r);
   });
+  reading_ = std::move(reading);
 }
 
 bool ImageBatches::next(torch::Tensor& batch) {
-  if (!pending_.valid()) return false;
-  batch = pending_.get();
-  done_ += static_cast<size_t>(batch.size(0));
+  if (!reading_) return false;
+  const std::unique_ptr<Reading> reading = std::move(reading_);
+  {
+    // Nothing computes while the caller waits here, so the caller reads too (measured on tire at 2 images
+    // per batch: this wait was 6.6 ms per image, a tenth of predict, with one core reading and one idle).
+    StageTimer::Scope scope(timer_, "decode wait");
+    read_claimed(*reading);
+    reading->reader.get();
+  }
   start_reading();
+  for (const std::exception_ptr& error : reading->errors)
+    if (error) std::rethrow_exception(error);
+  batch = torch::stack(reading->images);
+  done_ += reading->images.size();
   return true;
 }
 

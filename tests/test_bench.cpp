@@ -106,6 +106,7 @@ TEST(ImageBatches, ReadsBatchesInOrderWithTheTransform) {
   EXPECT_EQ(sizes, (std::vector<int64_t>{2, 1}));
   for (size_t i = 0; i < paths.size(); ++i) EXPECT_TRUE(torch::equal(images[i], transform.load(paths[i]))) << paths[i];
   EXPECT_EQ(timer.stages().at("decode").calls, 2);
+  EXPECT_EQ(timer.stages().at("decode wait").calls, 2);
 }
 
 TEST(ImageBatches, ABadFileFailsItsBatchByName) {
@@ -115,6 +116,13 @@ TEST(ImageBatches, ABadFileFailsItsBatchByName) {
   torch::Tensor batch;
   EXPECT_TRUE(batches.next(batch));
   EXPECT_NE(error_of([&] { batches.next(batch); }).find("missing.png"), std::string::npos);
+  // The batches after it are still read.
+  EXPECT_TRUE(batches.next(batch));
+  EXPECT_EQ(batches.done(), 2u);
+  EXPECT_FALSE(batches.next(batch));
+  // Within a batch, whichever thread read them, the first bad file in order is named.
+  ImageBatches three({good, root + "/train/good/first-missing.png", missing}, small_params().transform, 3);
+  EXPECT_NE(error_of([&] { three.next(batch); }).find("first-missing.png"), std::string::npos);
   // Dropping batches with a read still in flight waits for it.
   ImageBatches abandoned({good, good, good}, small_params().transform, 1);
   EXPECT_THROW(ImageBatches({good}, small_params().transform, 0), std::invalid_argument);
@@ -142,8 +150,8 @@ TEST(Bench, ReportsEveryStageOfFitAndPredict) {
     predict_stages.push_back(stage);
     EXPECT_GT(ms, 0) << stage;
   }
-  EXPECT_EQ(fit_stages, (std::vector<std::string>{"backbone", "coreset", "decode", "embedding", "index", "store"}));
-  EXPECT_EQ(predict_stages, (std::vector<std::string>{"backbone", "decode", "embedding", "search", "segmentation"}));
+  EXPECT_EQ(fit_stages, (std::vector<std::string>{"backbone", "coreset", "decode", "decode wait", "embedding", "index", "store"}));
+  EXPECT_EQ(predict_stages, (std::vector<std::string>{"backbone", "decode", "decode wait", "embedding", "search", "segmentation"}));
   EXPECT_GT(r.predict_ms_per_image, 0);
   EXPECT_DOUBLE_EQ(r.images_per_second, 1000.0 / r.predict_ms_per_image);
   EXPECT_GT(r.peak_rss_bytes, 0);
