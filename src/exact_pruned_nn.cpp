@@ -19,13 +19,14 @@ namespace {
 // computed for every row of every visited cell; each refinement cuts the rows that reach the next, costlier
 // stage about threefold on CNN patch features.
 constexpr int64_t kTierAxes[3] = {32, 128, 256};
+// Leading axes of the bounding box of each block of 8 rows, checked before the block's first-tier bounds.
+constexpr int64_t kBoxAxes = 16;
 constexpr int64_t kRowsPerCell = 64;  // k-means cells over the first-tier coordinates
 constexpr int kKMeansIterations = 8;
 constexpr int64_t kSlice = 4096;     // rows per slice of the bank's temporaries
 constexpr int64_t kChunk = 28;        // consecutive queries (one row of a 28x28 patch grid) in one work item
 constexpr int64_t kLanes = 8;         // rows per interleaved block of first-tier coordinates
 constexpr int64_t kGroup = 4;         // blocks whose first-tier bounds are computed together
-constexpr int64_t kCellAlign = kGroup * kLanes;  // cells start at multiples of this many slots
 constexpr double kUnit = 5.9604644775390625e-08;        // float unit roundoff, 2^-24
 constexpr double kDoubleUnit = 1.1102230246251565e-16;  // 2^-53
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -35,6 +36,15 @@ using v8i = int32_t __attribute__((vector_size(32)));
 
 // Through memcpy: the buffers carry no 32-byte alignment.
 inline void load8(v8f& v, const float* p) { std::memcpy(&v, p, sizeof v); }
+
+// Bit l set where lane l of `pass` is true (all ones).
+inline uint32_t lane_bits(const v8i& pass) {
+  v8i m = pass & v8i{1, 2, 4, 8, 16, 32, 64, 128};
+  m |= __builtin_shuffle(m, v8i{4, 5, 6, 7, 0, 1, 2, 3});
+  m |= __builtin_shuffle(m, v8i{2, 3, 0, 1, 6, 7, 4, 5});
+  m |= __builtin_shuffle(m, v8i{1, 0, 3, 2, 5, 4, 7, 6});
+  return static_cast<uint32_t>(m[0]);
+}
 
 // sum((a - b)^2) over n floats in 16 lanes. Every term is non-negative, so the relative error is at most
 // relative_error_of_sum(n).
@@ -65,49 +75,83 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) float squared_distan
 
 double relative_error_of_sum(int64_t n) { return (static_cast<double>(n) / 16.0 + 24.0) * kUnit * 1.01; }
 
-// First-tier bounds of a query against `block_count` blocks of 8 rows: |q|^2 + |r|^2 - 2 q.r over the leading
-// axes plus the squared difference of the remaining norms. → per block, a bit for each row whose bound is at
-// most `threshold`. The axes of a block are interleaved, so one broadcast query coordinate times one load
-// serves 8 rows and the 8 dot products need no horizontal sums. block_count is a multiple of kGroup: the
-// blocks of a group accumulate in independent chains, which keeps the FMA units busy where one chain would
-// wait on each add's latency (per cell, padding to a whole group costs less than a one-chain remainder).
+// First-tier bounds of a query against the blocks of 8 rows listed in `ids` (`count` of them, a multiple of
+// kGroup): |q|^2 + |r|^2 - 2 q.r over the leading axes plus the squared difference of the remaining norms.
+// → masks[i], a bit for each row of block ids[i] whose bound is at most `threshold`. The axes of a block are
+// interleaved, so one broadcast query coordinate times one load serves 8 rows and the 8 dot products need no
+// horizontal sums. The blocks of a group accumulate in independent chains, which keeps the FMA units busy
+// where one chain would wait on each add's latency.
 __attribute__((target_clones("arch=x86-64-v3", "default"))) void first_tier(const float* blocks, const float* norms,
-                                                                          const float* tails, int64_t block_count,
-                                                                          int64_t axes, const float* q, float q_norm,
-                                                                          float q_tail, float threshold,
+                                                                          const float* tails, const int32_t* ids,
+                                                                          int64_t count, int64_t axes, const float* q,
+                                                                          float q_norm, float q_tail, float threshold,
                                                                           uint8_t* masks) {
   static_assert(kGroup == 4, "one accumulator per block of a group");
   const int64_t stride = axes * kLanes;
-  auto finish = [&](int64_t b, const v8f& dot) {
+  auto finish = [&](int64_t i, const v8f& dot) {
     v8f rn, rt;
-    load8(rn, norms + b * kLanes);
-    load8(rt, tails + b * kLanes);
+    load8(rn, norms + ids[i] * kLanes);
+    load8(rt, tails + ids[i] * kLanes);
     const v8f d = q_tail - rt;
-    const v8i pass = ((q_norm + rn) - 2.0f * dot) + d * d <= threshold;
-    uint32_t bits = 0;
-    for (int l = 0; l < kLanes; ++l) bits |= static_cast<uint32_t>(pass[l] & 1) << l;
-    masks[b] = static_cast<uint8_t>(bits);
+    masks[i] = static_cast<uint8_t>(lane_bits(((q_norm + rn) - 2.0f * dot) + d * d <= threshold));
   };
-  for (int64_t b = 0; b < block_count; b += kGroup) {
-    const float* block = blocks + b * stride;
+  for (int64_t i = 0; i < count; i += kGroup) {
+    const float* b0 = blocks + ids[i] * stride;
+    const float* b1 = blocks + ids[i + 1] * stride;
+    const float* b2 = blocks + ids[i + 2] * stride;
+    const float* b3 = blocks + ids[i + 3] * stride;
     v8f acc0{}, acc1{}, acc2{}, acc3{};
     for (int64_t j = 0; j < axes; ++j) {
       v8f r0, r1, r2, r3;
-      load8(r0, block + j * kLanes);
-      load8(r1, block + stride + j * kLanes);
-      load8(r2, block + 2 * stride + j * kLanes);
-      load8(r3, block + 3 * stride + j * kLanes);
+      load8(r0, b0 + j * kLanes);
+      load8(r1, b1 + j * kLanes);
+      load8(r2, b2 + j * kLanes);
+      load8(r3, b3 + j * kLanes);
       const float qj = q[j];
       acc0 += qj * r0;
       acc1 += qj * r1;
       acc2 += qj * r2;
       acc3 += qj * r3;
     }
-    finish(b, acc0);
-    finish(b + 1, acc1);
-    finish(b + 2, acc2);
-    finish(b + 3, acc3);
+    finish(i, acc0);
+    finish(i + 1, acc1);
+    finish(i + 2, acc2);
+    finish(i + 3, acc3);
   }
+}
+
+// Box bounds of a query against 8 blocks at once, one per lane: the squared distance from the query's
+// (leading axes, tail) point to each block's bounding box of its rows' points. → a bit per block whose bound is
+// at most `threshold`. Lanes without a block have an empty box (low +inf, high -inf), which never passes.
+__attribute__((target_clones("arch=x86-64-v3", "default"))) uint32_t box_bounds(const float* low, const float* high,
+                                                                              const float* tail_low,
+                                                                              const float* tail_high, int64_t axes,
+                                                                              const float* q, float q_tail,
+                                                                              float threshold) {
+  const v8f zero{};
+  // Through a reference: a vector return value would change the ABI of the default clone.
+  auto gap = [&](const float* lo, const float* hi, float x, v8f& g) {
+    v8f l, h;
+    load8(l, lo);
+    load8(h, hi);
+    const v8f below = l - x, above = x - h;
+    g = below > above ? below : above;
+    g = g > zero ? g : zero;
+  };
+  v8f acc0{}, acc1{}, g0, g1;
+  int64_t j = 0;
+  for (; j + 2 <= axes; j += 2) {
+    gap(low + j * kLanes, high + j * kLanes, q[j], g0);
+    gap(low + (j + 1) * kLanes, high + (j + 1) * kLanes, q[j + 1], g1);
+    acc0 += g0 * g0;
+    acc1 += g1 * g1;
+  }
+  if (j < axes) {
+    gap(low + j * kLanes, high + j * kLanes, q[j], g0);
+    acc0 += g0 * g0;
+  }
+  gap(tail_low, tail_high, q_tail, g0);
+  return lane_bits((acc0 + acc1) + g0 * g0 <= threshold);
 }
 
 // A vector x is represented by its leading rotated coordinates c and, per tier, the norm t of the rest. For the
@@ -179,14 +223,43 @@ torch::Tensor kmeans_cells(const torch::Tensor& x, int64_t cells) {
   }
 }
 
+// Orders a cell's rows so that each run of 8 (a block) lies close together: a k-d tree that splits at a multiple
+// of 8 rows along the box axis of largest variance, which keeps the blocks' bounding boxes small.
+void order_for_boxes(int64_t* rows, int64_t n, const float* coordinates, int64_t width, int64_t axes) {
+  if (n <= kLanes) return;
+  int64_t split_axis = 0;
+  double widest = -1.0;
+  for (int64_t a = 0; a < axes; ++a) {
+    double sum = 0.0, squares = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double x = coordinates[rows[i] * width + a];
+      sum += x;
+      squares += x * x;
+    }
+    const double variance = squares / n - (sum / n) * (sum / n);
+    if (variance > widest) {
+      widest = variance;
+      split_axis = a;
+    }
+  }
+  const int64_t half = std::max(kLanes, ((n + 1) / 2 + kLanes - 1) / kLanes * kLanes);
+  std::nth_element(rows, rows + half, rows + n, [&](int64_t x, int64_t y) {
+    const float vx = coordinates[x * width + split_axis], vy = coordinates[y * width + split_axis];
+    return vx < vy || (vx == vy && x < y);
+  });
+  order_for_boxes(rows, half, coordinates, width, axes);
+  order_for_boxes(rows + half, n - half, coordinates, width, axes);
+}
+
 }  // namespace
 
-// Rows are stored cell by cell in "slots"; each cell starts at a multiple of kCellAlign slots, and padding slots
-// have an infinite first-tier norm so that no bound lets them through.
+// Rows are stored cell by cell in "slots", in blocks of 8; each cell starts at a block, and padding slots have an
+// infinite first-tier norm so that no bound lets them through.
 struct ExactPrunedNN::Pruning {
   const float* rows = nullptr;  // the flat index's storage, [count, dim]
   int64_t count = 0, dim = 0;
   int64_t axes[3] = {};  // per tier, clamped to dim; axes[2] is the projection width
+  int64_t box_axes = 0;  // kBoxAxes clamped to axes[0]
   torch::Tensor mean;    // [dim] float32: the centre for rows and queries alike
   torch::Tensor basis;   // [dim, axes[2]] float32: leading principal axes
   int64_t slots = 0;
@@ -195,8 +268,14 @@ struct ExactPrunedNN::Pruning {
   std::vector<float> norms;          // [slots] squared first-tier norms
   std::vector<float> tails[3];       // per tier [slots]: norm of the coordinates beyond the tier's axes
   std::vector<float> coordinates;    // [slots, axes[2]]
+  // Per group of up to 8 consecutive blocks of a cell, one block per lane: the bounding box of the block's rows
+  // over the leading box_axes and their tails beyond those axes. Lanes without a block hold empty boxes.
+  std::vector<float> box_low, box_high;            // [groups, box_axes, 8]
+  std::vector<float> box_tail_low, box_tail_high;  // [groups, 8]
+  int64_t padding_block = 0;  // a block of padding slots in no cell, to fill a group of first-tier blocks
   struct Cell {
     int64_t begin, end;               // slots
+    int64_t box_group;                // its first group of boxes
     double radius;                    // of its rows' first-tier coordinates around the centre
     float tail_low, tail_high;        // range of its rows' first-tier tails
   };
@@ -222,7 +301,8 @@ void ExactPrunedNN::index_changed() {
   p->dim = dimension();
   const int64_t n = p->count, d = p->dim;
   for (int t = 0; t < 3; ++t) p->axes[t] = std::min(kTierAxes[t], d);
-  const int64_t width = p->axes[2], first = p->axes[0];
+  p->box_axes = std::min(kBoxAxes, p->axes[0]);
+  const int64_t width = p->axes[2], first = p->axes[0], box_axes = p->box_axes;
   const torch::Tensor x = torch::from_blob(const_cast<float*>(rows), {n, d}, torch::kFloat32);
   // Non-finite values would make every bound meaningless.
   if (!torch::isfinite(x).all().item<bool>())
@@ -254,7 +334,7 @@ void ExactPrunedNN::index_changed() {
 
   // Rows are rotated in double: their coordinate error is then negligible next to the float rounding.
   std::vector<float> coordinates(static_cast<size_t>(n * width));
-  std::vector<float> tails[3];
+  std::vector<float> tails[3], box_tails(static_cast<size_t>(n));
   for (auto& t : tails) t.resize(static_cast<size_t>(n));
   const double coordinate_error_factor = std::sqrt(static_cast<double>(width)) * 2.0 * (d + 2) * kDoubleUnit;
   double row_error = 0.0;
@@ -270,13 +350,15 @@ void ExactPrunedNN::index_changed() {
       for (int64_t j = 0; j < width; ++j) coordinates[r * width + j] = static_cast<float>(cr[j]);
       const double norm = std::sqrt(sq[r - s]);
       const double coordinate_error = coordinate_error_factor * norm;
+      // The norm beyond the box's axes, then beyond each tier's.
+      const int64_t level_axes[4] = {box_axes, p->axes[0], p->axes[1], p->axes[2]};
+      float* level_tails[4] = {&box_tails[r], &tails[0][r], &tails[1][r], &tails[2][r]};
       double partial = 0.0, worst_tail = 0.0;
-      int64_t j = 0;
-      for (int t = 0; t < 3; ++t) {
-        for (; j < p->axes[t]; ++j) partial += cr[j] * cr[j];
-        const double tail = p->axes[t] == d ? 0.0 : std::sqrt(std::max(0.0, sq[r - s] - partial));
-        tails[t][r] = static_cast<float>(tail);
-        if (p->axes[t] < d) worst_tail = std::max(worst_tail, tail_error(norm, coordinate_error, tail, kDoubleUnit));
+      for (int64_t j = 0, t = 0; t < 4; ++t) {
+        for (; j < level_axes[t]; ++j) partial += cr[j] * cr[j];
+        const double tail = level_axes[t] == d ? 0.0 : std::sqrt(std::max(0.0, sq[r - s] - partial));
+        *level_tails[t] = static_cast<float>(tail);
+        if (level_axes[t] < d) worst_tail = std::max(worst_tail, tail_error(norm, coordinate_error, tail, kDoubleUnit));
       }
       row_error = std::max(row_error, coordinate_error + kUnit * norm + worst_tail);
     }
@@ -293,18 +375,30 @@ void ExactPrunedNN::index_changed() {
   std::vector<std::vector<int64_t>> members(static_cast<size_t>(cell_count));
   for (int64_t r = 0; r < n; ++r) members[cell_of_row[r]].push_back(r);
 
-  auto aligned = [](int64_t slots) { return (slots + kCellAlign - 1) / kCellAlign * kCellAlign; };
-  for (const auto& m : members) p->slots += aligned(static_cast<int64_t>(m.size()));
+  auto aligned = [](int64_t slots) { return (slots + kLanes - 1) / kLanes * kLanes; };
+  int64_t groups = 0;
+  for (auto& m : members) {
+    const int64_t size = static_cast<int64_t>(m.size());
+    order_for_boxes(m.data(), size, coordinates.data(), width, box_axes);
+    p->slots += aligned(size);
+    groups += (aligned(size) / kLanes + kLanes - 1) / kLanes;
+  }
+  p->padding_block = p->slots / kLanes;
+  p->slots += kLanes;
   p->row_of_slot.assign(static_cast<size_t>(p->slots), -1);
   p->blocks.assign(static_cast<size_t>(p->slots * first), 0.f);
   p->norms.assign(static_cast<size_t>(p->slots), kInf);
   for (auto& t : p->tails) t.assign(static_cast<size_t>(p->slots), 0.f);
   p->coordinates.assign(static_cast<size_t>(p->slots * width), 0.f);
+  p->box_low.assign(static_cast<size_t>(groups * box_axes * kLanes), kInf);
+  p->box_high.assign(static_cast<size_t>(groups * box_axes * kLanes), -kInf);
+  p->box_tail_low.assign(static_cast<size_t>(groups * kLanes), kInf);
+  p->box_tail_high.assign(static_cast<size_t>(groups * kLanes), -kInf);
   double first_norm = 0.0;
-  int64_t slot = 0;
+  int64_t slot = 0, group = 0;
   for (const auto& m : members) {
     if (m.empty()) continue;
-    Pruning::Cell cell{slot, slot, 0.0, kInf, 0.f};
+    Pruning::Cell cell{slot, slot, group, 0.0, kInf, 0.f};
     // The centre is the mean of the members in float; the radius is measured from exactly that centre.
     std::vector<double> centre(static_cast<size_t>(first), 0.0);
     for (int64_t r : m)
@@ -327,10 +421,23 @@ void ExactPrunedNN::index_changed() {
       for (int t = 0; t < 3; ++t) p->tails[t][slot] = tails[t][r];
       std::memcpy(p->coordinates.data() + slot * width, cr, static_cast<size_t>(width) * sizeof(float));
       for (int64_t a = 0; a < first; ++a) p->blocks[(slot / kLanes) * first * kLanes + a * kLanes + slot % kLanes] = cr[a];
+      const int64_t block = (slot - cell.begin) / kLanes;
+      const int64_t lane = block % kLanes, box = cell.box_group + block / kLanes;
+      for (int64_t a = 0; a < box_axes; ++a) {
+        float& low = p->box_low[(box * box_axes + a) * kLanes + lane];
+        float& high = p->box_high[(box * box_axes + a) * kLanes + lane];
+        low = std::min(low, cr[a]);
+        high = std::max(high, cr[a]);
+      }
+      float& tail_low = p->box_tail_low[box * kLanes + lane];
+      float& tail_high = p->box_tail_high[box * kLanes + lane];
+      tail_low = std::min(tail_low, box_tails[r]);
+      tail_high = std::max(tail_high, box_tails[r]);
       ++slot;
     }
     cell.radius *= 1.0 + 1e-12;
     slot = aligned(slot);
+    group += ((slot - cell.begin) / kLanes + kLanes - 1) / kLanes;
     cell.end = slot;
     p->cells.push_back(cell);
     p->centres.insert(p->centres.end(), stored_centre.begin(), stored_centre.end());
@@ -386,7 +493,7 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
   struct Query {
     const float* features;  // as given, [d]
     const float* coords;  // rotated, [width]
-    float first_norm = 0.f, tails[3] = {};
+    float first_norm = 0.f, tails[3] = {}, box_tail = 0.f;
     double slack = 0.0, first_absolute = 0.0;
     float first_threshold = kInf, refine_threshold = kInf;
     std::vector<Neighbour> best;  // max-heap of the k best so far
@@ -396,7 +503,8 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
 #pragma omp parallel num_threads(num_workers()) reduction(+ : total_refined, total_exact)
   {
     try {
-      std::vector<uint8_t> masks(static_cast<size_t>(kRowsPerCell));
+      std::vector<uint8_t> masks;
+      std::vector<int32_t> passing;  // blocks of a cell whose box passed, then padding to a whole group
       std::vector<Candidate> candidates;  // min-heap by bound
       std::vector<Query> chunk_queries(static_cast<size_t>(kChunk));
       std::vector<float> cell_bounds(static_cast<size_t>(kChunk * cell_count));  // [query, cell]
@@ -431,15 +539,30 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
       // rows in slot order computed 36.
       auto visit = [&](Query& query, int64_t ci) {
         const Pruning::Cell& cell = p.cells[ci];
-        const int64_t slots = cell.end - cell.begin;
-        const int64_t blocks = slots / kLanes;
-        if (static_cast<int64_t>(masks.size()) < blocks) masks.resize(static_cast<size_t>(blocks));
-        first_tier(p.blocks.data() + cell.begin * first, p.norms.data() + cell.begin, p.tails[0].data() + cell.begin,
-                   blocks, first, query.coords, query.first_norm, query.tails[0], query.first_threshold, masks.data());
+        const int64_t blocks = (cell.end - cell.begin) / kLanes, first_block = cell.begin / kLanes;
+        passing.clear();
+        for (int64_t g = 0; g * kLanes < blocks; ++g) {
+          const int64_t box = cell.box_group + g;
+          // Lanes past the cell's last block hold empty boxes, which pass an infinite threshold.
+          const uint32_t lanes = (1u << std::min(kLanes, blocks - g * kLanes)) - 1;
+          for (uint32_t bits = lanes & box_bounds(p.box_low.data() + box * p.box_axes * kLanes,
+                                          p.box_high.data() + box * p.box_axes * kLanes,
+                                          p.box_tail_low.data() + box * kLanes, p.box_tail_high.data() + box * kLanes,
+                                          p.box_axes, query.coords, query.box_tail, query.first_threshold);
+               bits != 0; bits &= bits - 1)
+            passing.push_back(static_cast<int32_t>(first_block + g * kLanes + __builtin_ctz(bits)));
+        }
+        if (passing.empty()) return;
+        const size_t count = passing.size();
+        passing.resize((count + kGroup - 1) / kGroup * kGroup, static_cast<int32_t>(p.padding_block));
+        masks.resize(passing.size());
+        first_tier(p.blocks.data(), p.norms.data(), p.tails[0].data(), passing.data(),
+                   static_cast<int64_t>(passing.size()), first, query.coords, query.first_norm, query.tails[0],
+                   query.first_threshold, masks.data());
         candidates.clear();
-        for (int64_t b = 0; b < blocks; ++b)
+        for (size_t b = 0; b < count; ++b)
           for (uint32_t m = masks[b]; m != 0; m &= m - 1) {
-            const int64_t s = cell.begin + b * kLanes + __builtin_ctz(m);
+            const int64_t s = passing[b] * kLanes + __builtin_ctz(m);
             // Padding slots have an infinite bound, which passes while fewer than k rows are found.
             if (p.row_of_slot[s] < 0) continue;
             ++total_refined;
@@ -480,13 +603,15 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
           for (int64_t j = 0; j < d; ++j) squared += static_cast<double>(xc[j]) * xc[j];
           const double norm = std::sqrt(squared);
           const double coordinate_error = coordinate_error_factor * norm;
+          const int64_t level_axes[4] = {p.box_axes, p.axes[0], p.axes[1], p.axes[2]};
+          float* level_tails[4] = {&query.box_tail, &query.tails[0], &query.tails[1], &query.tails[2]};
           double partial = 0.0, worst_tail = 0.0, first_norm = 0.0;
-          for (int64_t j = 0, t = 0; t < 3; ++t) {
-            for (; j < p.axes[t]; ++j) partial += static_cast<double>(c[j]) * c[j];
-            const double tail = p.axes[t] == d ? 0.0 : std::sqrt(std::max(0.0, squared - partial));
-            query.tails[t] = static_cast<float>(tail);
-            if (p.axes[t] < d) worst_tail = std::max(worst_tail, tail_error(norm, coordinate_error, tail, kUnit));
-            if (t == 0) first_norm = partial;
+          for (int64_t j = 0, t = 0; t < 4; ++t) {
+            for (; j < level_axes[t]; ++j) partial += static_cast<double>(c[j]) * c[j];
+            const double tail = level_axes[t] == d ? 0.0 : std::sqrt(std::max(0.0, squared - partial));
+            *level_tails[t] = static_cast<float>(tail);
+            if (level_axes[t] < d) worst_tail = std::max(worst_tail, tail_error(norm, coordinate_error, tail, kUnit));
+            if (t == 1) first_norm = partial;
           }
           query.first_norm = static_cast<float>(first_norm);
           // + 2 units of the norm: centring the query in float moves it by at most one.
