@@ -47,9 +47,8 @@ inline uint32_t lane_bits(const v8i& pass) {
 }
 
 // sum((a - b)^2) over n floats in 16 lanes. Every term is non-negative, so the relative error is at most
-// relative_error_of_sum(n).
-__attribute__((target_clones("arch=x86-64-v3", "default"))) float squared_distance(const float* a, const float* b,
-                                                                                  int64_t n) {
+// relative_error_of_sum(n). Inlined into each clone of its callers, so that it is compiled for their target.
+inline __attribute__((always_inline)) float sum_of_squared_differences(const float* a, const float* b, int64_t n) {
   v8f lo{}, hi{};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -71,6 +70,11 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) float squared_distan
   float t[8];
   std::memcpy(t, &s, sizeof t);
   return (((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]))) + tail;
+}
+
+__attribute__((target_clones("arch=x86-64-v3", "default"))) float squared_distance(const float* a, const float* b,
+                                                                                  int64_t n) {
+  return sum_of_squared_differences(a, b, n);
 }
 
 double relative_error_of_sum(int64_t n) { return (static_cast<double>(n) / 16.0 + 24.0) * kUnit * 1.01; }
@@ -154,6 +158,52 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) uint32_t box_bounds(
   return lane_bits((acc0 + acc1) + g0 * g0 <= threshold);
 }
 
+// What the refinement reads of the bank, per slot.
+struct RefineTiers {
+  const float* coordinates;  // [slots, width]
+  int64_t width;
+  const float* tails[3];  // per tier [slots]
+  int64_t axes[3];
+  const int64_t* row_of_slot;
+};
+
+// A row that passed every tier, waiting for its exact distance.
+struct Candidate {
+  float bound;
+  int64_t row;
+  bool operator<(const Candidate& o) const { return bound > o.bound; }  // std's max-heap → lowest bound on top
+};
+
+// The rows whose first-tier bits are set in masks[i] for block ids[i], i < count, refined over axes[1] and then
+// axes[2] axes: the squared difference of those coordinates plus that of the remaining norms. Appends the rows
+// whose bounds stay at most `threshold` to `candidates`; returns how many rows it refined. One function per
+// target, so the distances inline: a call per row and tier cost a third of the refinement.
+__attribute__((target_clones("arch=x86-64-v3", "default"))) int64_t refine(const RefineTiers& bank, const int32_t* ids,
+                                                                         const uint8_t* masks, size_t count,
+                                                                         const float* q, const float* q_tails,
+                                                                         float threshold,
+                                                                         std::vector<Candidate>& candidates) {
+  int64_t refined = 0;
+  for (size_t b = 0; b < count; ++b)
+    for (uint32_t m = masks[b]; m != 0; m &= m - 1) {
+      const int64_t s = ids[b] * kLanes + __builtin_ctz(m);
+      // Padding slots have an infinite bound, which passes while fewer than k rows are found.
+      if (bank.row_of_slot[s] < 0) continue;
+      ++refined;
+      const float* rc = bank.coordinates + s * bank.width;
+      float sum = 0.f, bound = 0.f;
+      for (int64_t t = 1, done = 0; t < 3 && bound <= threshold; ++t) {
+        if (bank.axes[t] == bank.axes[t - 1]) continue;
+        sum += sum_of_squared_differences(q + done, rc + done, bank.axes[t] - done);
+        done = bank.axes[t];
+        const float rest = q_tails[t] - bank.tails[t][s];
+        bound = sum + rest * rest;
+      }
+      if (bound <= threshold) candidates.push_back({bound, bank.row_of_slot[s]});
+    }
+  return refined;
+}
+
 // A vector x is represented by its leading rotated coordinates c and, per tier, the norm t of the rest. For the
 // exact rotation (c*, t*) the bound is a distance in R^(axes+1), so an error of at most e in (c, t) moves the
 // square root of a bound by at most e. This is e for a tail computed as sqrt(|x|^2 - |c|^2) from coordinates
@@ -181,13 +231,6 @@ void use_huge_pages(const void* data, size_t bytes) {
   void* start = reinterpret_cast<void*>(begin);
   if (madvise(start, end - begin, MADV_HUGEPAGE) == 0) madvise(start, end - begin, 25 /* MADV_COLLAPSE */);
 }
-
-// A row that passed every tier, waiting for its exact distance.
-struct Candidate {
-  float bound;
-  int64_t row;
-  bool operator<(const Candidate& o) const { return bound > o.bound; }  // std's max-heap → lowest bound on top
-};
 
 struct Neighbour {
   float distance;
@@ -485,6 +528,8 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
   // which moves gap^2 by at most that times (|q| + |centre|)^2, within first_absolute.
   const double first_error = std::max((first + 8) * kUnit * 1.01, relative_error_of_sum(first));
 
+  const RefineTiers tiers{p.coordinates.data(), width, {p.tails[0].data(), p.tails[1].data(), p.tails[2].data()},
+                          {p.axes[0], p.axes[1], p.axes[2]}, p.row_of_slot.data()};
   int64_t total_refined = 0, total_exact = 0;
   std::exception_ptr failure;
   const int64_t chunks = (nq + kChunk - 1) / kChunk;
@@ -560,23 +605,8 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
                    static_cast<int64_t>(passing.size()), first, query.coords, query.first_norm, query.tails[0],
                    query.first_threshold, masks.data());
         candidates.clear();
-        for (size_t b = 0; b < count; ++b)
-          for (uint32_t m = masks[b]; m != 0; m &= m - 1) {
-            const int64_t s = passing[b] * kLanes + __builtin_ctz(m);
-            // Padding slots have an infinite bound, which passes while fewer than k rows are found.
-            if (p.row_of_slot[s] < 0) continue;
-            ++total_refined;
-            const float* rc = p.coordinates.data() + s * width;
-            float sum = 0.f, bound = 0.f;
-            for (int64_t t = 1, done = 0; t < 3 && bound <= query.refine_threshold; ++t) {
-              if (p.axes[t] == p.axes[t - 1]) continue;
-              sum += squared_distance(query.coords + done, rc + done, p.axes[t] - done);
-              done = p.axes[t];
-              const float rest = query.tails[t] - p.tails[t][s];
-              bound = sum + rest * rest;
-            }
-            if (bound <= query.refine_threshold) candidates.push_back({bound, p.row_of_slot[s]});
-          }
+        total_refined += refine(tiers, passing.data(), masks.data(), count, query.coords, query.tails,
+                                query.refine_threshold, candidates);
         std::make_heap(candidates.begin(), candidates.end());
         while (!candidates.empty() && candidates.front().bound <= query.refine_threshold) {
           const int64_t row = candidates.front().row;
