@@ -18,7 +18,8 @@ namespace {
 // Leading principal axes of the three bound tiers (clamped to the feature length). The first tier's bound is
 // computed for every row of every visited cell; each refinement cuts the rows that reach the next, costlier
 // stage about threefold on CNN patch features.
-constexpr int64_t kTierAxes[3] = {32, 128, 256};
+constexpr int kTiers = 3;
+constexpr int64_t kTierAxes[kTiers] = {32, 128, 256};
 // Leading axes of the bounding box of each block of 8 rows, checked before the block's first-tier bounds.
 constexpr int64_t kBoxAxes = 16;
 constexpr int64_t kRowsPerCell = 64;  // k-means cells over the first-tier coordinates
@@ -162,8 +163,8 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) uint32_t box_bounds(
 struct RefineTiers {
   const float* coordinates;  // [slots, width]
   int64_t width;
-  const float* tails[3];  // per tier [slots]
-  int64_t axes[3];
+  const float* tails[kTiers];  // per tier [slots]
+  int64_t axes[kTiers];
   const int64_t* row_of_slot;
 };
 
@@ -174,8 +175,8 @@ struct Candidate {
   bool operator<(const Candidate& o) const { return bound > o.bound; }  // std's max-heap → lowest bound on top
 };
 
-// The rows whose first-tier bits are set in masks[i] for block ids[i], i < count, refined over axes[1] and then
-// axes[2] axes: the squared difference of those coordinates plus that of the remaining norms. Appends the rows
+// The rows whose first-tier bits are set in masks[i] for block ids[i], i < count, refined over the axes of each
+// later tier: the squared difference of those coordinates plus that of the remaining norms. Appends the rows
 // whose bounds stay at most `threshold` to `candidates`; returns how many rows it refined. One function per
 // target, so the distances inline: a call per row and tier cost a third of the refinement.
 __attribute__((target_clones("arch=x86-64-v3", "default"))) int64_t refine(const RefineTiers& bank, const int32_t* ids,
@@ -192,7 +193,7 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) int64_t refine(const
       ++refined;
       const float* rc = bank.coordinates + s * bank.width;
       float sum = 0.f, bound = 0.f;
-      for (int64_t t = 1, done = 0; t < 3 && bound <= threshold; ++t) {
+      for (int64_t t = 1, done = 0; t < kTiers && bound <= threshold; ++t) {
         if (bank.axes[t] == bank.axes[t - 1]) continue;
         sum += sum_of_squared_differences(q + done, rc + done, bank.axes[t] - done);
         done = bank.axes[t];
@@ -212,6 +213,21 @@ double tail_error(double norm, double coordinate_error, double tail, double unit
   const double e = 2.0 * norm * coordinate_error + coordinate_error * coordinate_error + 4.0 * unit * norm * norm;
   const double through_square = tail > 0.0 ? std::min(std::sqrt(e), e / tail) : std::sqrt(e);
   return through_square + kUnit * tail;  // + rounding the tail to float
+}
+
+// The norm of a vector (squared norm `squared`, rotated coordinates c) beyond its leading levels[i] coordinates,
+// for the kTiers + 1 ascending levels: → tails[i]. Returns the largest of their tail_errors.
+template <typename T>
+double tails_beyond(const T* c, double squared, int64_t d, const int64_t* levels, float* tails, double norm,
+                    double coordinate_error, double unit) {
+  double partial = 0.0, worst = 0.0;
+  for (int64_t j = 0, t = 0; t <= kTiers; ++t) {
+    for (; j < levels[t]; ++j) partial += static_cast<double>(c[j]) * c[j];
+    const double tail = levels[t] == d ? 0.0 : std::sqrt(std::max(0.0, squared - partial));
+    tails[t] = static_cast<float>(tail);
+    if (levels[t] < d) worst = std::max(worst, tail_error(norm, coordinate_error, tail, unit));
+  }
+  return worst;
 }
 
 // Thresholds are kept in float next to float bounds: round up so that the cast never tightens them.
@@ -301,16 +317,17 @@ void order_for_boxes(int64_t* rows, int64_t n, const float* coordinates, int64_t
 struct ExactPrunedNN::Pruning {
   const float* rows = nullptr;  // the flat index's storage, [count, dim]
   int64_t count = 0, dim = 0;
-  int64_t axes[3] = {};  // per tier, clamped to dim; axes[2] is the projection width
+  int64_t axes[kTiers] = {};  // per tier, clamped to dim; the last is the projection width
   int64_t box_axes = 0;  // kBoxAxes clamped to axes[0]
+  int64_t tail_levels[kTiers + 1] = {};  // box_axes, then axes
   torch::Tensor mean;    // [dim] float32: the centre for rows and queries alike
-  torch::Tensor basis;   // [dim, axes[2]] float32: leading principal axes
+  torch::Tensor basis;   // [dim, width] float32: leading principal axes
   int64_t slots = 0;
   std::vector<int64_t> row_of_slot;  // -1 on padding
   std::vector<float> blocks;         // [slots / 8, axes[0], 8] first-tier coordinates, interleaved
   std::vector<float> norms;          // [slots] squared first-tier norms
-  std::vector<float> tails[3];       // per tier [slots]: norm of the coordinates beyond the tier's axes
-  std::vector<float> coordinates;    // [slots, axes[2]]
+  std::vector<float> tails[kTiers];  // per tier [slots]: norm of the coordinates beyond the tier's axes
+  std::vector<float> coordinates;    // [slots, width]
   // Per group of up to 8 consecutive blocks of a cell, one block per lane: the bounding box of the block's rows
   // over the leading box_axes and their tails beyond those axes. Lanes without a block hold empty boxes.
   std::vector<float> box_low, box_high;            // [groups, box_axes, 8]
@@ -343,9 +360,11 @@ void ExactPrunedNN::index_changed() {
   p->count = size();
   p->dim = dimension();
   const int64_t n = p->count, d = p->dim;
-  for (int t = 0; t < 3; ++t) p->axes[t] = std::min(kTierAxes[t], d);
+  for (int t = 0; t < kTiers; ++t) p->axes[t] = std::min(kTierAxes[t], d);
   p->box_axes = std::min(kBoxAxes, p->axes[0]);
-  const int64_t width = p->axes[2], first = p->axes[0], box_axes = p->box_axes;
+  p->tail_levels[0] = p->box_axes;
+  for (int t = 0; t < kTiers; ++t) p->tail_levels[t + 1] = p->axes[t];
+  const int64_t width = p->axes[kTiers - 1], first = p->axes[0], box_axes = p->box_axes;
   const torch::Tensor x = torch::from_blob(const_cast<float*>(rows), {n, d}, torch::kFloat32);
   // Non-finite values would make every bound meaningless.
   if (!torch::isfinite(x).all().item<bool>())
@@ -377,7 +396,7 @@ void ExactPrunedNN::index_changed() {
 
   // Rows are rotated in double: their coordinate error is then negligible next to the float rounding.
   std::vector<float> coordinates(static_cast<size_t>(n * width));
-  std::vector<float> tails[3], box_tails(static_cast<size_t>(n));
+  std::vector<float> tails[kTiers], box_tails(static_cast<size_t>(n));
   for (auto& t : tails) t.resize(static_cast<size_t>(n));
   const double coordinate_error_factor = std::sqrt(static_cast<double>(width)) * 2.0 * (d + 2) * kDoubleUnit;
   double row_error = 0.0;
@@ -393,16 +412,11 @@ void ExactPrunedNN::index_changed() {
       for (int64_t j = 0; j < width; ++j) coordinates[r * width + j] = static_cast<float>(cr[j]);
       const double norm = std::sqrt(sq[r - s]);
       const double coordinate_error = coordinate_error_factor * norm;
-      // The norm beyond the box's axes, then beyond each tier's.
-      const int64_t level_axes[4] = {box_axes, p->axes[0], p->axes[1], p->axes[2]};
-      float* level_tails[4] = {&box_tails[r], &tails[0][r], &tails[1][r], &tails[2][r]};
-      double partial = 0.0, worst_tail = 0.0;
-      for (int64_t j = 0, t = 0; t < 4; ++t) {
-        for (; j < level_axes[t]; ++j) partial += cr[j] * cr[j];
-        const double tail = level_axes[t] == d ? 0.0 : std::sqrt(std::max(0.0, sq[r - s] - partial));
-        *level_tails[t] = static_cast<float>(tail);
-        if (level_axes[t] < d) worst_tail = std::max(worst_tail, tail_error(norm, coordinate_error, tail, kDoubleUnit));
-      }
+      float row_tails[kTiers + 1];
+      const double worst_tail =
+          tails_beyond(cr, sq[r - s], d, p->tail_levels, row_tails, norm, coordinate_error, kDoubleUnit);
+      box_tails[r] = row_tails[0];
+      for (int t = 0; t < kTiers; ++t) tails[t][r] = row_tails[t + 1];
       row_error = std::max(row_error, coordinate_error + kUnit * norm + worst_tail);
     }
   }
@@ -461,7 +475,7 @@ void ExactPrunedNN::index_changed() {
       cell.tail_high = std::max(cell.tail_high, tails[0][r]);
       p->row_of_slot[slot] = r;
       p->norms[slot] = static_cast<float>(partial);
-      for (int t = 0; t < 3; ++t) p->tails[t][slot] = tails[t][r];
+      for (int t = 0; t < kTiers; ++t) p->tails[t][slot] = tails[t][r];
       std::memcpy(p->coordinates.data() + slot * width, cr, static_cast<size_t>(width) * sizeof(float));
       for (int64_t a = 0; a < first; ++a) p->blocks[(slot / kLanes) * first * kLanes + a * kLanes + slot % kLanes] = cr[a];
       const int64_t block = (slot - cell.begin) / kLanes;
@@ -506,7 +520,7 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
   const torch::Tensor queries = checked_queries(k, query_features, p.count, p.dim);
   if (!torch::isfinite(queries).all().item<bool>())
     throw std::invalid_argument(std::string(kind()) + ": query features contain NaN or infinite values");
-  const int64_t nq = queries.size(0), d = p.dim, width = p.axes[2], first = p.axes[0];
+  const int64_t nq = queries.size(0), d = p.dim, width = p.axes[kTiers - 1], first = p.axes[0];
   const int64_t cell_count = static_cast<int64_t>(p.cells.size());
 
   const torch::Tensor centred = (queries - p.mean).contiguous();
@@ -528,8 +542,11 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
   // which moves gap^2 by at most that times (|q| + |centre|)^2, within first_absolute.
   const double first_error = std::max((first + 8) * kUnit * 1.01, relative_error_of_sum(first));
 
-  const RefineTiers tiers{p.coordinates.data(), width, {p.tails[0].data(), p.tails[1].data(), p.tails[2].data()},
-                          {p.axes[0], p.axes[1], p.axes[2]}, p.row_of_slot.data()};
+  RefineTiers tiers{p.coordinates.data(), width, {}, {}, p.row_of_slot.data()};
+  for (int t = 0; t < kTiers; ++t) {
+    tiers.tails[t] = p.tails[t].data();
+    tiers.axes[t] = p.axes[t];
+  }
   int64_t total_refined = 0, total_exact = 0;
   std::exception_ptr failure;
   const int64_t chunks = (nq + kChunk - 1) / kChunk;
@@ -538,7 +555,7 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
   struct Query {
     const float* features;  // as given, [d]
     const float* coords;  // rotated, [width]
-    float first_norm = 0.f, tails[3] = {}, box_tail = 0.f;
+    float first_norm = 0.f, box_tail = 0.f, tails[kTiers] = {};
     double slack = 0.0, first_absolute = 0.0;
     float first_threshold = kInf, refine_threshold = kInf;
     std::vector<Neighbour> best;  // max-heap of the k best so far
@@ -633,16 +650,13 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
           for (int64_t j = 0; j < d; ++j) squared += static_cast<double>(xc[j]) * xc[j];
           const double norm = std::sqrt(squared);
           const double coordinate_error = coordinate_error_factor * norm;
-          const int64_t level_axes[4] = {p.box_axes, p.axes[0], p.axes[1], p.axes[2]};
-          float* level_tails[4] = {&query.box_tail, &query.tails[0], &query.tails[1], &query.tails[2]};
-          double partial = 0.0, worst_tail = 0.0, first_norm = 0.0;
-          for (int64_t j = 0, t = 0; t < 4; ++t) {
-            for (; j < level_axes[t]; ++j) partial += static_cast<double>(c[j]) * c[j];
-            const double tail = level_axes[t] == d ? 0.0 : std::sqrt(std::max(0.0, squared - partial));
-            *level_tails[t] = static_cast<float>(tail);
-            if (level_axes[t] < d) worst_tail = std::max(worst_tail, tail_error(norm, coordinate_error, tail, kUnit));
-            if (t == 1) first_norm = partial;
-          }
+          float level_tails[kTiers + 1];
+          const double worst_tail =
+              tails_beyond(c, squared, d, p.tail_levels, level_tails, norm, coordinate_error, kUnit);
+          query.box_tail = level_tails[0];
+          std::copy(level_tails + 1, level_tails + kTiers + 1, query.tails);
+          double first_norm = 0.0;
+          for (int64_t j = 0; j < first; ++j) first_norm += static_cast<double>(c[j]) * c[j];
           query.first_norm = static_cast<float>(first_norm);
           // + 2 units of the norm: centring the query in float moves it by at most one.
           query.slack = (coordinate_error + 2.0 * kUnit * norm + worst_tail) * 1.01 + p.row_error;
