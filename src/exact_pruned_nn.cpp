@@ -16,8 +16,8 @@ namespace patchcore {
 namespace {
 
 // Leading principal axes of the three bound tiers (clamped to the feature length). The first tier's bound is
-// computed for every row of every visited cell; each refinement cuts the rows that reach the next, costlier
-// stage about threefold on CNN patch features.
+// computed for every row of each block whose box passes; each refinement cuts the rows that reach the next,
+// costlier stage about threefold on CNN patch features.
 constexpr int kTiers = 3;
 constexpr int64_t kTierAxes[kTiers] = {32, 128, 256};
 // Leading axes of the bounding box of each block of 8 rows, checked before the block's first-tier bounds.
@@ -127,7 +127,11 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) void first_tier(cons
 
 // Box bounds of a query against 8 blocks at once, one per lane: the squared distance from the query's
 // (leading axes, tail) point to each block's bounding box of its rows' points. → a bit per block whose bound is
-// at most `threshold`. Lanes without a block have an empty box (low +inf, high -inf), which never passes.
+// at most `threshold`. Lanes without a block have an empty box (low +inf, high -inf), whose bound is infinite:
+// it passes an infinite threshold, so callers mask those lanes.
+// The box holds each row's point, so the distance to it is at most the row's bound over these axes, and it
+// moves by at most the query's representation error, like every tier's bound. Its float rounding is at most
+// (axes / 2 + 5) units relative, two chains of non-negative terms.
 __attribute__((target_clones("arch=x86-64-v3", "default"))) uint32_t box_bounds(const float* low, const float* high,
                                                                               const float* tail_low,
                                                                               const float* tail_high, int64_t axes,
@@ -575,7 +579,8 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
   const double exact_error = relative_error_of_sum(d) + 2.0 * kUnit;
   const double refine_error = relative_error_of_sum(width) + 4.0 * kUnit;
   // Also covers the cell bounds: their float |q - centre|^2 is off by at most relative_error_of_sum(first),
-  // which moves gap^2 by at most that times (|q| + |centre|)^2, within first_absolute.
+  // which moves gap^2 by at most that times (|q| + |centre|)^2, within first_absolute. And the box bounds:
+  // (box_axes / 2 + 5) units relative, below (first + 8) as box_axes <= first.
   const double first_error = std::max((first + 8) * kUnit * 1.01, relative_error_of_sum(first));
 
   RefineTiers tiers{p.coordinates.data(), width, {}, {}, p.row_of_slot.data()};
