@@ -25,7 +25,9 @@ constexpr int64_t kBoxAxes = 16;
 constexpr int64_t kRowsPerCell = 64;  // k-means cells over the first-tier coordinates
 constexpr int kKMeansIterations = 8;
 constexpr int64_t kSlice = 4096;     // rows per slice of the bank's temporaries
-constexpr int64_t kChunk = 28;        // consecutive queries (one row of a 28x28 patch grid) in one work item
+// Consecutive queries in one work item: two rows of a 28x28 patch grid (against one row: 0.91 of the search
+// time on tire, alternating per image; four rows gained nothing more and leave fewer items to balance).
+constexpr int64_t kChunk = 56;
 constexpr int64_t kLanes = 8;         // rows per interleaved block of first-tier coordinates
 constexpr int64_t kGroup = 4;         // blocks whose first-tier bounds are computed together
 constexpr double kUnit = 5.9604644775390625e-08;        // float unit roundoff, 2^-24
@@ -675,7 +677,7 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
         }
       };
 
-      // A work item is one row of the patch grid. Its queries look alike and need mostly the same cells, so
+      // A work item is two rows of the patch grid. Its queries look alike and need mostly the same cells, so
       // the cells are visited in one order for all of them and each cell's rows are read from memory once
       // for the whole item rather than once per query.
 #pragma omp for schedule(dynamic, 1)

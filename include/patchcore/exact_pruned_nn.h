@@ -8,8 +8,8 @@
 // (the second term by the reverse triangle inequality), so a row whose bound exceeds the k-th best distance
 // found so far cannot be a neighbour. Rows are grouped into k-means cells of about 64 over the leading 32
 // axes; a cell whose bound (from its centre and radius) exceeds the threshold is skipped whole. Queries are
-// searched one patch-grid row (28) at a time: each first searches the cell with its nearest centre, then the
-// cells are walked in one order for all 28, so a cell's data is read from memory once for all the queries that
+// searched two patch-grid rows (56) at a time: each first searches the cell with its nearest centre, then the
+// cells are walked in one order for all 56, so a cell's data is read from memory once for all the queries that
 // need it. Within a cell, rows are ordered by a k-d split into blocks of 8 that lie close together, and each
 // block's bounding box over the leading 16 axes (and the tails beyond them) bounds all its rows at once; only the
 // blocks that pass get the bound over 32 axes for each row, and rows that pass are refined with 128 and 256 axes. Rows that pass those too get their exact distance over all D features lowest bound first,
