@@ -43,9 +43,9 @@ inline void load8(v8f& v, const float* p) { std::memcpy(&v, p, sizeof v); }
 // Bit l set where lane l of `pass` is true (all ones).
 inline uint32_t lane_bits(const v8i& pass) {
   v8i m = pass & v8i{1, 2, 4, 8, 16, 32, 64, 128};
-  m |= __builtin_shuffle(m, v8i{4, 5, 6, 7, 0, 1, 2, 3});
-  m |= __builtin_shuffle(m, v8i{2, 3, 0, 1, 6, 7, 4, 5});
-  m |= __builtin_shuffle(m, v8i{1, 0, 3, 2, 5, 4, 7, 6});
+  m |= __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3);
+  m |= __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5);
+  m |= __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6);
   return static_cast<uint32_t>(m[0]);
 }
 
