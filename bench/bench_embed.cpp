@@ -8,9 +8,9 @@
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
-#include "patchcore/backbone.h"
-#include "patchcore/embedding.h"
-#include "patchcore/rescale_segmentor.h"
+#include "patchcore/backbone/backbone.h"
+#include "patchcore/embedding/patch_embedder.h"
+#include "patchcore/segmentation/rescale_segmentor.h"
 
 namespace {
 

@@ -13,7 +13,7 @@
 #include <filesystem>
 #include <vector>
 
-#include "patchcore/exact_pruned_nn.h"
+#include "patchcore/nn/exact_pruned_nn.h"
 #include "patchcore/patchcore.h"
 
 namespace {

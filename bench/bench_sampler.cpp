@@ -8,7 +8,7 @@
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
-#include "patchcore/sampler.h"
+#include "patchcore/memory_bank/sampler.h"
 
 namespace {
 

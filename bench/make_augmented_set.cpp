@@ -11,7 +11,7 @@
 #include <random>
 #include <string>
 
-#include "patchcore/dataset.h"
+#include "patchcore/io/dataset.h"
 
 namespace fs = std::filesystem;
 

@@ -5,7 +5,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "patchcore/checkpoint.h"
+#include "patchcore/io/checkpoint.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // Limits far below the defaults so that a mutated size field is refused by the check rather than by

@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "patchcore/image.h"
+#include "patchcore/io/image.h"
 
 namespace {
 

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "patchcore/file_util.h"
+#include "patchcore/core/file.h"
 
 namespace fs = std::filesystem;
 

@@ -9,8 +9,8 @@
 #include <stdexcept>
 #include <vector>
 
-#include "patchcore/dataset.h"
-#include "patchcore/image_batches.h"
+#include "patchcore/io/dataset.h"
+#include "patchcore/io/image_batches.h"
 
 namespace patchcore {
 namespace {

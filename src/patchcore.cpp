@@ -10,9 +10,9 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
-#include "patchcore/feature_store.h"
-#include "patchcore/file_util.h"
-#include "patchcore/image_batches.h"
+#include "patchcore/memory_bank/feature_store.h"
+#include "patchcore/core/file.h"
+#include "patchcore/io/image_batches.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;

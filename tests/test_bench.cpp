@@ -7,9 +7,9 @@
 
 #include "common_fixtures.h"
 #include "patchcore/bench.h"
-#include "patchcore/dataset.h"
-#include "patchcore/image_batches.h"
-#include "patchcore/stage_timer.h"
+#include "patchcore/io/dataset.h"
+#include "patchcore/io/image_batches.h"
+#include "patchcore/core/stage_timer.h"
 
 using namespace patchcore;
 using test::error_of;

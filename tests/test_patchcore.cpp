@@ -5,9 +5,9 @@
 #include <nlohmann/json.hpp>
 
 #include "common_fixtures.h"
-#include "patchcore/evaluation.h"
-#include "patchcore/file_util.h"
-#include "patchcore/image_batches.h"
+#include "patchcore/evaluation/evaluation.h"
+#include "patchcore/core/file.h"
+#include "patchcore/io/image_batches.h"
 #include "patchcore/patchcore.h"
 
 using namespace patchcore;

@@ -8,17 +8,17 @@
 #include <string>
 #include <vector>
 
-#include "patchcore/aggregator.h"
-#include "patchcore/backbone.h"
-#include "patchcore/embedding.h"
-#include "patchcore/image.h"
-#include "patchcore/nearest_neighbour_scorer.h"
-#include "patchcore/network_feature_aggregator.h"
-#include "patchcore/patch_maker.h"
-#include "patchcore/preprocessing.h"
-#include "patchcore/rescale_segmentor.h"
-#include "patchcore/sampler.h"
-#include "patchcore/stage_timer.h"
+#include "patchcore/embedding/aggregator.h"
+#include "patchcore/backbone/backbone.h"
+#include "patchcore/embedding/patch_embedder.h"
+#include "patchcore/io/image.h"
+#include "patchcore/nn/nearest_neighbour_scorer.h"
+#include "patchcore/backbone/network_feature_aggregator.h"
+#include "patchcore/embedding/patch_maker.h"
+#include "patchcore/embedding/preprocessing.h"
+#include "patchcore/segmentation/rescale_segmentor.h"
+#include "patchcore/memory_bank/sampler.h"
+#include "patchcore/core/stage_timer.h"
 
 namespace patchcore {
 

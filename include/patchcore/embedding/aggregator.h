@@ -1,0 +1,20 @@
+#pragma once
+// common.Aggregator: the per-layer embeddings of a patch merged into one vector of target_dim.
+#include <torch/torch.h>
+
+#include "patchcore/embedding/preprocessing.h"
+
+namespace patchcore {
+
+class Aggregator {
+ public:
+  explicit Aggregator(int64_t target_dim);
+  // [N, layers, D] → [N, target_dim]: rows flattened (first layer first), then adaptive average pooling.
+  torch::Tensor forward(const torch::Tensor& features) const;
+  int64_t target_dim() const { return pool_.preprocessing_dim(); }
+
+ private:
+  MeanMapper pool_;  // the same flatten-and-pool, over the concatenated layers
+};
+
+}  // namespace patchcore

@@ -1,0 +1,92 @@
+#include "patchcore/segmentation/rescale_segmentor.h"
+
+#include <cmath>
+#include <stdexcept>
+
+#include "patchcore/backbone/network_feature_aggregator.h"
+
+namespace patchcore {
+namespace {
+
+// scipy's 'reflect' mode: the edge sample is repeated, and the pattern repeats with period 2n.
+int64_t reflect_index(int64_t i, int64_t n) {
+  const int64_t period = 2 * n;
+  i %= period;
+  if (i < 0) i += period;
+  return i < n ? i : period - 1 - i;
+}
+
+// One 1-D pass along `axis` of a row-major [rows, cols] float map.
+void filter_axis(const float* in, float* out, int64_t rows, int64_t cols, int axis, const std::vector<double>& taps) {
+  const int64_t radius = static_cast<int64_t>(taps.size() / 2);
+  const int64_t n = axis == 0 ? rows : cols;
+  std::vector<int64_t> clamp(static_cast<size_t>(n + 2 * radius));
+  for (int64_t i = -radius; i < n + radius; ++i) clamp[static_cast<size_t>(i + radius)] = reflect_index(i, n);
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc(static_cast<size_t>(cols));
+    // Along a row, the row with its reflected borders: contiguous reads, which vectorise.
+    std::vector<float> padded(axis == 0 ? 0 : static_cast<size_t>(cols + 2 * radius));
+    for (int64_t r = begin; r < end; ++r) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      if (axis == 1)
+        for (size_t c = 0; c < padded.size(); ++c) padded[c] = in[r * cols + clamp[c]];
+      for (int64_t t = 0; t < static_cast<int64_t>(taps.size()); ++t) {
+        const double w = taps[static_cast<size_t>(t)];
+        const float* src = axis == 0 ? in + clamp[static_cast<size_t>(r + t)] * cols : padded.data() + t;
+        for (int64_t c = 0; c < cols; ++c) acc[static_cast<size_t>(c)] += w * src[c];
+      }
+      for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = static_cast<float>(acc[static_cast<size_t>(c)]);
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor gaussian_filter(const torch::Tensor& image, double sigma, double truncate) {
+  if (image.dim() != 2 || image.numel() == 0) throw std::invalid_argument("gaussian_filter: expected a non-empty 2-D map");
+  if (!(sigma > 0) || !(truncate > 0)) throw std::invalid_argument("gaussian_filter: sigma and truncate must be positive");
+  const int64_t radius = static_cast<int64_t>(truncate * sigma + 0.5);
+  std::vector<double> taps(static_cast<size_t>(2 * radius + 1));
+  double sum = 0;
+  for (int64_t x = -radius; x <= radius; ++x) sum += taps[static_cast<size_t>(x + radius)] = std::exp(-0.5 * x * x / (sigma * sigma));
+  for (double& t : taps) t /= sum;
+
+  const torch::Tensor in = image.to(torch::kCPU, torch::kFloat32).contiguous();
+  const int64_t rows = in.size(0), cols = in.size(1);
+  torch::Tensor tmp = torch::empty_like(in), out = torch::empty_like(in);
+  filter_axis(in.data_ptr<float>(), tmp.data_ptr<float>(), rows, cols, 0, taps);
+  filter_axis(tmp.data_ptr<float>(), out.data_ptr<float>(), rows, cols, 1, taps);
+  return out;
+}
+
+RescaleSegmentor::RescaleSegmentor(const std::string& device, int64_t target_size, double smoothing)
+    : device_(parse_device(device)), target_size_(target_size), smoothing_(smoothing) {
+  if (target_size < 1) throw std::invalid_argument("RescaleSegmentor: target_size must be positive");
+  if (!(smoothing > 0)) throw std::invalid_argument("RescaleSegmentor: smoothing sigma must be positive");
+}
+
+std::vector<torch::Tensor> RescaleSegmentor::convert_to_segmentation(const torch::Tensor& patch_scores) const {
+  torch::Tensor scores = patch_scores;
+  if (scores.dim() == 2) {
+    const auto side = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(scores.size(1)))));
+    if (side * side != scores.size(1))
+      throw std::invalid_argument("RescaleSegmentor: [B, L] patch scores need a square grid, L = " + std::to_string(scores.size(1)));
+    scores = scores.reshape({scores.size(0), side, side});
+  }
+  if (scores.dim() != 3 || scores.numel() == 0)
+    throw std::invalid_argument("RescaleSegmentor: patch scores must be [B, h, w]");
+  torch::NoGradGuard no_grad;
+  const torch::Tensor upsampled =
+      torch::nn::functional::interpolate(scores.to(device_, torch::kFloat32).unsqueeze(1),
+                                         torch::nn::functional::InterpolateFuncOptions()
+                                             .size(std::vector<int64_t>{target_size_, target_size_})
+                                             .mode(torch::kBilinear)
+                                             .align_corners(false))
+          .squeeze(1)
+          .cpu();
+  std::vector<torch::Tensor> maps;
+  for (int64_t b = 0; b < upsampled.size(0); ++b) maps.push_back(gaussian_filter(upsampled[b], smoothing_));
+  return maps;
+}
+
+}  // namespace patchcore
