@@ -54,8 +54,7 @@ void BM_GreedyCoresetFast(benchmark::State& state) {
   const double percentage = static_cast<double>(state.range(0)) / 1000.0;
   const int64_t count = static_cast<int64_t>(kPatches * percentage);
   patchcore::GreedyStats stats;
-  for (auto _ : state)
-    benchmark::DoNotOptimize(patchcore::greedy_coreset_fast(bank().z, bank().scores, count, &stats));
+  for (auto _ : state) benchmark::DoNotOptimize(patchcore::greedy_coreset_fast(bank().z, bank().scores, count, &stats));
   state.counters["selections"] = static_cast<double>(count);
   state.counters["passes"] = static_cast<double>(stats.passes);
   // Share of the straightforward loop's N * count exact distances that were still computed.

@@ -39,7 +39,8 @@ int main(int argc, char** argv) {
         if (k > 0) {
           std::uniform_real_distribution<double> side(0.85, 1.0), start(0.0, 1.0);
           const int w = static_cast<int>(image.cols * side(rng)), h = static_cast<int>(image.rows * side(rng));
-          const int x = static_cast<int>((image.cols - w) * start(rng)), y = static_cast<int>((image.rows - h) * start(rng));
+          const int x = static_cast<int>((image.cols - w) * start(rng)),
+                    y = static_cast<int>((image.rows - h) * start(rng));
           cv::resize(image(cv::Rect(x, y, w, h)), variant, image.size(), 0, 0, cv::INTER_LINEAR);
           if (k % 4 != 0) cv::flip(variant, variant, k % 4 - 2);  // -1: both axes, 0: vertical, 1: horizontal
         }

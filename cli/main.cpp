@@ -1,6 +1,7 @@
 // patchcore: fit, predict and evaluate from the command line. A thin layer over the library.
 #include <unistd.h>
 
+#include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
@@ -9,18 +10,17 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <opencv2/imgproc.hpp>
-#include <spdlog/spdlog.h>
 #include <sstream>
 #include <thread>
 
 #include "patchcore/bench.h"
-#include "patchcore/io/dataset.h"
-#include "patchcore/evaluation/evaluation.h"
 #include "patchcore/core/file.h"
+#include "patchcore/evaluation/evaluation.h"
+#include "patchcore/evaluation/report.h"
+#include "patchcore/io/dataset.h"
 #include "patchcore/io/image_batches.h"
 #include "patchcore/io/npy.h"
 #include "patchcore/patchcore.h"
-#include "patchcore/evaluation/report.h"
 
 namespace fs = std::filesystem;
 using namespace patchcore;
@@ -31,19 +31,21 @@ namespace {
 // A bar on a terminal; on a pipe or log file, one line per tenth so logs stay readable.
 ProgressCallback progress_bar() {
   const bool tty = ::isatty(STDERR_FILENO);
-  return [tty, last_tenth = -1, last_stage = std::string()](const std::string& stage, size_t done, size_t total) mutable {
-    if (stage != last_stage) last_tenth = -1, last_stage = stage;
-    const double fraction = total ? static_cast<double>(done) / static_cast<double>(total) : 1.0;
-    if (tty) {
-      const int width = 30, filled = static_cast<int>(fraction * width);
-      std::fprintf(stderr, "\r%-28s [%s%s] %zu/%zu", stage.c_str(), std::string(static_cast<size_t>(filled), '#').c_str(),
-                   std::string(static_cast<size_t>(width - filled), '.').c_str(), done, total);
-      if (done == total) std::fprintf(stderr, "\n");
-    } else if (static_cast<int>(fraction * 10) > last_tenth) {
-      last_tenth = static_cast<int>(fraction * 10);
-      std::fprintf(stderr, "%s: %zu/%zu\n", stage.c_str(), done, total);
-    }
-  };
+  return
+      [tty, last_tenth = -1, last_stage = std::string()](const std::string& stage, size_t done, size_t total) mutable {
+        if (stage != last_stage) last_tenth = -1, last_stage = stage;
+        const double fraction = total ? static_cast<double>(done) / static_cast<double>(total) : 1.0;
+        if (tty) {
+          const int width = 30, filled = static_cast<int>(fraction * width);
+          std::fprintf(stderr, "\r%-28s [%s%s] %zu/%zu", stage.c_str(),
+                       std::string(static_cast<size_t>(filled), '#').c_str(),
+                       std::string(static_cast<size_t>(width - filled), '.').c_str(), done, total);
+          if (done == total) std::fprintf(stderr, "\n");
+        } else if (static_cast<int>(fraction * 10) > last_tenth) {
+          last_tenth = static_cast<int>(fraction * 10);
+          std::fprintf(stderr, "%s: %zu/%zu\n", stage.c_str(), done, total);
+        }
+      };
 }
 
 std::vector<std::string> split_commas(const std::string& s) {
@@ -97,7 +99,8 @@ std::unique_ptr<PatchCore> make_model(const ModelOptions& o, int threads) {
       {"exact", "ExactPrunedNN"}, {"flat", "FaissNN"}, {"approximate", "ApproximateFaissNN"}};
   auto model = std::make_unique<PatchCore>(o.device);
   model->load(load_backbone(o.backbone, o.weights, params.layers_to_extract_from), params,
-              make_sampler(o.sampler, o.coreset, o.seed, parse_device(o.device)), make_nn_method(nn_kinds.at(o.nn), threads));
+              make_sampler(o.sampler, o.coreset, o.seed, parse_device(o.device)),
+              make_nn_method(nn_kinds.at(o.nn), threads));
   return model;
 }
 
@@ -129,7 +132,8 @@ std::vector<std::string> collect_images(const std::vector<std::string>& inputs) 
     if (fs::is_directory(input)) {
       std::vector<std::string> found;
       for (const auto& entry : fs::directory_iterator(input))
-        if (entry.is_regular_file() && is_image_file_name(entry.path().filename().string())) found.push_back(entry.path().string());
+        if (entry.is_regular_file() && is_image_file_name(entry.path().filename().string()))
+          found.push_back(entry.path().string());
       if (found.empty()) throw std::runtime_error(input + ": no images in this directory");
       std::sort(found.begin(), found.end());
       images.insert(images.end(), found.begin(), found.end());
@@ -170,7 +174,8 @@ int run_predict(const std::string& model_dir, const std::vector<std::string>& in
   write_directory_atomically(out, [&](const std::string& dir) {
     std::map<std::string, int> used;
     std::string csv = "image,score,overlay,map\n";
-    json summary = {{"model", model_dir}, {"ms_per_image", ms}, {"vmin", vmin}, {"vmax", vmax}, {"images", json::array()}};
+    json summary = {
+        {"model", model_dir}, {"ms_per_image", ms}, {"vmin", vmin}, {"vmax", vmax}, {"images", json::array()}};
     for (size_t i = 0; i < images.size(); ++i) {
       std::string stem = fs::path(images[i]).stem().string();
       if (used[stem]++) stem += "_" + std::to_string(used[stem] - 1);
@@ -216,7 +221,8 @@ int run_evaluate(const std::string& model_dir, const std::string& data, const st
       std::string csv = "image,defect_type,label,score,overlay\n";
       for (size_t i = 0; i < r.images.size(); ++i) {
         const auto& image = r.images[i];
-        const std::string overlay = "overlays/" + image.sample.defect_type + "_" + fs::path(image.sample.image_path).stem().string() + ".png";
+        const std::string overlay =
+            "overlays/" + image.sample.defect_type + "_" + fs::path(image.sample.image_path).stem().string() + ".png";
         cv::Mat picture = heatmap_overlay(model_view(*model, image.sample.image_path), image.anomaly_map, vmin, vmax);
         // The ground-truth outline on top, so misses and false alarms are visible at a glance.
         std::vector<std::vector<cv::Point>> contours;
@@ -234,8 +240,9 @@ int run_evaluate(const std::string& model_dir, const std::string& data, const st
     });
   }
   if (!json_path.empty()) write_text(json_path, metrics.dump(2) + "\n");
-  std::printf("image_auroc %.4f\npixel_auroc %.4f\npixel_auroc_defective %.4f\naupro %.4f\nimages %zu\nms_per_image %.1f\n",
-              r.image_auroc, r.pixel_auroc, r.pixel_auroc_defective, r.aupro, r.images.size(), r.ms_per_image);
+  std::printf(
+      "image_auroc %.4f\npixel_auroc %.4f\npixel_auroc_defective %.4f\naupro %.4f\nimages %zu\nms_per_image %.1f\n",
+      r.image_auroc, r.pixel_auroc, r.pixel_auroc_defective, r.aupro, r.images.size(), r.ms_per_image);
   return 0;
 }
 
@@ -250,26 +257,44 @@ int main(int argc, char** argv) {
   // The model options, shared by fit and bench.
   auto add_model_options = [](CLI::App* cmd, ModelOptions& o) {
     cmd->add_option("--data", o.data, "data set root with train/good")->required()->check(CLI::ExistingDirectory);
-    cmd->add_option("--weights", o.weights, "torchvision .pth checkpoint (or TorchScript file with --backbone torchscript)")
-        ->required()->check(CLI::ExistingFile);
+    cmd->add_option("--weights", o.weights,
+                    "torchvision .pth checkpoint (or TorchScript file with --backbone torchscript)")
+        ->required()
+        ->check(CLI::ExistingFile);
     cmd->add_option("--backbone", o.backbone, "resnet18, wide_resnet50_2, ... or torchscript")->capture_default_str();
     cmd->add_option("--layers", o.layers, "comma-separated layers to extract from")->capture_default_str();
-    cmd->add_option("--sampler", o.sampler, "coreset sampler")->capture_default_str()
+    cmd->add_option("--sampler", o.sampler, "coreset sampler")
+        ->capture_default_str()
         ->check(CLI::IsMember({"approx_greedy", "greedy", "random", "identity"}));
-    cmd->add_option("--coreset", o.coreset, "fraction of patches kept in the memory bank, in (0, 1)")->capture_default_str()
+    cmd->add_option("--coreset", o.coreset, "fraction of patches kept in the memory bank, in (0, 1)")
+        ->capture_default_str()
         ->check(CLI::Range(0.0, 1.0));
-    cmd->add_option("--k", o.k, "nearest neighbours averaged per patch score")->capture_default_str()->check(CLI::PositiveNumber);
-    cmd->add_option("--patchsize", o.patchsize, "patch neighbourhood size")->capture_default_str()->check(CLI::PositiveNumber);
-    cmd->add_option("--dim", o.dim, "embedding dimension (pretrain and target)")->capture_default_str()->check(CLI::PositiveNumber);
-    cmd->add_option("--resize", o.resize, "shorter side after resizing")->capture_default_str()->check(CLI::Range(1, ImageTransform::kMaxSide));
-    cmd->add_option("--crop", o.crop, "center crop size")->capture_default_str()->check(CLI::Range(1, ImageTransform::kMaxSide));
+    cmd->add_option("--k", o.k, "nearest neighbours averaged per patch score")
+        ->capture_default_str()
+        ->check(CLI::PositiveNumber);
+    cmd->add_option("--patchsize", o.patchsize, "patch neighbourhood size")
+        ->capture_default_str()
+        ->check(CLI::PositiveNumber);
+    cmd->add_option("--dim", o.dim, "embedding dimension (pretrain and target)")
+        ->capture_default_str()
+        ->check(CLI::PositiveNumber);
+    cmd->add_option("--resize", o.resize, "shorter side after resizing")
+        ->capture_default_str()
+        ->check(CLI::Range(1, ImageTransform::kMaxSide));
+    cmd->add_option("--crop", o.crop, "center crop size")
+        ->capture_default_str()
+        ->check(CLI::Range(1, ImageTransform::kMaxSide));
     cmd->add_option("--seed", o.seed, "sampler seed")->capture_default_str();
-    cmd->add_option("--batch-size", o.fit.batch_size, "images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+    cmd->add_option("--batch-size", o.fit.batch_size, "images per forward pass")
+        ->capture_default_str()
+        ->check(CLI::PositiveNumber);
     cmd->add_option("--memory-budget", o.fit.memory_budget_bytes,
                     "most resident memory fit may use, e.g. 2GiB (fit refuses at once what would not fit; 0: no limit)")
-        ->transform(CLI::AsSizeValue(true))->check(CLI::NonNegativeNumber);
-    cmd->add_option("--scratch-dir", o.fit.scratch_directory,
-                    "where the training features wait for the coreset, 4 bytes per value (default: the temporary directory)")
+        ->transform(CLI::AsSizeValue(true))
+        ->check(CLI::NonNegativeNumber);
+    cmd->add_option(
+           "--scratch-dir", o.fit.scratch_directory,
+           "where the training features wait for the coreset, 4 bytes per value (default: the temporary directory)")
         ->check(CLI::ExistingDirectory);
     cmd->add_option("--nn", o.nn,
                     "exact (ExactPrunedNN: brute force's neighbours, pruned), flat (FaissNN: the reference's brute "
@@ -292,22 +317,32 @@ int main(int argc, char** argv) {
   predict_cmd->add_option("inputs", inputs, "images or directories of images")->required();
   predict_cmd->add_option("--out", out, "output directory")->required();
   predict_cmd->add_option("--vmax", vmax, "score shown as full red in overlays (default: the highest in this run)");
-  predict_cmd->add_option("--batch-size", batch_size, "images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+  predict_cmd->add_option("--batch-size", batch_size, "images per forward pass")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
 
   auto* evaluate_cmd = app.add_subcommand("evaluate", "MVTec-style metrics on the test split of a data set");
   evaluate_cmd->add_option("--model", model_dir, "model directory from fit")->required()->check(CLI::ExistingDirectory);
-  evaluate_cmd->add_option("--data", data, "data set root with test/ and ground_truth/")->required()->check(CLI::ExistingDirectory);
+  evaluate_cmd->add_option("--data", data, "data set root with test/ and ground_truth/")
+      ->required()
+      ->check(CLI::ExistingDirectory);
   evaluate_cmd->add_option("--out", out, "report directory: scores.csv, overlays, ROC plots");
   evaluate_cmd->add_option("--json", json_path, "write the metrics as JSON to this file");
-  evaluate_cmd->add_option("--mask-rule", mask_rule, "half: resampled mask >= 0.5; reference: == 255 as the Python code")
-      ->capture_default_str()->check(CLI::IsMember({"half", "reference"}));
-  evaluate_cmd->add_option("--batch-size", batch_size, "images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+  evaluate_cmd
+      ->add_option("--mask-rule", mask_rule, "half: resampled mask >= 0.5; reference: == 255 as the Python code")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"half", "reference"}));
+  evaluate_cmd->add_option("--batch-size", batch_size, "images per forward pass")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
 
   BenchOptions bench_options;
-  auto* bench_cmd = app.add_subcommand("bench", "fit on train/good, predict the test split, and report time per stage and memory");
+  auto* bench_cmd =
+      app.add_subcommand("bench", "fit on train/good, predict the test split, and report time per stage and memory");
   add_model_options(bench_cmd, bench_model);
   bench_cmd->add_option("--repeat", bench_options.repeat, "predict passes over the test split (figures are medians)")
-      ->capture_default_str()->check(CLI::Range(1, 1000));
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000));
   bench_cmd->add_option("--json", json_path, "also write the figures as JSON to this file");
 
   try {

@@ -14,8 +14,7 @@ namespace {
 constexpr int64_t kMaxPixels = 1 << 16;
 
 void check(const cv::Mat& m, int channels) {
-  if (m.empty() || m.channels() != channels || m.depth() != CV_8U ||
-      static_cast<int64_t>(m.rows) * m.cols > kMaxPixels)
+  if (m.empty() || m.channels() != channels || m.depth() != CV_8U || static_cast<int64_t>(m.rows) * m.cols > kMaxPixels)
     std::abort();
 }
 

@@ -8,8 +8,8 @@
 #include <unistd.h>
 
 #include <cstddef>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -56,10 +56,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const fs::path dir = model_dir();
   write(dir / "patchcore_params.json", input.substr(0, first));
   write(patchcore::NearestNeighbourScorer::index_filename(dir, ""),
-        first == std::string::npos ? std::string() : input.substr(first + separator.size(), second - first - separator.size()));
+        first == std::string::npos ? std::string()
+                                   : input.substr(first + separator.size(), second - first - separator.size()));
   const fs::path features = patchcore::NearestNeighbourScorer::features_filename(dir, "");
-  if (second == std::string::npos) fs::remove(features);
-  else write(features, input.substr(second + separator.size()));
+  if (second == std::string::npos)
+    fs::remove(features);
+  else
+    write(features, input.substr(second + separator.size()));
 
   std::unique_ptr<patchcore::PatchCore> model;
   try {

@@ -27,7 +27,8 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
-BenchResult bench(PatchCore& model, const std::string& data_root, const BenchOptions& options, const ProgressCallback& progress) {
+BenchResult bench(PatchCore& model, const std::string& data_root, const BenchOptions& options,
+                  const ProgressCallback& progress) {
   if (options.repeat < 1) throw std::invalid_argument("bench: repeat must be at least 1");
   if (options.fit.batch_size < 1) throw std::invalid_argument("bench: batch size must be at least 1");
   std::vector<std::string> train, test;

@@ -10,9 +10,9 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
-#include "patchcore/memory_bank/feature_store.h"
 #include "patchcore/core/file.h"
 #include "patchcore/io/image_batches.h"
+#include "patchcore/memory_bank/feature_store.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -54,11 +54,13 @@ void check_range(const std::string& what, int64_t value, int64_t low, int64_t hi
 
 void check_params(const PatchCoreParams& p) {
   if (p.layers_to_extract_from.empty()) throw std::invalid_argument("PatchCore: no layers to extract from");
-  check_range("PatchCore: pretrain_embed_dimension", p.pretrain_embed_dimension, 1, PatchCoreParams::kMaxEmbedDimension);
+  check_range("PatchCore: pretrain_embed_dimension", p.pretrain_embed_dimension, 1,
+              PatchCoreParams::kMaxEmbedDimension);
   check_range("PatchCore: target_embed_dimension", p.target_embed_dimension, 1, PatchCoreParams::kMaxEmbedDimension);
   check_range("PatchCore: patchsize", p.patchsize, 1, PatchCoreParams::kMaxPatchsize);
   check_range("PatchCore: patchstride", p.patchstride, 1, PatchCoreParams::kMaxPatchsize);
-  check_range("PatchCore: k (anomaly_scorer_num_nn)", p.anomaly_scorer_num_nn, 1, PatchCoreParams::kMaxNearestNeighbours);
+  check_range("PatchCore: k (anomaly_scorer_num_nn)", p.anomaly_scorer_num_nn, 1,
+              PatchCoreParams::kMaxNearestNeighbours);
   p.transform.validate();
 }
 
@@ -88,7 +90,8 @@ void PatchCore::load(std::shared_ptr<Backbone> backbone, const PatchCoreParams& 
   check_params(params);
   if (!featuresampler) throw std::invalid_argument("PatchCore: featuresampler is null");
   params_ = params;
-  feature_aggregator_ = std::make_unique<NetworkFeatureAggregator>(std::move(backbone), params.layers_to_extract_from, device_);
+  feature_aggregator_ =
+      std::make_unique<NetworkFeatureAggregator>(std::move(backbone), params.layers_to_extract_from, device_);
   const auto feature_dimensions = feature_aggregator_->feature_dimensions(params.input_shape());
   patch_maker_ = std::make_unique<PatchMaker>(params.patchsize, params.patchstride);
   preprocessing_ = std::make_unique<Preprocessing>(feature_dimensions, params.pretrain_embed_dimension);
@@ -104,7 +107,8 @@ void PatchCore::require_loaded(const char* what) const {
   if (!feature_aggregator_) throw std::logic_error(std::string("PatchCore::") + what + " before load()");
 }
 
-torch::Tensor PatchCore::embed(const torch::Tensor& images, std::vector<int64_t>* patch_shape, StageTimer* timer) const {
+torch::Tensor PatchCore::embed(const torch::Tensor& images, std::vector<int64_t>* patch_shape,
+                               StageTimer* timer) const {
   require_loaded("embed");
   torch::NoGradGuard no_grad;
   std::vector<torch::Tensor> features;
@@ -190,17 +194,17 @@ void PatchCore::check_fit_memory(int64_t rows, int64_t dim, int64_t budget_bytes
   const int64_t needed = in_use + std::max(selection, bank);
   if (needed > budget_bytes) {
     const auto mib = [](int64_t bytes) { return std::to_string(bytes >> 20) + " MiB"; };
-    throw std::runtime_error("PatchCore::fit: " + std::to_string(rows) + " training patches need about " +
-                             mib(needed) + " (" + mib(in_use) + " in use, " + mib(selection) +
-                             " for the coreset selection, " + mib(bank) +
-                             " for the memory bank and its index), more than the memory budget of " +
+    throw std::runtime_error("PatchCore::fit: " + std::to_string(rows) + " training patches need about " + mib(needed) +
+                             " (" + mib(in_use) + " in use, " + mib(selection) + " for the coreset selection, " +
+                             mib(bank) + " for the memory bank and its index), more than the memory budget of " +
                              mib(budget_bytes) + "; fit fewer images or keep a smaller fraction");
   }
 }
 
 PredictResult PatchCore::predict(const torch::Tensor& images, StageTimer* timer) const {
   require_loaded("predict");
-  if (!anomaly_scorer_->nn_method().is_fitted()) throw std::logic_error("PatchCore::predict before fit() or load_from_path()");
+  if (!anomaly_scorer_->nn_method().is_fitted())
+    throw std::logic_error("PatchCore::predict before fit() or load_from_path()");
   const int64_t batch = images.size(0);
   std::vector<int64_t> grid;
   const torch::Tensor features = embed(images, &grid, timer);
@@ -267,8 +271,9 @@ std::unique_ptr<PatchCore> PatchCore::load_from_path(const std::string& load_pat
       throw std::runtime_error(params_path + ": not a patchcore model description");
     const int64_t version = bounded(j.at("version"), "version", 1, std::numeric_limits<int32_t>::max());
     if (version > kFormatVersion)
-      throw std::runtime_error(params_path + ": written by a newer patchcore (format version " + std::to_string(version) +
-                               ", this build reads up to " + std::to_string(kFormatVersion) + ")");
+      throw std::runtime_error(params_path + ": written by a newer patchcore (format version " +
+                               std::to_string(version) + ", this build reads up to " + std::to_string(kFormatVersion) +
+                               ")");
     PatchCoreParams params;
     params.layers_to_extract_from = j.at("layers_to_extract_from").get<std::vector<std::string>>();
     const auto field = [&](const char* key, int64_t high) { return bounded(j.at(key), key, 1, high); };
@@ -291,13 +296,16 @@ std::unique_ptr<PatchCore> PatchCore::load_from_path(const std::string& load_pat
     // Only a file of the model directory itself: the description must not send the loader elsewhere.
     if (weights_file.empty() || weights_file == "." || weights_file == ".." ||
         fs::path(weights_file).filename().string() != weights_file)
-      throw std::runtime_error(params_path + ": backbone.weights.file must name a file inside the model directory, got '" +
+      throw std::runtime_error(params_path +
+                               ": backbone.weights.file must name a file inside the model directory, got '" +
                                weights_file + "'");
     const std::string weights_path = (fs::path(load_path) / weights_file).string();
-    if (!fs::is_regular_file(weights_path)) throw std::runtime_error(weights_path + ": backbone weights missing from the model");
+    if (!fs::is_regular_file(weights_path))
+      throw std::runtime_error(weights_path + ": backbone weights missing from the model");
     const FileDigest found = digest(weights_path);
     if (found.bytes != weights.at("bytes").get<uint64_t>() || found.crc32 != weights.at("crc32").get<uint32_t>())
-      throw std::runtime_error(weights_path + ": backbone weights do not match the size/CRC-32 recorded in " + params_path);
+      throw std::runtime_error(weights_path + ": backbone weights do not match the size/CRC-32 recorded in " +
+                               params_path);
 
     const std::shared_ptr<FaissNN> nn = make_nn_method(j.at("nn_method").get<std::string>(), num_workers);
 

@@ -7,9 +7,9 @@
 
 #include "common_fixtures.h"
 #include "patchcore/bench.h"
+#include "patchcore/core/stage_timer.h"
 #include "patchcore/io/dataset.h"
 #include "patchcore/io/image_batches.h"
-#include "patchcore/core/stage_timer.h"
 
 using namespace patchcore;
 using test::error_of;
@@ -20,7 +20,8 @@ namespace {
 // A tiny data set in MVTec layout: 3 training images, 2 good and 1 defective test image.
 std::string tiny_dataset() {
   const std::string root = test::temp_dir() + "/tiny";
-  for (const char* dir : {"/train/good", "/test/good", "/test/crack", "/ground_truth/crack"}) fs::create_directories(root + dir);
+  for (const char* dir : {"/train/good", "/test/good", "/test/crack", "/ground_truth/crack"})
+    fs::create_directories(root + dir);
   cv::RNG rng(5);
   auto image = [&](const std::string& path) {
     cv::Mat m(80, 96, CV_8UC3);
@@ -150,8 +151,10 @@ TEST(Bench, ReportsEveryStageOfFitAndPredict) {
     predict_stages.push_back(stage);
     EXPECT_GT(ms, 0) << stage;
   }
-  EXPECT_EQ(fit_stages, (std::vector<std::string>{"backbone", "coreset", "decode", "decode wait", "embedding", "index", "store"}));
-  EXPECT_EQ(predict_stages, (std::vector<std::string>{"backbone", "decode", "decode wait", "embedding", "search", "segmentation"}));
+  EXPECT_EQ(fit_stages,
+            (std::vector<std::string>{"backbone", "coreset", "decode", "decode wait", "embedding", "index", "store"}));
+  EXPECT_EQ(predict_stages,
+            (std::vector<std::string>{"backbone", "decode", "decode wait", "embedding", "search", "segmentation"}));
   EXPECT_GT(r.predict_ms_per_image, 0);
   EXPECT_DOUBLE_EQ(r.images_per_second, 1000.0 / r.predict_ms_per_image);
   EXPECT_GT(r.peak_rss_bytes, 0);

@@ -5,19 +5,18 @@
 #include <nlohmann/json.hpp>
 
 #include "common_fixtures.h"
-#include "patchcore/evaluation/evaluation.h"
 #include "patchcore/core/file.h"
+#include "patchcore/evaluation/evaluation.h"
 #include "patchcore/io/image_batches.h"
 #include "patchcore/patchcore.h"
 
 using namespace patchcore;
-using test::load_golden;
 using test::error_of;
+using test::load_golden;
 using test::max_abs_diff;
 namespace fs = std::filesystem;
 
 namespace {
-
 
 nlohmann::json golden_json() {
   std::ifstream in(test::fixture("patchcore/tire_identity.json"));
@@ -88,7 +87,8 @@ TEST(PatchCore, TireEmbeddingScoresAndMapsMatchAnIndependentTorchPipeline) {
   const torch::Tensor expected_maps = load_golden("patchcore/tire_maps_every_8th.npy");
   for (size_t i = 0; i < expected_scores.size(); ++i) {
     EXPECT_NEAR(result.scores[i], expected_scores[i], 1e-3 * expected_scores[i]) << i;
-    EXPECT_NEAR(result.masks[i].to(torch::kFloat64).sum().item<double>(), expected_sums[i], 1e-4 * expected_sums[i]) << i;
+    EXPECT_NEAR(result.masks[i].to(torch::kFloat64).sum().item<double>(), expected_sums[i], 1e-4 * expected_sums[i])
+        << i;
     const torch::Tensor subsampled = result.masks[i].slice(0, 0, 224, 8).slice(1, 0, 224, 8);
     EXPECT_LT(max_abs_diff(subsampled, expected_maps[static_cast<int64_t>(i)]), 1e-3 * expected_scores[i]) << i;
   }
@@ -115,7 +115,8 @@ TEST(Evaluation, MetricsOnARealSubsetMatchSklearnOnTheIndependentPipeline) {
   EXPECT_NEAR(r.pixel_auroc, golden["pixel_auroc"].get<double>(), 1e-4);
   EXPECT_NEAR(r.pixel_auroc_defective, golden["pixel_auroc_defective"].get<double>(), 1e-4);
   const auto expected_scores = golden["image_scores"].get<std::vector<double>>();
-  for (size_t i = 0; i < subset.size(); ++i) EXPECT_NEAR(r.images[i].score, expected_scores[i], 1e-3 * expected_scores[i]);
+  for (size_t i = 0; i < subset.size(); ++i)
+    EXPECT_NEAR(r.images[i].score, expected_scores[i], 1e-3 * expected_scores[i]);
   // AUPRO of the same maps and masks, as the metrics module computes it.
   std::vector<cv::Mat> maps, masks;
   for (const auto& image : r.images) maps.push_back(image.anomaly_map), masks.push_back(image.mask);
@@ -160,11 +161,11 @@ TEST(PatchCore, ModelDirectoryRoundTripNeedsNoOtherFlags) {
   EXPECT_NE(damaged("no_params", [](const std::string& d) { fs::remove(d + "/patchcore_params.json"); })
                 .find("patchcore_params.json: cannot open"),
             std::string::npos);
-  EXPECT_NE(damaged("bad_json", [](const std::string& d) { std::ofstream(d + "/patchcore_params.json") << "{\"format\": "; })
-                .find("malformed JSON"),
-            std::string::npos);
-  EXPECT_NE(edited("future", [](nlohmann::json& j) { j["version"] = 99; })
-                .find("newer patchcore (format version 99"),
+  EXPECT_NE(
+      damaged("bad_json", [](const std::string& d) { std::ofstream(d + "/patchcore_params.json") << "{\"format\": "; })
+          .find("malformed JSON"),
+      std::string::npos);
+  EXPECT_NE(edited("future", [](nlohmann::json& j) { j["version"] = 99; }).find("newer patchcore (format version 99"),
             std::string::npos);
   EXPECT_NE(damaged("weights", [](const std::string& d) { fs::resize_file(d + "/backbone.pth", 1000); })
                 .find("backbone.pth: backbone weights do not match"),
@@ -175,8 +176,7 @@ TEST(PatchCore, ModelDirectoryRoundTripNeedsNoOtherFlags) {
   EXPECT_NE(edited("type", [](nlohmann::json& j) { j["patchsize"] = "three"; })
                 .find("patchsize must be an integer in [1, 31], got \"three\""),
             std::string::npos);
-  EXPECT_NE(edited("missing", [](nlohmann::json& j) { j.erase("patchsize"); })
-                .find("bad or missing field"),
+  EXPECT_NE(edited("missing", [](nlohmann::json& j) { j.erase("patchsize"); }).find("bad or missing field"),
             std::string::npos);
   EXPECT_NE(edited("escape", [](nlohmann::json& j) { j["backbone.weights"]["file"] = "../backbone.pth"; })
                 .find("backbone.weights.file must name a file inside the model directory, got '../backbone.pth'"),
@@ -248,8 +248,8 @@ TEST(PatchCore, EmbedEqualsTheStepByStepReferencePathForOtherSettings) {
   EXPECT_EQ(timer.stages().size(), 2u);  // backbone, embedding
   std::vector<torch::Tensor> features;
   for (const auto& item : backbone->extract(images, layers)) features.push_back(item.value());
-  const torch::Tensor expected = reference_embedding(features, PatchMaker(5), Preprocessing({64, 128, 256}, 300), Aggregator(200),
-                                                     &reference_grid);
+  const torch::Tensor expected = reference_embedding(features, PatchMaker(5), Preprocessing({64, 128, 256}, 300),
+                                                     Aggregator(200), &reference_grid);
   EXPECT_EQ(grid, reference_grid);
   EXPECT_EQ(grid, (std::vector<int64_t>{16, 16}));
   EXPECT_LT(max_abs_diff(embedding, expected) / expected.abs().max().item<double>(), 1e-5);

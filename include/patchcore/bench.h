@@ -9,7 +9,7 @@
 namespace patchcore {
 
 struct BenchOptions {
-  int repeat = 3;          // predict passes over the test split; predict figures are medians over them
+  int repeat = 3;  // predict passes over the test split; predict figures are medians over them
   FitOptions fit;  // its batch size also applies to predict
 };
 

@@ -8,17 +8,17 @@
 #include <string>
 #include <vector>
 
-#include "patchcore/embedding/aggregator.h"
 #include "patchcore/backbone/backbone.h"
-#include "patchcore/embedding/patch_embedder.h"
-#include "patchcore/io/image.h"
-#include "patchcore/nn/nearest_neighbour_scorer.h"
 #include "patchcore/backbone/network_feature_aggregator.h"
+#include "patchcore/core/stage_timer.h"
+#include "patchcore/embedding/aggregator.h"
+#include "patchcore/embedding/patch_embedder.h"
 #include "patchcore/embedding/patch_maker.h"
 #include "patchcore/embedding/preprocessing.h"
-#include "patchcore/segmentation/rescale_segmentor.h"
+#include "patchcore/io/image.h"
 #include "patchcore/memory_bank/sampler.h"
-#include "patchcore/core/stage_timer.h"
+#include "patchcore/nn/nearest_neighbour_scorer.h"
+#include "patchcore/segmentation/rescale_segmentor.h"
 
 namespace patchcore {
 
@@ -113,7 +113,8 @@ class PatchCore {
   std::unique_ptr<PatchMaker> patch_maker_;
   std::unique_ptr<Preprocessing> preprocessing_;
   std::unique_ptr<Aggregator> preadapt_aggregator_;
-  std::unique_ptr<PatchEmbedder> patch_embedder_;  // computes what patch_maker_, preprocessing_ and preadapt_aggregator_ define
+  std::unique_ptr<PatchEmbedder>
+      patch_embedder_;  // computes what patch_maker_, preprocessing_ and preadapt_aggregator_ define
   std::shared_ptr<BaseSampler> featuresampler_;
   std::unique_ptr<NearestNeighbourScorer> anomaly_scorer_;
   std::unique_ptr<RescaleSegmentor> anomaly_segmentor_;

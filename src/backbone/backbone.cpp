@@ -39,7 +39,7 @@ std::string shape_string(at::IntArrayRef sizes) {
 }
 
 torch::OrderedDict<std::string, torch::Tensor> in_request_order(const std::map<std::string, torch::Tensor>& found,
-                                                               const std::vector<std::string>& layers) {
+                                                                const std::vector<std::string>& layers) {
   torch::OrderedDict<std::string, torch::Tensor> out;
   for (const auto& l : layers)
     if (!out.contains(l)) out.insert(l, found.at(l));
@@ -183,7 +183,7 @@ torch::Tensor BottleneckImpl::forward(torch::Tensor x) {
 }
 
 std::vector<std::string> resnet_names() {
-  return {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+  return {"resnet18",        "resnet34",         "resnet50",        "resnet101",       "resnet152",
           "wide_resnet50_2", "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d"};
 }
 
@@ -278,7 +278,8 @@ torch::OrderedDict<std::string, torch::Tensor> ResNetBackbone::extract(const tor
                                                                        const std::vector<std::string>& layers) {
   check_layers(layers);
   if (images.dim() != 4 || images.size(1) != 3)
-    throw std::invalid_argument(name() + ": expected images of shape [B, 3, H, W], got " + shape_string(images.sizes()));
+    throw std::invalid_argument(name() + ": expected images of shape [B, 3, H, W], got " +
+                                shape_string(images.sizes()));
   torch::NoGradGuard no_grad;
 
   // The network as steps in execution order, each with the layer names its output answers to.
@@ -301,7 +302,8 @@ torch::OrderedDict<std::string, torch::Tensor> ResNetBackbone::extract(const tor
     steps.push_back({{"relu"}, [&](const torch::Tensor& t) { return f->stem(t).relu_(); }});
     steps.push_back({{"maxpool"}, [&](const torch::Tensor& t) {
                        const auto& o = f->maxpool;
-                       return torch::max_pool2d(t, o.kernel_size(), o.stride(), o.padding(), o.dilation(), o.ceil_mode());
+                       return torch::max_pool2d(t, o.kernel_size(), o.stride(), o.padding(), o.dilation(),
+                                                o.ceil_mode());
                      }});
     for (size_t s = 0; s < f->stages.size(); ++s)
       add_stage(s, f->stages[s].size(), [&, s](size_t b, const torch::Tensor& t) { return f->stages[s][b](t); });
@@ -357,8 +359,7 @@ void ResNetBackbone::load_state_dict(const std::vector<std::pair<std::string, to
   };
   for (auto& p : resnet_->named_parameters()) assign(p.key(), p.value(), false);
   // Checkpoints from before BatchNorm counted its batches have no num_batches_tracked; eval never reads it.
-  for (auto& b : resnet_->named_buffers())
-    assign(b.key(), b.value(), ends_with(b.key(), ".num_batches_tracked"));
+  for (auto& b : resnet_->named_buffers()) assign(b.key(), b.value(), ends_with(b.key(), ".num_batches_tracked"));
 }
 
 TorchScriptBackbone::TorchScriptBackbone(const std::string& path) : path_(path) {

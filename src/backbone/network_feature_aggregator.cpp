@@ -36,7 +36,8 @@ torch::OrderedDict<std::string, torch::Tensor> NetworkFeatureAggregator::forward
 }
 
 std::vector<int64_t> NetworkFeatureAggregator::feature_dimensions(const std::vector<int64_t>& input_shape) const {
-  if (input_shape.size() != 3) throw std::invalid_argument("feature_dimensions: input_shape must be (channels, height, width)");
+  if (input_shape.size() != 3)
+    throw std::invalid_argument("feature_dimensions: input_shape must be (channels, height, width)");
   std::vector<int64_t> batch_shape{1};
   batch_shape.insert(batch_shape.end(), input_shape.begin(), input_shape.end());
   auto features = forward(torch::ones(batch_shape));

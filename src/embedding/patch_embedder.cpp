@@ -53,7 +53,8 @@ PatchEmbedder::PatchEmbedder(std::vector<int64_t> feature_dimensions, int64_t pa
   if (feature_dimensions_.empty()) throw std::invalid_argument("PatchEmbedder: no layers");
   for (int64_t c : feature_dimensions_)
     if (c < 1) throw std::invalid_argument("PatchEmbedder: a layer has " + std::to_string(c) + " channels");
-  if (patchsize < 1 || patchstride < 1) throw std::invalid_argument("PatchEmbedder: patchsize and stride must be at least 1");
+  if (patchsize < 1 || patchstride < 1)
+    throw std::invalid_argument("PatchEmbedder: patchsize and stride must be at least 1");
   if (pretrain_embed_dimension < 1 || target_embed_dimension < 1)
     throw std::invalid_argument("PatchEmbedder: embedding dimensions must be positive");
   const int64_t d = pretrain_embed_dimension, kernel = patchsize * patchsize;
@@ -80,7 +81,8 @@ PatchEmbedder::PatchEmbedder(std::vector<int64_t> feature_dimensions, int64_t pa
   }
 }
 
-torch::Tensor PatchEmbedder::forward(const std::vector<torch::Tensor>& features, std::vector<int64_t>* patch_shape) const {
+torch::Tensor PatchEmbedder::forward(const std::vector<torch::Tensor>& features,
+                                     std::vector<int64_t>* patch_shape) const {
   if (features.size() != feature_dimensions_.size())
     throw std::invalid_argument("PatchEmbedder: got " + std::to_string(features.size()) + " layers, built for " +
                                 std::to_string(feature_dimensions_.size()));
@@ -184,8 +186,9 @@ torch::Tensor reference_embedding(const std::vector<torch::Tensor>& features, co
     const torch::Tensor& t = patches[i];  // [B, L, C, p, p]
     const int64_t b = t.size(0), c = t.size(2), p = t.size(3);
     torch::Tensor planes = t.reshape({b, grids[i][0], grids[i][1], c, p, p}).permute({0, 3, 4, 5, 1, 2});
-    planes = F::interpolate(planes.reshape({-1, 1, grids[i][0], grids[i][1]}),
-                            F::InterpolateFuncOptions().size(std::vector<int64_t>{gh, gw}).mode(torch::kBilinear).align_corners(false));
+    planes = F::interpolate(
+        planes.reshape({-1, 1, grids[i][0], grids[i][1]}),
+        F::InterpolateFuncOptions().size(std::vector<int64_t>{gh, gw}).mode(torch::kBilinear).align_corners(false));
     patches[i] = planes.reshape({b, c, p, p, gh, gw}).permute({0, 4, 5, 1, 2, 3}).reshape({b, gh * gw, c, p, p});
   }
   for (auto& p : patches) p = p.reshape({-1, p.size(2), p.size(3), p.size(4)});

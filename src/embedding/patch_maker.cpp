@@ -21,8 +21,8 @@ std::pair<torch::Tensor, std::vector<int64_t>> PatchMaker::patchify(const torch:
   namespace F = torch::nn::functional;
   const torch::Tensor unfolded =
       F::unfold(features, F::UnfoldFuncOptions({patchsize_, patchsize_}).padding(padding).stride(stride_).dilation(1));
-  const torch::Tensor patches = unfolded.reshape({features.size(0), features.size(1), patchsize_, patchsize_, -1})
-                                    .permute({0, 4, 1, 2, 3});
+  const torch::Tensor patches =
+      unfolded.reshape({features.size(0), features.size(1), patchsize_, patchsize_, -1}).permute({0, 4, 1, 2, 3});
   return {patches, grid};
 }
 

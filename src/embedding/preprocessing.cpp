@@ -5,7 +5,8 @@
 namespace patchcore {
 
 MeanMapper::MeanMapper(int64_t preprocessing_dim) : preprocessing_dim_(preprocessing_dim) {
-  if (preprocessing_dim <= 0) throw std::invalid_argument("pooled dimension must be positive, got " + std::to_string(preprocessing_dim));
+  if (preprocessing_dim <= 0)
+    throw std::invalid_argument("pooled dimension must be positive, got " + std::to_string(preprocessing_dim));
 }
 
 torch::Tensor MeanMapper::forward(const torch::Tensor& features) const {
@@ -27,10 +28,10 @@ torch::Tensor Preprocessing::forward(const std::vector<torch::Tensor>& features)
   std::vector<torch::Tensor> mapped;
   for (size_t i = 0; i < features.size(); ++i) {
     if (features[i].dim() < 2 || features[i].size(1) != input_dims_[i])
-      throw std::invalid_argument("Preprocessing: layer " + std::to_string(i) + " has " +
-                                  (features[i].dim() < 2 ? std::string("no channel axis")
-                                                         : std::to_string(features[i].size(1)) + " channels") +
-                                  ", expected " + std::to_string(input_dims_[i]));
+      throw std::invalid_argument(
+          "Preprocessing: layer " + std::to_string(i) + " has " +
+          (features[i].dim() < 2 ? std::string("no channel axis") : std::to_string(features[i].size(1)) + " channels") +
+          ", expected " + std::to_string(input_dims_[i]));
     mapped.push_back(preprocessing_modules_[i].forward(features[i]));
   }
   return torch::stack(mapped, 1);

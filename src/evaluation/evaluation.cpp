@@ -48,8 +48,9 @@ EvaluationResult evaluate(const PatchCore& model, const std::vector<Sample>& tes
       image.score = predicted.scores[i - begin];
       const torch::Tensor map = predicted.masks[i - begin].contiguous();
       image.anomaly_map = cv::Mat(crop, crop, CV_32F, map.data_ptr<float>()).clone();
-      image.mask = test_set[i].mask_path.empty() ? cv::Mat::zeros(crop, crop, CV_8U)
-                                                 : binarise(transform.load_mask(test_set[i].mask_path), options.mask_rule);
+      image.mask = test_set[i].mask_path.empty()
+                       ? cv::Mat::zeros(crop, crop, CV_8U)
+                       : binarise(transform.load_mask(test_set[i].mask_path), options.mask_rule);
       result.images.push_back(std::move(image));
     }
     if (progress) progress("evaluating test images", end, test_set.size());

@@ -14,7 +14,8 @@ namespace {
 // Scores are sorted as 32-bit keys whose unsigned order is the float order, packed above a 32-bit
 // payload (label or region id) in one uint64: a single array, radix-sortable, one copy of n.
 uint32_t score_key(float v, const char* function) {
-  if (!std::isfinite(v)) throw std::invalid_argument(std::string(function) + ": scores must be finite (got NaN or inf)");
+  if (!std::isfinite(v))
+    throw std::invalid_argument(std::string(function) + ": scores must be finite (got NaN or inf)");
   if (v == 0.0f) v = 0.0f;  // -0.0 ties with +0.0, as numpy's comparisons say
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof bits);

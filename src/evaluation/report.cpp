@@ -37,8 +37,10 @@ cv::Mat plot_roc(const RocCurve& roc, double auroc, const std::string& title, in
   for (int t = 0; t <= 4; ++t) {
     char label[8];
     std::snprintf(label, sizeof label, "%.2f", t / 4.0);
-    cv::putText(canvas, label, point(t / 4.0, 0) + cv::Point(-14, 18), cv::FONT_HERSHEY_SIMPLEX, 0.35, cv::Scalar(0, 0, 0));
-    cv::putText(canvas, label, point(0, t / 4.0) + cv::Point(-40, 4), cv::FONT_HERSHEY_SIMPLEX, 0.35, cv::Scalar(0, 0, 0));
+    cv::putText(canvas, label, point(t / 4.0, 0) + cv::Point(-14, 18), cv::FONT_HERSHEY_SIMPLEX, 0.35,
+                cv::Scalar(0, 0, 0));
+    cv::putText(canvas, label, point(0, t / 4.0) + cv::Point(-40, 4), cv::FONT_HERSHEY_SIMPLEX, 0.35,
+                cv::Scalar(0, 0, 0));
   }
   // A curve with millions of points draws the same as one thinned to a point per pixel column change.
   std::vector<cv::Point> curve;
@@ -49,8 +51,10 @@ cv::Mat plot_roc(const RocCurve& roc, double auroc, const std::string& title, in
   cv::polylines(canvas, curve, false, cv::Scalar(200, 80, 0), 2, cv::LINE_AA);
   char heading[160];
   std::snprintf(heading, sizeof heading, "%s  AUROC %.4f", title.c_str(), auroc);
-  cv::putText(canvas, heading, cv::Point(margin, 30), cv::FONT_HERSHEY_SIMPLEX, 0.5, cv::Scalar(0, 0, 0), 1, cv::LINE_AA);
-  cv::putText(canvas, "false positive rate", cv::Point(size / 2 - 60, size - 12), cv::FONT_HERSHEY_SIMPLEX, 0.4, cv::Scalar(0, 0, 0));
+  cv::putText(canvas, heading, cv::Point(margin, 30), cv::FONT_HERSHEY_SIMPLEX, 0.5, cv::Scalar(0, 0, 0), 1,
+              cv::LINE_AA);
+  cv::putText(canvas, "false positive rate", cv::Point(size / 2 - 60, size - 12), cv::FONT_HERSHEY_SIMPLEX, 0.4,
+              cv::Scalar(0, 0, 0));
   return canvas;
 }
 

@@ -80,19 +80,32 @@ enum class Kind : uint8_t { None, Bool, Int, BigInt, Float, Str, Bytes, Tuple, L
 
 const char* kind_name(Kind k) {
   switch (k) {
-    case Kind::None: return "None";
-    case Kind::Bool: return "bool";
-    case Kind::Int: return "int";
-    case Kind::BigInt: return "big int";
-    case Kind::Float: return "float";
-    case Kind::Str: return "str";
-    case Kind::Bytes: return "bytes";
-    case Kind::Tuple: return "tuple";
-    case Kind::List: return "list";
-    case Kind::Dict: return "dict";
-    case Kind::Global: return "global";
-    case Kind::Storage: return "storage";
-    case Kind::Tensor: return "tensor";
+    case Kind::None:
+      return "None";
+    case Kind::Bool:
+      return "bool";
+    case Kind::Int:
+      return "int";
+    case Kind::BigInt:
+      return "big int";
+    case Kind::Float:
+      return "float";
+    case Kind::Str:
+      return "str";
+    case Kind::Bytes:
+      return "bytes";
+    case Kind::Tuple:
+      return "tuple";
+    case Kind::List:
+      return "list";
+    case Kind::Dict:
+      return "dict";
+    case Kind::Global:
+      return "global";
+    case Kind::Storage:
+      return "storage";
+    case Kind::Tensor:
+      return "tensor";
   }
   return "?";
 }
@@ -114,7 +127,7 @@ struct Global {
 };
 
 struct DictObject {
-  std::vector<std::pair<Value, Value>> items;  // insertion order is the file order of the state dict
+  std::vector<std::pair<Value, Value>> items;           // insertion order is the file order of the state dict
   std::unordered_map<std::string_view, size_t> by_str;  // views into Heap::strings
   std::unordered_map<int64_t, size_t> by_int;
 };
@@ -168,12 +181,18 @@ Value make(Kind kind, size_t index) {
 
 const std::unordered_map<std::string, c10::ScalarType>& storage_types() {
   static const std::unordered_map<std::string, c10::ScalarType> types = {
-      {"DoubleStorage", c10::kDouble},        {"FloatStorage", c10::kFloat},
-      {"HalfStorage", c10::kHalf},            {"BFloat16Storage", c10::kBFloat16},
-      {"LongStorage", c10::kLong},            {"IntStorage", c10::kInt},
-      {"ShortStorage", c10::kShort},          {"CharStorage", c10::kChar},
-      {"ByteStorage", c10::kByte},            {"BoolStorage", c10::kBool},
-      {"ComplexFloatStorage", c10::kComplexFloat}, {"ComplexDoubleStorage", c10::kComplexDouble},
+      {"DoubleStorage", c10::kDouble},
+      {"FloatStorage", c10::kFloat},
+      {"HalfStorage", c10::kHalf},
+      {"BFloat16Storage", c10::kBFloat16},
+      {"LongStorage", c10::kLong},
+      {"IntStorage", c10::kInt},
+      {"ShortStorage", c10::kShort},
+      {"CharStorage", c10::kChar},
+      {"ByteStorage", c10::kByte},
+      {"BoolStorage", c10::kBool},
+      {"ComplexFloatStorage", c10::kComplexFloat},
+      {"ComplexDoubleStorage", c10::kComplexDouble},
   };
   return types;
 }
@@ -219,13 +238,14 @@ class Unpickler {
   static std::string offset(size_t pos) { return std::to_string(pos); }
 
   [[noreturn]] void malformed(const std::string& what) const {
-    fail(context_, "malformed pickle at offset " + offset(op_at_) + " (opcode " + hex_byte(data_[op_at_]) + "): " + what);
+    fail(context_,
+         "malformed pickle at offset " + offset(op_at_) + " (opcode " + hex_byte(data_[op_at_]) + "): " + what);
   }
 
   const uint8_t* take(uint64_t n) {
     if (size_ - pos_ < n) {
-      fail(context_, "truncated: pickle opcode " + hex_byte(data_[op_at_]) + " at offset " + offset(op_at_) + " needs " +
-                         std::to_string(n) + " more bytes, " + std::to_string(size_ - pos_) + " left");
+      fail(context_, "truncated: pickle opcode " + hex_byte(data_[op_at_]) + " at offset " + offset(op_at_) +
+                         " needs " + std::to_string(n) + " more bytes, " + std::to_string(size_ - pos_) + " left");
     }
     const uint8_t* p = data_ + pos_;
     pos_ += n;
@@ -233,7 +253,8 @@ class Unpickler {
   }
 
   void charge(uint64_t cells) {
-    if (cells > budget_.cells_left) fail(context_, "pickle too large: it builds more objects than the tensor limit allows");
+    if (cells > budget_.cells_left)
+      fail(context_, "pickle too large: it builds more objects than the tensor limit allows");
     budget_.cells_left -= cells;
   }
 
@@ -473,7 +494,7 @@ class Unpickler {
       case 'N':
         push(Value{});
         return;
-      case 0x88:  // NEWTRUE
+      case 0x88:    // NEWTRUE
       case 0x89: {  // NEWFALSE
         Value v;
         v.kind = Kind::Bool;
@@ -546,8 +567,8 @@ class Unpickler {
       case 't':
         push(new_seq(Kind::Tuple, pop_to_mark()));
         return;
-      case 0x85:  // TUPLE1
-      case 0x86:  // TUPLE2
+      case 0x85:    // TUPLE1
+      case 0x86:    // TUPLE2
       case 0x87: {  // TUPLE3
         std::vector<Value> items(static_cast<size_t>(op - 0x84));
         for (size_t k = items.size(); k-- > 0;) items[k] = pop();
@@ -685,12 +706,14 @@ class StorageTable {
 
   Value declare(Heap& heap, const Value& pid) {
     const std::string ctx = name_ + ": ";
-    if (pid.kind != Kind::Tuple) fail(ctx, std::string("persistent id is a ") + kind_name(pid.kind) + ", expected a tuple");
+    if (pid.kind != Kind::Tuple)
+      fail(ctx, std::string("persistent id is a ") + kind_name(pid.kind) + ", expected a tuple");
     const auto& items = heap.seq(pid);
     if (items.size() < 5 || items.size() > (legacy_ ? 6u : 5u)) {
       fail(ctx, "persistent id tuple has " + std::to_string(items.size()) + " items");
     }
-    if (items[0].kind != Kind::Str || heap.str(items[0]) != "storage") fail(ctx, "persistent id is not a 'storage' record");
+    if (items[0].kind != Kind::Str || heap.str(items[0]) != "storage")
+      fail(ctx, "persistent id is not a 'storage' record");
     if (items[1].kind != Kind::Global || heap.global(items[1]).id != GlobalId::StorageType) {
       fail(ctx, "persistent id names no torch storage type");
     }
@@ -725,7 +748,8 @@ class StorageTable {
     if (items.size() == 6 && items[5].kind != Kind::None) {
       // Legacy storage view (view_key, offset, size), counted in elements of this storage's type.
       const Value& view = items[5];
-      if (view.kind != Kind::Tuple || heap.seq(view).size() != 3) fail(ctx, "storage " + display(key) + " has invalid view metadata");
+      if (view.kind != Kind::Tuple || heap.seq(view).size() != 3)
+        fail(ctx, "storage " + display(key) + " has invalid view metadata");
       const auto& v = heap.seq(view);
       storage_key(heap, v[0]);
       if (v[1].kind != Kind::Int || v[2].kind != Kind::Int || v[1].i < 0 || v[2].i < 0) {
@@ -756,7 +780,8 @@ class StorageTable {
     if (v.kind != Kind::Str) fail(name_ + ": ", "storage key is not a string");
     const std::string& key = heap.str(v);
     const bool ok = !key.empty() && key.size() <= kMaxStorageKeyLength &&
-                    std::all_of(key.begin(), key.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
+                    std::all_of(key.begin(), key.end(),
+                                [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
     if (!ok) fail(name_ + ": ", "invalid storage key " + quote_name(key));
     return key;
   }
@@ -806,7 +831,8 @@ CheckedView check_view(const std::string& name, const std::string& tensor, const
   }
   uint64_t nbytes = 0;
   if (mul_overflows(numel, element_size, nbytes) || nbytes > limits.max_tensor_bytes) {
-    fail(ctx, "of " + std::to_string(numel) + " elements exceeds the limit of " + std::to_string(limits.max_tensor_bytes) + " bytes");
+    fail(ctx, "of " + std::to_string(numel) + " elements exceeds the limit of " +
+                  std::to_string(limits.max_tensor_bytes) + " bytes");
   }
   if (numel == 0) return {0, 0};
   uint64_t last = 0;  // index of the last element relative to the offset
@@ -841,7 +867,8 @@ torch::Tensor adopt(at::DataPtr buffer, const TensorDesc& t, const CheckedView& 
   auto holder = std::make_shared<at::DataPtr>(std::move(buffer));
   auto* data = static_cast<uint8_t*>(holder->get());
   if (t.storage.dtype == c10::kBool) normalize_bools(data, view.numel);
-  return torch::from_blob(data, t.sizes, [holder](void*) {}, torch::TensorOptions().dtype(t.storage.dtype));
+  return torch::from_blob(
+      data, t.sizes, [holder](void*) {}, torch::TensorOptions().dtype(t.storage.dtype));
 }
 
 torch::Tensor materialize(const TensorDesc& t, const CheckedView& view, const uint8_t* storage_bytes) {
@@ -868,7 +895,8 @@ torch::Tensor materialize(const TensorDesc& t, const CheckedView& view, const ui
 StateDict assemble(const std::string& name, const Heap& heap, const Value& root, const StorageTable& table,
                    StorageSource& source, const CheckpointLimits& limits) {
   const std::string ctx = name + ": ";
-  if (root.kind != Kind::Dict) fail(ctx, std::string("checkpoint holds a ") + kind_name(root.kind) + ", not a state dict");
+  if (root.kind != Kind::Dict)
+    fail(ctx, std::string("checkpoint holds a ") + kind_name(root.kind) + ", not a state dict");
   const DictObject* dict = &heap.dict(root);
   for (const char* wrapper : {"state_dict", "model"}) {
     const Value* inner = heap.find(*dict, wrapper);
@@ -887,7 +915,8 @@ StateDict assemble(const std::string& name, const Heap& heap, const Value& root,
   std::vector<size_t> uses(table.entries.size(), 0);
   for (size_t k = 0; k < dict->items.size(); ++k) {
     const auto& [key, value] = dict->items[k];
-    if (key.kind != Kind::Str) fail(ctx, "state dict key #" + std::to_string(k) + " is a " + kind_name(key.kind) + ", not a string");
+    if (key.kind != Kind::Str)
+      fail(ctx, "state dict key #" + std::to_string(k) + " is a " + kind_name(key.kind) + ", not a string");
     const std::string& tensor_name = heap.str(key);
     if (value.kind != Kind::Tensor) {
       fail(ctx, "entry " + quote_name(tensor_name) + " is a " + kind_name(value.kind) + ", not a tensor");
@@ -948,10 +977,12 @@ StateDict load_legacy(const std::string& bytes, const std::string& name, const C
     return v;
   };
 
-  static const uint8_t kMagic[] = {0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19};  // 0x1950a86a20f9469cfc6c
+  static const uint8_t kMagic[] = {0x6c, 0xfc, 0x9c, 0x46, 0xf9,
+                                   0x20, 0x6a, 0xa8, 0x50, 0x19};  // 0x1950a86a20f9469cfc6c
   const std::string not_checkpoint = ctx + "not a PyTorch checkpoint: ";
   const Value magic = next_pickle(not_checkpoint, nullptr);
-  if (magic.kind != Kind::BigInt || heap.str(magic) != std::string(reinterpret_cast<const char*>(kMagic), sizeof kMagic)) {
+  if (magic.kind != Kind::BigInt ||
+      heap.str(magic) != std::string(reinterpret_cast<const char*>(kMagic), sizeof kMagic)) {
     fail(not_checkpoint, "the leading pickle is not the legacy torch.save magic number");
   }
   const Value protocol = next_pickle(ctx, nullptr);
@@ -968,20 +999,21 @@ StateDict load_legacy(const std::string& bytes, const std::string& name, const C
   if (keys.kind != Kind::List) fail(ctx, "legacy storage key list is missing");
 
   for (const Value& key_value : heap.seq(keys)) {
-    if (key_value.kind != Kind::Str) fail(ctx, "legacy storage key list holds a " + std::string(kind_name(key_value.kind)));
+    if (key_value.kind != Kind::Str)
+      fail(ctx, "legacy storage key list holds a " + std::string(kind_name(key_value.kind)));
     const std::string& key = heap.str(key_value);
     const size_t index = table.find(key);
     if (index == table.entries.size()) fail(ctx, "storage " + quote_name(key) + " has data but no tensor refers to it");
     StorageInfo& s = table.entries[index];
     if (s.legacy_data) fail(ctx, "storage " + quote_name(key) + " has data twice");
     if (size - pos < 8) {
-      fail(ctx, "truncated: storage " + quote_name(key) + " header at offset " + std::to_string(pos) + " needs 8 bytes, has " +
-                    std::to_string(size - pos));
+      fail(ctx, "truncated: storage " + quote_name(key) + " header at offset " + std::to_string(pos) +
+                    " needs 8 bytes, has " + std::to_string(size - pos));
     }
     const auto count = static_cast<int64_t>(le64(data + pos));
     if (count < 0 || static_cast<uint64_t>(count) != s.numel) {
-      fail(ctx, "storage " + quote_name(key) + " header at offset " + std::to_string(pos) + " says " + std::to_string(count) +
-                    " elements, the pickle declares " + std::to_string(s.numel));
+      fail(ctx, "storage " + quote_name(key) + " header at offset " + std::to_string(pos) + " says " +
+                    std::to_string(count) + " elements, the pickle declares " + std::to_string(s.numel));
     }
     pos += 8;
     if (size - pos < s.nbytes) {
@@ -994,7 +1026,8 @@ StateDict load_legacy(const std::string& bytes, const std::string& name, const C
   for (const StorageInfo& s : table.entries) {
     if (!s.legacy_data) fail(ctx, "truncated: storage " + quote_name(s.key) + " has no data in the file");
   }
-  if (pos != size) fail(ctx, std::to_string(size - pos) + " unexpected bytes after the last storage at offset " + std::to_string(pos));
+  if (pos != size)
+    fail(ctx, std::to_string(size - pos) + " unexpected bytes after the last storage at offset " + std::to_string(pos));
 
   LegacySource source(table);
   return assemble(name, heap, root, table, source, limits);
@@ -1035,7 +1068,8 @@ struct ZipRecord {
 };
 using ZipRecords = std::unordered_map<std::string, ZipRecord>;  // by name inside the archive folder
 
-void check_crc(const std::string& name, const std::string& record, const ZipRecords& records, const void* data, uint64_t size) {
+void check_crc(const std::string& name, const std::string& record, const ZipRecords& records, const void* data,
+               uint64_t size) {
   if (crc32(static_cast<const uint8_t*>(data), size) != records.at(record).crc) {
     fail(name + ": ", "zip record " + quote_name(record) + " is corrupt (CRC-32 mismatch)");
   }
@@ -1080,13 +1114,15 @@ ZipRecords scan_zip(const std::string& name, const uint8_t* d, uint64_t n, uint6
   if (add_overflows(dir_offset, dir_size, dir_end) || dir_end > dir_limit) {
     fail(ctx, "truncated or corrupt zip archive: central directory lies outside the file");
   }
-  if (entries > max_records) fail(ctx, "zip archive has " + std::to_string(entries) + " records, more than the tensor limit allows");
+  if (entries > max_records)
+    fail(ctx, "zip archive has " + std::to_string(entries) + " records, more than the tensor limit allows");
 
   ZipRecords records;
   std::string folder;
   uint64_t q = dir_offset;
   for (uint64_t k = 0; k < entries; ++k) {
-    if (dir_end - q < kEntrySize || le32(d + q) != 0x02014b50) fail(ctx, "corrupt zip archive: bad central directory entry");
+    if (dir_end - q < kEntrySize || le32(d + q) != 0x02014b50)
+      fail(ctx, "corrupt zip archive: bad central directory entry");
     const uint16_t flags = le16(d + q + 8);
     const uint16_t method = le16(d + q + 10);
     const uint32_t crc = le32(d + q + 16);
@@ -1096,7 +1132,8 @@ ZipRecords scan_zip(const std::string& name, const uint8_t* d, uint64_t n, uint6
     const uint16_t first_disk = le16(d + q + 34);
     const uint32_t external_attributes = le32(d + q + 38);
     uint64_t local = le32(d + q + 42);
-    if (dir_end - q - kEntrySize < name_len + extra_len + comment_len) fail(ctx, "corrupt zip archive: bad central directory entry");
+    if (dir_end - q - kEntrySize < name_len + extra_len + comment_len)
+      fail(ctx, "corrupt zip archive: bad central directory entry");
     const std::string full(reinterpret_cast<const char*>(d + q + kEntrySize), name_len);
     // zip64 sizes and offset replace the 0xffffffff fields, in this order.
     const uint8_t* x = d + q + kEntrySize + name_len;
@@ -1114,7 +1151,8 @@ ZipRecords scan_zip(const std::string& name, const uint8_t* d, uint64_t n, uint6
       }
       e += 4 + len;
     }
-    if (first_disk == 0xffff || (first_disk != disk && first_disk != 1)) fail(ctx, "multi-disk zip archives are not supported");
+    if (first_disk == 0xffff || (first_disk != disk && first_disk != 1))
+      fail(ctx, "multi-disk zip archives are not supported");
     if (flags & 1) fail(ctx, "zip record " + quote_name(full) + " is encrypted");
     // miniz "extracts" a directory by returning success without writing the buffer.
     if ((!full.empty() && full.back() == '/') || (external_attributes & 0x10)) {
@@ -1127,7 +1165,8 @@ ZipRecords scan_zip(const std::string& name, const uint8_t* d, uint64_t n, uint6
     uint64_t record_end = 0;
     if (compressed != uncompressed || add_overflows(local, kLocalSize + name_len, record_end) ||
         add_overflows(record_end, compressed, record_end) || record_end > dir_offset) {
-      fail(ctx, "truncated or corrupt zip archive: record " + quote_name(full) + " does not fit before the central directory");
+      fail(ctx, "truncated or corrupt zip archive: record " + quote_name(full) +
+                    " does not fit before the central directory");
     }
     // All records live in one folder, named by the first, which is where PyTorchStreamReader looks them up.
     const size_t slash = full.find('/');
@@ -1158,14 +1197,16 @@ void check_version_record(const std::string& name, const uint8_t* d, uint64_t n,
     fail(ctx, "corrupt zip archive: bad local header for " + quote_name(record));
   }
   const uint64_t data = r.local_header + kLocalSize + le16(d + r.local_header + 26) + le16(d + r.local_header + 28);
-  if (data > n || r.size > n - data) fail(ctx, "truncated or corrupt zip archive: record " + quote_name(record) + " lies outside the file");
+  if (data > n || r.size > n - data)
+    fail(ctx, "truncated or corrupt zip archive: record " + quote_name(record) + " lies outside the file");
   if (r.size > 32) fail(ctx, "invalid zip archive version record");
   check_crc(name, record, records, d + data, r.size);
   const std::string text(reinterpret_cast<const char*>(d + data), r.size);
   const size_t digits = std::min(text.find_first_not_of("0123456789"), text.size());
   const bool ok = digits > 0 && digits <= 9 && text.find_first_not_of(" \r\n", digits) == std::string::npos;
   const uint64_t version = ok ? std::stoull(text.substr(0, digits)) : 0;
-  if (version < caffe2::serialize::kMinSupportedFileFormatVersion || version > caffe2::serialize::kMaxSupportedFileFormatVersion) {
+  if (version < caffe2::serialize::kMinSupportedFileFormatVersion ||
+      version > caffe2::serialize::kMaxSupportedFileFormatVersion) {
     fail(ctx, "unsupported zip archive version " + quote_name(text));
   }
 }
@@ -1189,8 +1230,8 @@ class BoundedMemoryAdapter : public caffe2::serialize::ReadAdapterInterface {
 std::string without_backtrace(const c10::Error& e) { return e.what_without_backtrace(); }
 
 // Reads a record through PyTorchStreamReader, then holds it to the central directory's size and CRC.
-at::DataPtr read_record(const std::string& name, caffe2::serialize::PyTorchStreamReader& reader, const ZipRecords& records,
-                        const std::string& record) {
+at::DataPtr read_record(const std::string& name, caffe2::serialize::PyTorchStreamReader& reader,
+                        const ZipRecords& records, const std::string& record) {
   at::DataPtr data;
   size_t size = 0;
   try {
@@ -1207,11 +1248,13 @@ at::DataPtr read_record(const std::string& name, caffe2::serialize::PyTorchStrea
 
 class ZipSource : public StorageSource {
  public:
-  ZipSource(std::string name, caffe2::serialize::PyTorchStreamReader& reader, const ZipRecords& records, const StorageTable& table)
+  ZipSource(std::string name, caffe2::serialize::PyTorchStreamReader& reader, const ZipRecords& records,
+            const StorageTable& table)
       : name_(std::move(name)), reader_(reader), records_(records), table_(table), loaded_(table.entries.size()) {}
 
   const uint8_t* acquire(size_t storage) override {
-    if (!loaded_[storage]) loaded_[storage] = read_record(name_, reader_, records_, "data/" + table_.entries[storage].key);
+    if (!loaded_[storage])
+      loaded_[storage] = read_record(name_, reader_, records_, "data/" + table_.entries[storage].key);
     return static_cast<const uint8_t*>(loaded_[storage].get());
   }
 
@@ -1236,18 +1279,21 @@ StateDict load_zip(const std::string& bytes, const std::string& name, const Chec
   const ZipRecords records = scan_zip(name, data, bytes.size(), static_cast<uint64_t>(limits.max_tensors) + 64);
   auto has = [&](const std::string& r) { return records.count(r) > 0; };
   for (const auto& r : records) {
-    if (r.first.compare(0, 5, "code/") == 0) fail(ctx, "is a TorchScript archive (torch.jit.save), not a torch.save state dict");
+    if (r.first.compare(0, 5, "code/") == 0)
+      fail(ctx, "is a TorchScript archive (torch.jit.save), not a torch.save state dict");
   }
   if (!has("data.pkl")) fail(ctx, "zip archive has no data.pkl: not a torch.save checkpoint");
   const uint64_t pickle_size = records.at("data.pkl").size;
   const uint64_t max_pickle = kPickleBytesPerTensor * static_cast<uint64_t>(limits.max_tensors) + kPickleSlack;
-  if (pickle_size > max_pickle) fail(ctx, "data.pkl of " + std::to_string(pickle_size) + " bytes is larger than the tensor limit allows");
+  if (pickle_size > max_pickle)
+    fail(ctx, "data.pkl of " + std::to_string(pickle_size) + " bytes is larger than the tensor limit allows");
   if (has("byteorder") && records.at("byteorder").size > 16) fail(ctx, "invalid byteorder record");
   check_version_record(name, data, bytes.size(), records);
 
   std::unique_ptr<caffe2::serialize::PyTorchStreamReader> reader;
   try {
-    reader = std::make_unique<caffe2::serialize::PyTorchStreamReader>(std::make_shared<BoundedMemoryAdapter>(data, bytes.size()));
+    reader = std::make_unique<caffe2::serialize::PyTorchStreamReader>(
+        std::make_shared<BoundedMemoryAdapter>(data, bytes.size()));
   } catch (const c10::Error& e) {
     fail(ctx, "invalid PyTorch zip archive: " + without_backtrace(e));
   }
@@ -1270,14 +1316,15 @@ StateDict load_zip(const std::string& bytes, const std::string& name, const Chec
                     std::to_string(it->second.size));
     }
     if (it->second.size > s.nbytes) {
-      fail(ctx, "storage " + quote_name(record) + " has " + std::to_string(it->second.size) + " bytes, the pickle declares " +
-                    std::to_string(s.nbytes));
+      fail(ctx, "storage " + quote_name(record) + " has " + std::to_string(it->second.size) +
+                    " bytes, the pickle declares " + std::to_string(s.nbytes));
     }
   });
   Unpickler vm(ctx + "data.pkl: ", static_cast<const uint8_t*>(pickle.get()), pickle_size, 0, heap, budget,
                [&](const Value& pid) { return table.declare(heap, pid); });
   const Value root = vm.run();
-  if (vm.end() != pickle_size) fail(ctx, "data.pkl has " + std::to_string(pickle_size - vm.end()) + " bytes after its STOP opcode");
+  if (vm.end() != pickle_size)
+    fail(ctx, "data.pkl has " + std::to_string(pickle_size - vm.end()) + " bytes after its STOP opcode");
 
   ZipSource source(name, *reader, records, table);
   return assemble(name, heap, root, table, source, limits);
@@ -1285,11 +1332,13 @@ StateDict load_zip(const std::string& bytes, const std::string& name, const Chec
 
 }  // namespace
 
-StateDict load_state_dict_from_memory(const std::string& bytes, const std::string& name, const CheckpointLimits& limits) {
+StateDict load_state_dict_from_memory(const std::string& bytes, const std::string& name,
+                                      const CheckpointLimits& limits) {
   const std::string ctx = name + ": ";
   try {
     if (bytes.size() > limits.max_file_bytes) {
-      fail(ctx, "file of " + std::to_string(bytes.size()) + " bytes exceeds the limit of " + std::to_string(limits.max_file_bytes) + " bytes");
+      fail(ctx, "file of " + std::to_string(bytes.size()) + " bytes exceeds the limit of " +
+                    std::to_string(limits.max_file_bytes) + " bytes");
     }
     if (bytes.empty()) fail(ctx, "empty file, not a PyTorch checkpoint");
     if (bytes.compare(0, 4, "PK\x03\x04") == 0) return load_zip(bytes, name, limits);

@@ -7,8 +7,12 @@
 
 namespace patchcore {
 
-ImageBatches::ImageBatches(std::vector<std::string> paths, ImageTransform transform, int64_t batch_size, StageTimer* timer)
-    : paths_(std::move(paths)), transform_(std::move(transform)), batch_size_(static_cast<size_t>(batch_size)), timer_(timer) {
+ImageBatches::ImageBatches(std::vector<std::string> paths, ImageTransform transform, int64_t batch_size,
+                           StageTimer* timer)
+    : paths_(std::move(paths)),
+      transform_(std::move(transform)),
+      batch_size_(static_cast<size_t>(batch_size)),
+      timer_(timer) {
   if (batch_size < 1) throw std::invalid_argument("ImageBatches: batch size must be at least 1");
   start_reading();
 }

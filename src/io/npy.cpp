@@ -44,12 +44,28 @@ std::vector<Out> convert(const NpyArray& a) {
   const uint8_t* p = a.data.data();
   for (size_t i = 0; i < out.size(); ++i) {
     const uint8_t* e = p + i * a.item_size();
-    if (a.dtype == "f4") { float v; std::memcpy(&v, e, 4); out[i] = static_cast<Out>(v); }
-    else if (a.dtype == "f8") { double v; std::memcpy(&v, e, 8); out[i] = static_cast<Out>(v); }
-    else if (a.dtype == "i8") { int64_t v; std::memcpy(&v, e, 8); out[i] = static_cast<Out>(v); }
-    else if (a.dtype == "i4") { int32_t v; std::memcpy(&v, e, 4); out[i] = static_cast<Out>(v); }
-    else if (a.dtype == "u2") { uint16_t v; std::memcpy(&v, e, 2); out[i] = static_cast<Out>(v); }
-    else out[i] = static_cast<Out>(*e);
+    if (a.dtype == "f4") {
+      float v;
+      std::memcpy(&v, e, 4);
+      out[i] = static_cast<Out>(v);
+    } else if (a.dtype == "f8") {
+      double v;
+      std::memcpy(&v, e, 8);
+      out[i] = static_cast<Out>(v);
+    } else if (a.dtype == "i8") {
+      int64_t v;
+      std::memcpy(&v, e, 8);
+      out[i] = static_cast<Out>(v);
+    } else if (a.dtype == "i4") {
+      int32_t v;
+      std::memcpy(&v, e, 4);
+      out[i] = static_cast<Out>(v);
+    } else if (a.dtype == "u2") {
+      uint16_t v;
+      std::memcpy(&v, e, 2);
+      out[i] = static_cast<Out>(v);
+    } else
+      out[i] = static_cast<Out>(*e);
   }
   return out;
 }
@@ -119,7 +135,8 @@ void write_npy(const std::string& path, const NpyArray& a) {
   for (size_t i = 0; i < a.shape.size(); ++i) shape += (i ? ", " : "") + std::to_string(a.shape[i]);
   if (a.shape.size() == 1) shape += ",";
   const char order = (a.dtype == "u1" || a.dtype == "b1") ? '|' : '<';
-  std::string header = "{'descr': '" + std::string(1, order) + a.dtype + "', 'fortran_order': False, 'shape': (" + shape + "), }";
+  std::string header =
+      "{'descr': '" + std::string(1, order) + a.dtype + "', 'fortran_order': False, 'shape': (" + shape + "), }";
   // The total header is padded with spaces to a multiple of 64 bytes and ends in a newline.
   const size_t unpadded = 10 + header.size() + 1;
   header.append((64 - unpadded % 64) % 64, ' ');

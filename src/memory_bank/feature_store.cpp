@@ -31,7 +31,8 @@ FeatureStore::FeatureStore(int64_t dim, const std::string& directory) : dim_(dim
     if (fd_ >= 0) ::unlink(path.c_str());
   }
   if (fd_ < 0)
-    throw std::runtime_error(system_error(directory_ + ": cannot create a scratch file for the training features", errno));
+    throw std::runtime_error(
+        system_error(directory_ + ": cannot create a scratch file for the training features", errno));
 }
 
 FeatureStore::~FeatureStore() {
@@ -56,8 +57,7 @@ void FeatureStore::reserve(int64_t rows) {
 void FeatureStore::append(const torch::Tensor& rows) {
   if (!rows.defined() || rows.dim() != 2 || rows.size(1) != dim_ || rows.scalar_type() != torch::kFloat32 ||
       !rows.device().is_cpu())
-    throw std::invalid_argument("FeatureStore::append: rows must be [n, " + std::to_string(dim_) +
-                                "] float32 CPU");
+    throw std::invalid_argument("FeatureStore::append: rows must be [n, " + std::to_string(dim_) + "] float32 CPU");
   const torch::Tensor data = rows.contiguous();
   const char* bytes = static_cast<const char*>(data.data_ptr());
   const int64_t total = data.numel() * static_cast<int64_t>(sizeof(float));
@@ -66,8 +66,8 @@ void FeatureStore::append(const torch::Tensor& rows) {
     const ssize_t n = ::pwrite(fd_, bytes + written, static_cast<size_t>(total - written), offset + written);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0)
-      throw std::runtime_error(system_error(directory_ + ": writing training features to the scratch file failed",
-                                            n < 0 ? errno : EIO));
+      throw std::runtime_error(
+          system_error(directory_ + ": writing training features to the scratch file failed", n < 0 ? errno : EIO));
     written += n;
   }
   rows_ += data.size(0);
@@ -98,12 +98,11 @@ torch::Tensor FeatureStore::gather(const std::vector<int64_t>& indices) const {
       const ssize_t n = ::pread(fd_, reinterpret_cast<char*>(run.data()) + got, want - got, offset + got);
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0)
-        throw std::runtime_error(system_error(directory_ + ": reading training features back from the scratch file failed",
-                                              n < 0 ? errno : EIO));
+        throw std::runtime_error(system_error(
+            directory_ + ": reading training features back from the scratch file failed", n < 0 ? errno : EIO));
       got += static_cast<size_t>(n);
     }
-    for (; q < end; ++q)
-      std::memcpy(dst + order[q] * dim_, run.data() + (indices[order[q]] - first) * dim_, row_bytes);
+    for (; q < end; ++q) std::memcpy(dst + order[q] * dim_, run.data() + (indices[order[q]] - first) * dim_, row_bytes);
   }
   return out;
 }

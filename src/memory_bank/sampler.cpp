@@ -4,13 +4,13 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
-#include <functional>
 #include <cfloat>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <numeric>
@@ -77,10 +77,9 @@ __attribute__((always_inline)) inline void dot_rows(const float* const* rows, co
 
 // The one distance kernel: out[r] = d(rows[r], centre), the row being the first operand as in the reference
 // (distances of all features to the selected ones), i.e. sqrt(max(0, (-2 r.c + |r|^2) + |c|^2)).
-__attribute__((target_clones("avx2", "default"))) void distance_kernel(const float* const* rows,
-                                                                      const float* row_norms, int64_t count,
-                                                                      const float* centre, float centre_norm,
-                                                                      int64_t dim, float* out) {
+__attribute__((target_clones("avx2", "default"))) void distance_kernel(const float* const* rows, const float* row_norms,
+                                                                       int64_t count, const float* centre,
+                                                                       float centre_norm, int64_t dim, float* out) {
   int64_t r = 0;
   for (; r + 4 <= count; r += 4) dot_rows<4>(rows + r, centre, dim, out + r);
   for (; r < count; ++r) dot_rows<1>(rows + r, centre, dim, out + r);
@@ -91,14 +90,13 @@ __attribute__((target_clones("avx2", "default"))) void distance_kernel(const flo
 }
 
 __attribute__((target_clones("avx2", "default"))) void squared_norm_kernel(const float* const* rows, int64_t count,
-                                                                          int64_t dim, float* out) {
+                                                                           int64_t dim, float* out) {
   for (int64_t r = 0; r < count; ++r) dot_rows<1>(rows + r, rows[r], dim, out + r);
 }
 
 // Projection rows: out[i * out_dim + k] = x_i . w_k.
-__attribute__((target_clones("avx2", "default"))) void projection_kernel(const float* x, int64_t count,
-                                                                        int64_t in_dim, const float* w,
-                                                                        int64_t out_dim, float* out) {
+__attribute__((target_clones("avx2", "default"))) void projection_kernel(const float* x, int64_t count, int64_t in_dim,
+                                                                         const float* w, int64_t out_dim, float* out) {
   int64_t i = 0;
   for (; i + 4 <= count; i += 4) {
     const float* rows[4] = {x + i * in_dim, x + (i + 1) * in_dim, x + (i + 2) * in_dim, x + (i + 3) * in_dim};
@@ -613,9 +611,9 @@ constexpr int64_t kLevelDims[] = {8, 16, 32, 64};
 // Leaf and task sizes, measured on tire features (164,640 x 128): 64-point leaves beat 16, 32, 128 and 256.
 constexpr int64_t kLeafSize = 64;
 constexpr int64_t kBlocksPerTask = 16;
-constexpr int64_t kBatch = 8;  // most centres speculated per pass over the data: the lanes of one vector
-constexpr int64_t kPcaSamples = 8192;        // rows whose covariance gives the principal directions
-constexpr int64_t kProjectionRows = 4096;    // rows per chunk when projecting onto them
+constexpr int64_t kBatch = 8;              // most centres speculated per pass over the data: the lanes of one vector
+constexpr int64_t kPcaSamples = 8192;      // rows whose covariance gives the principal directions
+constexpr int64_t kProjectionRows = 4096;  // rows per chunk when projecting onto them
 
 float round_up_to_float(double x) {
   float f = static_cast<float>(x);
@@ -649,8 +647,8 @@ std::vector<double> principal_directions(const Points& p, int64_t k) {
     for (int64_t b = 0; b < a; ++b) cov[a * dim + b] = cov[b * dim + a];
   torch::Tensor vectors;
   try {
-    vectors = std::get<1>(torch::linalg::eigh(torch::from_blob(cov.data(), {dim, dim}, torch::kFloat64), "L"))
-                  .contiguous();
+    vectors =
+        std::get<1>(torch::linalg::eigh(torch::from_blob(cov.data(), {dim, dim}, torch::kFloat64), "L")).contiguous();
   } catch (const c10::Error& e) {
     throw std::runtime_error(std::string("greedy_coreset_fast: eigendecomposition failed: ") +
                              e.what_without_backtrace());
@@ -723,14 +721,14 @@ struct Index {
   // side so that a level's bound runs on whole vectors and reads contiguous memory.
   std::vector<std::vector<float>> level_data;
   std::vector<int64_t> level_width;
-  std::vector<int64_t> original;     // slot -> row
-  std::vector<int64_t> slot_of;      // row -> slot
-  std::vector<int64_t> block_begin;  // blocks + 1 slot offsets, multiples of 8
-  std::vector<int32_t> block_of;     // slot -> block
-  std::vector<float> box_lo, box_hi;  // [blocks][level_width[0]]: bounding boxes of the first level
+  std::vector<int64_t> original;          // slot -> row
+  std::vector<int64_t> slot_of;           // row -> slot
+  std::vector<int64_t> block_begin;       // blocks + 1 slot offsets, multiples of 8
+  std::vector<int32_t> block_of;          // slot -> block
+  std::vector<float> box_lo, box_hi;      // [blocks][level_width[0]]: bounding boxes of the first level
   std::vector<float> group_lo, group_hi;  // [slots / 8][level_width[0]]: the same per group of eight slots
-  const float* data = nullptr;       // Z, [n][dim], row order
-  std::vector<float> norms;          // [slots]
+  const float* data = nullptr;            // Z, [n][dim], row order
+  std::vector<float> norms;               // [slots]
   double eta = 0.0;
 
   float level_value(int64_t level, int64_t slot, int64_t j) const {
@@ -762,8 +760,7 @@ double for_each_level_values(const Points& p, const torch::Tensor& projected, co
                              const std::vector<int64_t>& levels, int64_t nlevels, Fill fill) {
   const int64_t coords = levels[nlevels - 1];
   torch::Tensor basis_t;
-  if (coords > 0)
-    basis_t = torch::from_blob(const_cast<double*>(basis.data()), {coords, p.dim}, torch::kFloat64).t();
+  if (coords > 0) basis_t = torch::from_blob(const_cast<double*>(basis.data()), {coords, p.dim}, torch::kFloat64).t();
   const std::vector<int64_t> widths = level_widths(levels);
   const int64_t stride = std::accumulate(widths.begin(), widths.begin() + nlevels, int64_t{0});
   std::vector<float> values(static_cast<size_t>(stride));
@@ -806,9 +803,8 @@ Index build_index(const Points& p, const torch::Tensor& projected) {
 
   // Tree order over the first level's values; only they are kept for every row at once.
   std::vector<float> first(static_cast<size_t>(p.n * width0));
-  const double max_norm = for_each_level_values(p, projected, basis, x.levels, 1, [&](int64_t i, const float* v) {
-    std::copy_n(v, width0, &first[i * width0]);
-  });
+  const double max_norm = for_each_level_values(
+      p, projected, basis, x.levels, 1, [&](int64_t i, const float* v) { std::copy_n(v, width0, &first[i * width0]); });
   x.eta = kEta * std::sqrt(max_norm) + 1e-30;
   std::vector<int64_t> order(static_cast<size_t>(p.n));
   for (int64_t i = 0; i < p.n; ++i) order[i] = i;
@@ -887,10 +883,10 @@ struct BlocksView {
   const float* const* level_data;  // per level, [groups][width][8]
   const int64_t* level_width;
   int64_t levels;
-  const int64_t* block_begin;    // first slot of each block (and one past the last)
-  const float* box_lo;           // [blocks][level_width[0]]
+  const int64_t* block_begin;  // first slot of each block (and one past the last)
+  const float* box_lo;         // [blocks][level_width[0]]
   const float* box_hi;
-  const float* group_lo;         // [groups][level_width[0]]
+  const float* group_lo;  // [groups][level_width[0]]
   const float* group_hi;
   const float* block_threshold;  // per block: >= every threshold in it
   const float* group_threshold;  // per group of eight slots: >= every threshold in it
@@ -927,8 +923,8 @@ struct Avx2Mask {
 
 // Squared distances of the eight centres (first level, side by side) to the box [lo, hi].
 // (Returned through a reference: a 32-byte vector return value has a target-dependent ABI.)
-__attribute__((always_inline)) inline void box_gap2(v8f& gap2, const float* box_lo, const float* box_hi,
-                                                    int64_t width, const float* centres) {
+__attribute__((always_inline)) inline void box_gap2(v8f& gap2, const float* box_lo, const float* box_hi, int64_t width,
+                                                    const float* centres) {
   const v8f zero = {};
   v8f c, lo, hi, gap;
   gap2 = zero;
@@ -1017,14 +1013,14 @@ int64_t block_candidates_portable(const BlocksView& blocks, const BatchView& bat
 
 #if defined(__x86_64__) || defined(__i386__)
 __attribute__((target("avx2"))) int64_t block_candidates_avx2(const BlocksView& blocks, const BatchView& batch,
-                                                               int64_t b0, int64_t b1, int64_t* const* out,
-                                                               int64_t* found) {
+                                                              int64_t b0, int64_t b1, int64_t* const* out,
+                                                              int64_t* found) {
   return block_candidates_with<Avx2Mask>(blocks, batch, b0, b1, out, found);
 }
 #endif
 
-int64_t block_candidates(const BlocksView& blocks, const BatchView& batch, int64_t b0, int64_t b1,
-                         int64_t* const* out, int64_t* found) {
+int64_t block_candidates(const BlocksView& blocks, const BatchView& batch, int64_t b0, int64_t b1, int64_t* const* out,
+                         int64_t* found) {
 #if defined(__x86_64__) || defined(__i386__)
   static const bool avx2 = __builtin_cpu_supports("avx2");
   if (avx2) return block_candidates_avx2(blocks, batch, b0, b1, out, found);
@@ -1068,8 +1064,8 @@ struct Update {
 };
 
 struct Scratch {
-  std::vector<std::vector<int64_t>> slots;     // per centre: room for the candidates of a task
-  std::vector<std::vector<Update>> updates;    // per centre: updates found by this thread in the pass
+  std::vector<std::vector<int64_t>> slots;   // per centre: room for the candidates of a task
+  std::vector<std::vector<Update>> updates;  // per centre: updates found by this thread in the pass
   std::vector<float> dist, norms;
   std::vector<const float*> rows;
   int64_t exact = 0, bounds = 0;
@@ -1127,8 +1123,7 @@ void process_blocks(const Index& x, const FastState& st, int64_t b0, int64_t b1,
       sc.norms[q] = x.norms[slots[q]];
     }
     const int64_t cs = centres.slots[j];
-    detail::distance_kernel(sc.rows.data(), sc.norms.data(), count, x.row(cs), x.norms[cs], x.dim,
-                            sc.dist.data());
+    detail::distance_kernel(sc.rows.data(), sc.norms.data(), count, x.row(cs), x.norms[cs], x.dim, sc.dist.data());
     sc.exact += count;
     for (int64_t q = 0; q < count; ++q)
       if (sc.dist[q] < st.score[slots[q]]) sc.updates[j].push_back(Update{slots[q], sc.dist[q]});
@@ -1185,12 +1180,11 @@ std::vector<int64_t> greedy_coreset_fast(const torch::Tensor& projected, std::ve
 
     std::vector<const float*> level_data;
     for (const auto& level : x.level_data) level_data.push_back(level.data());
-    const detail::BlocksView blocks{level_data.data(),          x.level_width.data(),
-                                    static_cast<int64_t>(x.levels.size()), x.block_begin.data(),
-                                    x.box_lo.data(),            x.box_hi.data(),
-                                    x.group_lo.data(),          x.group_hi.data(),
-                                    st.block_threshold.data(),  st.group_threshold.data(),
-                                    st.threshold.data()};
+    const detail::BlocksView blocks{
+        level_data.data(),         x.level_width.data(), static_cast<int64_t>(x.levels.size()),
+        x.block_begin.data(),      x.box_lo.data(),      x.box_hi.data(),
+        x.group_lo.data(),         x.group_hi.data(),    st.block_threshold.data(),
+        st.group_threshold.data(), st.threshold.data()};
     Batch centres;
     const int threads = thread_count();
     TaskTeam team(threads);

@@ -24,12 +24,12 @@ constexpr int64_t kTierAxes[kTiers] = {32, 128, 256};
 constexpr int64_t kBoxAxes = 16;
 constexpr int64_t kRowsPerCell = 64;  // k-means cells over the first-tier coordinates
 constexpr int kKMeansIterations = 8;
-constexpr int64_t kSlice = 4096;     // rows per slice of the bank's temporaries
+constexpr int64_t kSlice = 4096;  // rows per slice of the bank's temporaries
 // Consecutive queries in one work item: two rows of a 28x28 patch grid (against one row: 0.91 of the search
 // time on tire, alternating per image; four rows gained nothing more and leave fewer items to balance).
 constexpr int64_t kChunk = 56;
-constexpr int64_t kLanes = 8;         // rows per interleaved block of first-tier coordinates
-constexpr int64_t kGroup = 4;         // blocks whose first-tier bounds are computed together
+constexpr int64_t kLanes = 8;                           // rows per interleaved block of first-tier coordinates
+constexpr int64_t kGroup = 4;                           // blocks whose first-tier bounds are computed together
 constexpr double kUnit = 5.9604644775390625e-08;        // float unit roundoff, 2^-24
 constexpr double kDoubleUnit = 1.1102230246251565e-16;  // 2^-53
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -76,7 +76,7 @@ inline __attribute__((always_inline)) float sum_of_squared_differences(const flo
 }
 
 __attribute__((target_clones("arch=x86-64-v3", "default"))) float squared_distance(const float* a, const float* b,
-                                                                                  int64_t n) {
+                                                                                   int64_t n) {
   return sum_of_squared_differences(a, b, n);
 }
 
@@ -89,10 +89,10 @@ double relative_error_of_sum(int64_t n) { return (static_cast<double>(n) / 16.0 
 // horizontal sums. The blocks of a group accumulate in independent chains, which keeps the FMA units busy
 // where one chain would wait on each add's latency.
 __attribute__((target_clones("arch=x86-64-v3", "default"))) void first_tier(const float* blocks, const float* norms,
-                                                                          const float* tails, const int32_t* ids,
-                                                                          int64_t count, int64_t axes, const float* q,
-                                                                          float q_norm, float q_tail, float threshold,
-                                                                          uint8_t* masks) {
+                                                                            const float* tails, const int32_t* ids,
+                                                                            int64_t count, int64_t axes, const float* q,
+                                                                            float q_norm, float q_tail, float threshold,
+                                                                            uint8_t* masks) {
   static_assert(kGroup == 4, "one accumulator per block of a group");
   const int64_t stride = axes * kLanes;
   auto finish = [&](int64_t i, const v8f& dot) {
@@ -135,10 +135,10 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) void first_tier(cons
 // moves by at most the query's representation error, like every tier's bound. Its float rounding is at most
 // (axes / 2 + 5) units relative, two chains of non-negative terms.
 __attribute__((target_clones("arch=x86-64-v3", "default"))) uint32_t box_bounds(const float* low, const float* high,
-                                                                              const float* tail_low,
-                                                                              const float* tail_high, int64_t axes,
-                                                                              const float* q, float q_tail,
-                                                                              float threshold) {
+                                                                                const float* tail_low,
+                                                                                const float* tail_high, int64_t axes,
+                                                                                const float* q, float q_tail,
+                                                                                float threshold) {
   const v8f zero{};
   // Through a reference: a vector return value would change the ABI of the default clone.
   auto gap = [&](const float* lo, const float* hi, float x, v8f& g) {
@@ -169,8 +169,8 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) uint32_t box_bounds(
 // centres → out[8 * groups]. Each lane sums in 4 chains of at most axes / 4 + 3 terms, so the relative error
 // stays below relative_error_of_sum(axes) for the up to 32 first-tier axes.
 __attribute__((target_clones("arch=x86-64-v3", "default"))) void centre_distances(const float* centres, int64_t groups,
-                                                                                int64_t axes, const float* q,
-                                                                                float* out) {
+                                                                                  int64_t axes, const float* q,
+                                                                                  float* out) {
   for (int64_t g = 0; g < groups; ++g) {
     const float* group = centres + g * axes * kLanes;
     v8f acc0{}, acc1{}, acc2{}, acc3{}, c0, c1, c2, c3;
@@ -220,10 +220,10 @@ struct Candidate {
 // whose bounds stay at most `threshold` to `candidates`; returns how many rows it refined. One function per
 // target, so the distances inline: a call per row and tier cost a third of the refinement.
 __attribute__((target_clones("arch=x86-64-v3", "default"))) int64_t refine(const RefineTiers& bank, const int32_t* ids,
-                                                                         const uint8_t* masks, size_t count,
-                                                                         const float* q, const float* q_tails,
-                                                                         float threshold,
-                                                                         std::vector<Candidate>& candidates) {
+                                                                           const uint8_t* masks, size_t count,
+                                                                           const float* q, const float* q_tails,
+                                                                           float threshold,
+                                                                           std::vector<Candidate>& candidates) {
   int64_t refined = 0;
   for (size_t b = 0; b < count; ++b)
     for (uint32_t m = masks[b]; m != 0; m &= m - 1) {
@@ -357,11 +357,11 @@ void order_for_boxes(int64_t* rows, int64_t n, const float* coordinates, int64_t
 struct ExactPrunedNN::Pruning {
   const float* rows = nullptr;  // the flat index's storage, [count, dim]
   int64_t count = 0, dim = 0;
-  int64_t axes[kTiers] = {};  // per tier, clamped to dim; the last is the projection width
-  int64_t box_axes = 0;  // kBoxAxes clamped to axes[0]
+  int64_t axes[kTiers] = {};             // per tier, clamped to dim; the last is the projection width
+  int64_t box_axes = 0;                  // kBoxAxes clamped to axes[0]
   int64_t tail_levels[kTiers + 1] = {};  // box_axes, then axes
-  torch::Tensor mean;    // [dim] float32: the centre for rows and queries alike
-  torch::Tensor basis;   // [dim, width] float32: leading principal axes
+  torch::Tensor mean;                    // [dim] float32: the centre for rows and queries alike
+  torch::Tensor basis;                   // [dim, width] float32: leading principal axes
   int64_t slots = 0;
   std::vector<int64_t> row_of_slot;  // -1 on padding
   std::vector<float> blocks;         // [slots / 8, axes[0], 8] first-tier coordinates, interleaved
@@ -374,14 +374,14 @@ struct ExactPrunedNN::Pruning {
   std::vector<float> box_tail_low, box_tail_high;  // [groups, 8]
   int64_t padding_block = 0;  // a block of padding slots in no cell, to fill a group of first-tier blocks
   struct Cell {
-    int64_t begin, end;               // slots
-    int64_t box_group;                // its first group of boxes
-    double radius;                    // of its rows' first-tier coordinates around the centre
-    float tail_low, tail_high;        // range of its rows' first-tier tails
+    int64_t begin, end;         // slots
+    int64_t box_group;          // its first group of boxes
+    double radius;              // of its rows' first-tier coordinates around the centre
+    float tail_low, tail_high;  // range of its rows' first-tier tails
   };
   std::vector<Cell> cells;
-  std::vector<float> centres;  // [cell groups of 8, axes[0], 8]: interleaved, 8 cells per lane group
-  float row_error = 0.f;       // bound on every row's representation error (see tail_error)
+  std::vector<float> centres;   // [cell groups of 8, axes[0], 8]: interleaved, 8 cells per lane group
+  float row_error = 0.f;        // bound on every row's representation error (see tail_error)
   float first_tier_norm = 0.f;  // largest first-tier norm of a row
 };
 
@@ -517,7 +517,8 @@ void ExactPrunedNN::index_changed() {
       p->norms[slot] = static_cast<float>(partial);
       for (int t = 0; t < kTiers; ++t) p->tails[t][slot] = tails[t][r];
       std::memcpy(p->coordinates.data() + slot * width, cr, static_cast<size_t>(width) * sizeof(float));
-      for (int64_t a = 0; a < first; ++a) p->blocks[(slot / kLanes) * first * kLanes + a * kLanes + slot % kLanes] = cr[a];
+      for (int64_t a = 0; a < first; ++a)
+        p->blocks[(slot / kLanes) * first * kLanes + a * kLanes + slot % kLanes] = cr[a];
       const int64_t block = (slot - cell.begin) / kLanes;
       const int64_t lane = block % kLanes, box = cell.box_group + block / kLanes;
       for (int64_t a = 0; a < box_axes; ++a) {
@@ -597,7 +598,7 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
   // The state of one query's search.
   struct Query {
     const float* features;  // as given, [d]
-    const float* coords;  // rotated, [width]
+    const float* coords;    // rotated, [width]
     float first_norm = 0.f, box_tail = 0.f, tails[kTiers] = {};
     double slack = 0.0, first_absolute = 0.0;
     float first_threshold = kInf, refine_threshold = kInf;
@@ -609,7 +610,7 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
   {
     try {
       std::vector<uint8_t> masks;
-      std::vector<int32_t> passing;  // blocks of a cell whose box passed, then padding to a whole group
+      std::vector<int32_t> passing;       // blocks of a cell whose box passed, then padding to a whole group
       std::vector<Candidate> candidates;  // min-heap by bound
       std::vector<Query> chunk_queries(static_cast<size_t>(kChunk));
       std::vector<float> cell_bounds(static_cast<size_t>(kChunk * cell_count));  // [query, cell]
@@ -651,10 +652,11 @@ std::pair<torch::Tensor, torch::Tensor> ExactPrunedNN::search(int64_t k, const t
           const int64_t box = cell.box_group + g;
           // Lanes past the cell's last block hold empty boxes, which pass an infinite threshold.
           const uint32_t lanes = (1u << std::min(kLanes, blocks - g * kLanes)) - 1;
-          for (uint32_t bits = lanes & box_bounds(p.box_low.data() + box * p.box_axes * kLanes,
-                                          p.box_high.data() + box * p.box_axes * kLanes,
-                                          p.box_tail_low.data() + box * kLanes, p.box_tail_high.data() + box * kLanes,
-                                          p.box_axes, query.coords, query.box_tail, query.first_threshold);
+          for (uint32_t bits =
+                   lanes & box_bounds(p.box_low.data() + box * p.box_axes * kLanes,
+                                      p.box_high.data() + box * p.box_axes * kLanes,
+                                      p.box_tail_low.data() + box * kLanes, p.box_tail_high.data() + box * kLanes,
+                                      p.box_axes, query.coords, query.box_tail, query.first_threshold);
                bits != 0; bits &= bits - 1)
             passing.push_back(static_cast<int32_t>(first_block + g * kLanes + __builtin_ctz(bits)));
         }

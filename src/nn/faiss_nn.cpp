@@ -192,7 +192,8 @@ std::unique_ptr<faiss::Index> ApproximateFaissNN::create_index(int64_t dimension
                                 " is not divisible by " + std::to_string(kSubQuantizers) + " sub-quantizers");
   // The quantizer is owned by the IVF index (own_fields) so both go away together.
   auto quantizer = new faiss::IndexFlatL2(dimension);
-  auto index = std::make_unique<faiss::IndexIVFPQ>(quantizer, dimension, kCoarseCentroids, kSubQuantizers, kBitsPerCode);
+  auto index =
+      std::make_unique<faiss::IndexIVFPQ>(quantizer, dimension, kCoarseCentroids, kSubQuantizers, kBitsPerCode);
   index->own_fields = true;
   return index;
 }

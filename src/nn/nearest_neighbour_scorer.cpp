@@ -3,8 +3,8 @@
 #include <filesystem>
 #include <stdexcept>
 
-#include "patchcore/nn/exact_pruned_nn.h"
 #include "patchcore/io/npy.h"
+#include "patchcore/nn/exact_pruned_nn.h"
 
 namespace patchcore {
 
@@ -30,7 +30,8 @@ torch::Tensor concat_merge(const std::vector<torch::Tensor>& features) {
 
 NearestNeighbourScorer::NearestNeighbourScorer(int64_t n_nearest_neighbours, std::shared_ptr<FaissNN> nn_method)
     : n_nearest_neighbours_(n_nearest_neighbours), nn_method_(std::move(nn_method)) {
-  if (n_nearest_neighbours < 1) throw std::invalid_argument("NearestNeighbourScorer: n_nearest_neighbours must be at least 1");
+  if (n_nearest_neighbours < 1)
+    throw std::invalid_argument("NearestNeighbourScorer: n_nearest_neighbours must be at least 1");
   if (!nn_method_) throw std::invalid_argument("NearestNeighbourScorer: nn_method is null");
 }
 

@@ -43,12 +43,15 @@ void filter_axis(const float* in, float* out, int64_t rows, int64_t cols, int ax
 }  // namespace
 
 torch::Tensor gaussian_filter(const torch::Tensor& image, double sigma, double truncate) {
-  if (image.dim() != 2 || image.numel() == 0) throw std::invalid_argument("gaussian_filter: expected a non-empty 2-D map");
-  if (!(sigma > 0) || !(truncate > 0)) throw std::invalid_argument("gaussian_filter: sigma and truncate must be positive");
+  if (image.dim() != 2 || image.numel() == 0)
+    throw std::invalid_argument("gaussian_filter: expected a non-empty 2-D map");
+  if (!(sigma > 0) || !(truncate > 0))
+    throw std::invalid_argument("gaussian_filter: sigma and truncate must be positive");
   const int64_t radius = static_cast<int64_t>(truncate * sigma + 0.5);
   std::vector<double> taps(static_cast<size_t>(2 * radius + 1));
   double sum = 0;
-  for (int64_t x = -radius; x <= radius; ++x) sum += taps[static_cast<size_t>(x + radius)] = std::exp(-0.5 * x * x / (sigma * sigma));
+  for (int64_t x = -radius; x <= radius; ++x)
+    sum += taps[static_cast<size_t>(x + radius)] = std::exp(-0.5 * x * x / (sigma * sigma));
   for (double& t : taps) t /= sum;
 
   const torch::Tensor in = image.to(torch::kCPU, torch::kFloat32).contiguous();
@@ -70,7 +73,8 @@ std::vector<torch::Tensor> RescaleSegmentor::convert_to_segmentation(const torch
   if (scores.dim() == 2) {
     const auto side = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(scores.size(1)))));
     if (side * side != scores.size(1))
-      throw std::invalid_argument("RescaleSegmentor: [B, L] patch scores need a square grid, L = " + std::to_string(scores.size(1)));
+      throw std::invalid_argument("RescaleSegmentor: [B, L] patch scores need a square grid, L = " +
+                                  std::to_string(scores.size(1)));
     scores = scores.reshape({scores.size(0), side, side});
   }
   if (scores.dim() != 3 || scores.numel() == 0)

@@ -5,13 +5,13 @@
 
 #include "common_fixtures.h"
 #include "patchcore/backbone/backbone.h"
+#include "patchcore/backbone/network_feature_aggregator.h"
 #include "patchcore/io/checkpoint.h"
 #include "patchcore/io/image.h"
-#include "patchcore/backbone/network_feature_aggregator.h"
 
 using namespace patchcore;
-using test::load_golden;
 using test::error_of;
+using test::load_golden;
 using test::max_abs_diff;
 
 namespace {
@@ -25,7 +25,9 @@ void set_formula_weights(ResNetBackbone& backbone) {
     for (char c : name) p += static_cast<unsigned char>(c);
     p %= 101;
     const auto i = torch::arange(t.numel(), torch::kFloat64);
-    auto ends = [&](const std::string& s) { return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0; };
+    auto ends = [&](const std::string& s) {
+      return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
+    };
     torch::Tensor v;
     if (t.dim() == 4) {
       const double fan_in = static_cast<double>(t.size(1) * t.size(2) * t.size(3));
@@ -46,15 +48,16 @@ void set_formula_weights(ResNetBackbone& backbone) {
 }
 
 torch::Tensor formula_images(int64_t batch, int64_t size) {
-  auto grids = torch::meshgrid({torch::arange(batch), torch::arange(3), torch::arange(size), torch::arange(size)}, "ij");
+  auto grids =
+      torch::meshgrid({torch::arange(batch), torch::arange(3), torch::arange(size), torch::arange(size)}, "ij");
   const auto &b = grids[0], &c = grids[1], &h = grids[2], &w = grids[3];
-  return (1.5 * torch::sin(0.05 * (h * size + w) + c + 0.5 * b) + 0.3 * torch::cos(0.11 * h - 0.07 * w)).to(torch::kFloat32);
+  return (1.5 * torch::sin(0.05 * (h * size + w) + c + 0.5 * b) + 0.3 * torch::cos(0.11 * h - 0.07 * w))
+      .to(torch::kFloat32);
 }
 
 double relative_error(const torch::Tensor& actual, const torch::Tensor& expected) {
   return max_abs_diff(actual, expected) / expected.abs().max().item<double>();
 }
-
 
 }  // namespace
 
@@ -142,7 +145,9 @@ TEST(ResNetBackbone, ErrorsNameTheLayerOrTensor) {
             std::string::npos);
   EXPECT_NE(error_of([&] { NetworkFeatureAggregator(backbone, {"layer2.7"}); }).find("unknown layer 'layer2.7'"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { backbone->extract(torch::zeros({3, 64, 64}), {"layer2"}); }).find("[B, 3, H, W]"),
+  EXPECT_NE(error_of([&] {
+              backbone->extract(torch::zeros({3, 64, 64}), {"layer2"});
+            }).find("[B, 3, H, W]"),
             std::string::npos);
 
   // A state dict with one tensor missing and one of the wrong shape.
@@ -152,8 +157,9 @@ TEST(ResNetBackbone, ErrorsNameTheLayerOrTensor) {
   StateDict wrong_shape = state;
   for (auto& [key, t] : wrong_shape)
     if (key == "layer2.0.conv1.weight") t = torch::zeros({128, 64, 1, 1});
-  EXPECT_NE(error_of([&] { backbone->load_state_dict(wrong_shape, "ckpt.pth"); })
-                .find("ckpt.pth: tensor 'layer2.0.conv1.weight' has shape [128, 64, 1, 1]"),
+  EXPECT_NE(error_of([&] {
+              backbone->load_state_dict(wrong_shape, "ckpt.pth");
+            }).find("ckpt.pth: tensor 'layer2.0.conv1.weight' has shape [128, 64, 1, 1]"),
             std::string::npos);
   StateDict missing(state.begin() + 1, state.end());
   EXPECT_NE(error_of([&] { backbone->load_state_dict(missing, "ckpt.pth"); }).find("missing tensor 'conv1.weight'"),
@@ -162,7 +168,8 @@ TEST(ResNetBackbone, ErrorsNameTheLayerOrTensor) {
 
 TEST(ResNetBackbone, LoadsTruncatedZipAndLegacyCheckpoints) {
   // Fixtures of scripts/fixtures/make_checkpoints.py: torchvision ResNet-18 keys, truncated after layer1.0.
-  for (const char* file : {"checkpoints/resnet18_stem_layer1_0.zip.pth", "checkpoints/resnet18_stem_layer1_0.legacy.pth"}) {
+  for (const char* file :
+       {"checkpoints/resnet18_stem_layer1_0.zip.pth", "checkpoints/resnet18_stem_layer1_0.legacy.pth"}) {
     const StateDict state = load_state_dict(test::fixture(file));
     ResNetBackbone backbone("resnet18", {"layer1.0"});
     backbone.load_checkpoint(test::fixture(file));
@@ -171,13 +178,15 @@ TEST(ResNetBackbone, LoadsTruncatedZipAndLegacyCheckpoints) {
         if (p.key() == key) EXPECT_TRUE(torch::equal(p.value(), value)) << key;
     // The next block needs tensors the file does not have.
     ResNetBackbone deeper("resnet18", {"layer1.1"});
-    EXPECT_NE(error_of([&] { deeper.load_checkpoint(test::fixture(file)); }).find("missing tensor 'layer1.1.conv1.weight'"),
-              std::string::npos);
+    EXPECT_NE(
+        error_of([&] { deeper.load_checkpoint(test::fixture(file)); }).find("missing tensor 'layer1.1.conv1.weight'"),
+        std::string::npos);
   }
 }
 
 TEST(TorchScriptBackbone, MissingOrInvalidFileIsAnError) {
-  EXPECT_NE(error_of([] { TorchScriptBackbone("/nonexistent/model.pt"); }).find("/nonexistent/model.pt"), std::string::npos);
+  EXPECT_NE(error_of([] { TorchScriptBackbone("/nonexistent/model.pt"); }).find("/nonexistent/model.pt"),
+            std::string::npos);
   const std::string path = test::temp_dir() + "/garbage.pt";
   std::ofstream(path) << "not a torchscript archive";
   EXPECT_NE(error_of([&] { TorchScriptBackbone{path}; }).find("not a loadable TorchScript module"), std::string::npos);
@@ -192,6 +201,8 @@ TEST(TorchScriptBackbone, ScriptedFeatureExtractorGivesNamedOutputs) {
   EXPECT_LT(max_abs_diff(features["high"], load_golden("common/tiny_high.npy")), 1e-6);
   EXPECT_EQ(aggregator.feature_dimensions({3, 16, 16}), (std::vector<int64_t>{8, 4}));
   NetworkFeatureAggregator unknown(backbone, {"middle"});
-  EXPECT_NE(error_of([&] { unknown.forward(formula_images(1, 16)); }).find("unknown layer 'middle'; module outputs: low, high"),
+  EXPECT_NE(error_of([&] {
+              unknown.forward(formula_images(1, 16));
+            }).find("unknown layer 'middle'; module outputs: low, high"),
             std::string::npos);
 }

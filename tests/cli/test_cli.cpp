@@ -57,16 +57,19 @@ TEST(Cli, FitPredictEvaluateEndToEnd) {
   const std::string data = tiny_tire(tire);
   const std::string work = patchcore::test::temp_dir();
 
-  CliRun fit = run_cli("fit --data " + data + " --weights " + weights + " --out " + work + "/model --coreset 0.25 --seed 3");
+  CliRun fit =
+      run_cli("fit --data " + data + " --weights " + weights + " --out " + work + "/model --coreset 0.25 --seed 3");
   ASSERT_EQ(fit.status, 0) << fit.output;
   EXPECT_NE(fit.output.find("memory bank of 588 patches"), std::string::npos) << fit.output;  // int(3·784·0.25)
 
-  CliRun predict = run_cli("predict --model " + work + "/model " + data + "/test/cut " + data + "/test/good/000.png --out " + work + "/pred");
+  CliRun predict = run_cli("predict --model " + work + "/model " + data + "/test/cut " + data +
+                           "/test/good/000.png --out " + work + "/pred");
   ASSERT_EQ(predict.status, 0) << predict.output;
   for (const char* f : {"scores.csv", "summary.json", "000_overlay.png", "000_map.npy", "001_map.npy", "000_1_map.npy"})
     EXPECT_TRUE(fs::exists(work + "/pred/" + f)) << f;
 
-  CliRun evaluate = run_cli("evaluate --model " + work + "/model --data " + data + " --out " + work + "/report --json " + work + "/metrics.json");
+  CliRun evaluate = run_cli("evaluate --model " + work + "/model --data " + data + " --out " + work +
+                            "/report --json " + work + "/metrics.json");
   ASSERT_EQ(evaluate.status, 0) << evaluate.output;
   std::ifstream json_file(work + "/metrics.json");
   const auto metrics = nlohmann::json::parse(json_file);
@@ -105,7 +108,8 @@ TEST(Cli, BadInputGivesOneLineErrorAndNonZeroExit) {
       {fit + " --k 0", "--k"},
       {fit + " --layers layer2,layer9", "unknown layer 'layer9'"},
       {fit + " --backbone resnet19", "unknown backbone 'resnet19'"},
-      {fit + " --sampler random --coreset 0.1 --k 300", "memory bank of 235 rows is smaller than n_nearest_neighbours 300"},
+      {fit + " --sampler random --coreset 0.1 --k 300",
+       "memory bank of 235 rows is smaller than n_nearest_neighbours 300"},
       {fit + " --k 2000", "k (anomaly_scorer_num_nn) must be in [1, 1024], got 2000"},
       {"fit --data " + data + " --weights " + data + "/train/good/000.png --out " + out, "000.png"},
       {"predict --model " + data + " " + data + "/test/good --out " + out, "patchcore_params.json"},

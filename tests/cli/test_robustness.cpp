@@ -18,8 +18,8 @@
 #include <set>
 #include <thread>
 
-#include "patchcore/io/dataset.h"
 #include "patchcore/core/file.h"
+#include "patchcore/io/dataset.h"
 #include "patchcore/patchcore.h"
 #include "support.h"
 
@@ -59,7 +59,8 @@ int wait_for(pid_t pid) {
 // Every file of a model directory by name, so two states of the directory can be compared byte for byte.
 std::map<std::string, std::string> snapshot(const fs::path& dir) {
   std::map<std::string, std::string> files;
-  for (const auto& entry : fs::directory_iterator(dir)) files[entry.path().filename().string()] = read_file(entry.path().string());
+  for (const auto& entry : fs::directory_iterator(dir))
+    files[entry.path().filename().string()] = read_file(entry.path().string());
   return files;
 }
 
@@ -73,8 +74,9 @@ TEST(Robustness, FitKilledAtAnyMomentLeavesTheOldModelOrTheNewOneWhole) {
   const fs::path model = work / "model";
   const std::string log = test::temp_dir() + "/fit.log";
   auto fit_args = [&](const fs::path& out, int seed) {
-    return std::vector<std::string>{"fit", "--data", data, "--weights", weights, "--out", out.string(),
-                                    "--sampler", "random", "--coreset", "0.05", "--seed", std::to_string(seed)};
+    return std::vector<std::string>{
+        "fit",       "--data", data,     "--weights",         weights, "--out", out.string(), "--sampler", "random",
+        "--coreset", "0.05",   "--seed", std::to_string(seed)};
   };
   // Bank rows of a complete model: int(2 images · 784 patches · 0.05).
   const int64_t bank_rows = 78;
@@ -155,7 +157,8 @@ TEST(Robustness, ConcurrentPredictionsEqualSerialOnesBitForBit) {
   const auto test_set = MVTecDataset::test(tire);
   ASSERT_GE(test_set.size(), 6u);
   std::vector<torch::Tensor> images;
-  for (size_t i = 0; i < 6; ++i) images.push_back(params.transform.load(test_set[i * (test_set.size() - 1) / 5].image_path).unsqueeze(0));
+  for (size_t i = 0; i < 6; ++i)
+    images.push_back(params.transform.load(test_set[i * (test_set.size() - 1) / 5].image_path).unsqueeze(0));
   std::vector<PredictResult> serial;
   for (const auto& image : images) serial.push_back(model.predict(image));
 
@@ -199,7 +202,8 @@ TEST(Robustness, OutOfRangeFitOptionsAreRefusedBeforeAnythingIsWritten) {
       {{"--coreset", "nan"}, "--coreset"},
       {{"--k", "-3"}, "--k"},
       // int(2 · 784 · 0.01) = 15 rows kept, fewer than k.
-      {{"--sampler", "random", "--coreset", "0.01", "--k", "16"}, "memory bank of 15 rows is smaller than n_nearest_neighbours 16"},
+      {{"--sampler", "random", "--coreset", "0.01", "--k", "16"},
+       "memory bank of 15 rows is smaller than n_nearest_neighbours 16"},
       {{"--layers", "layer2,layer4"}, "layer4"},
       {{"--layers", ","}, "no layers"},
       {{"--backbone", "vgg16"}, "unknown backbone 'vgg16'"},

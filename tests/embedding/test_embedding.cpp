@@ -21,8 +21,9 @@ double relative_difference(const EmbeddingCase& c, const std::vector<torch::Tens
   const PatchEmbedder fast(c.channels, c.patchsize, c.stride, c.pretrain, c.target);
   std::vector<int64_t> fast_grid, reference_grid;
   const torch::Tensor actual = fast.forward(features, &fast_grid);
-  const torch::Tensor expected = reference_embedding(features, PatchMaker(c.patchsize, c.stride),
-                                                     Preprocessing(c.channels, c.pretrain), Aggregator(c.target), &reference_grid);
+  const torch::Tensor expected =
+      reference_embedding(features, PatchMaker(c.patchsize, c.stride), Preprocessing(c.channels, c.pretrain),
+                          Aggregator(c.target), &reference_grid);
   EXPECT_EQ(fast_grid, reference_grid);
   EXPECT_EQ(actual.sizes(), expected.sizes());
   return max_abs_diff(actual, expected) / expected.abs().max().item<double>();
@@ -84,13 +85,22 @@ TEST(FastEmbedding, AcceptsNonContiguousAndDoubleInput) {
 
 TEST(FastEmbedding, RejectsMismatchedFeatures) {
   const PatchEmbedder fast({8, 16}, 3, 1, 32, 16);
-  EXPECT_NE(error_of([&] { fast.forward({torch::zeros({1, 8, 4, 4})}); }).find("got 1 layers, built for 2"), std::string::npos);
-  EXPECT_NE(error_of([&] { fast.forward({torch::zeros({1, 8, 4, 4}), torch::zeros({1, 15, 2, 2})}); }).find("layer 1"),
+  EXPECT_NE(error_of([&] {
+              fast.forward({torch::zeros({1, 8, 4, 4})});
+            }).find("got 1 layers, built for 2"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { fast.forward({torch::zeros({1, 8, 4, 4}), torch::zeros({2, 16, 2, 2})}); }).find("batch size"),
+  EXPECT_NE(error_of([&] {
+              fast.forward({torch::zeros({1, 8, 4, 4}), torch::zeros({1, 15, 2, 2})});
+            }).find("layer 1"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              fast.forward({torch::zeros({1, 8, 4, 4}), torch::zeros({2, 16, 2, 2})});
+            }).find("batch size"),
             std::string::npos);
   // Patchsize 4 pads by 1, so a 1 x 1 map has no complete patch.
-  EXPECT_NE(error_of([&] { PatchEmbedder({8}, 4, 1, 8, 8).forward({torch::zeros({1, 8, 1, 1})}); }).find("smaller than a patch"),
+  EXPECT_NE(error_of([&] {
+              PatchEmbedder({8}, 4, 1, 8, 8).forward({torch::zeros({1, 8, 1, 1})});
+            }).find("smaller than a patch"),
             std::string::npos);
   EXPECT_THROW(PatchEmbedder({}, 3, 1, 8, 8), std::invalid_argument);
   EXPECT_THROW(PatchEmbedder({8}, 0, 1, 8, 8), std::invalid_argument);

@@ -266,7 +266,8 @@ double brute_force_aupro(const std::vector<cv::Mat>& maps, const std::vector<cv:
       for (float s : region) hit += s >= *t;
       pro += static_cast<double>(hit) / static_cast<double>(region.size());
     }
-    points.push_back({static_cast<double>(fp) / static_cast<double>(normal.size()), pro / static_cast<double>(regions.size())});
+    points.push_back(
+        {static_cast<double>(fp) / static_cast<double>(normal.size()), pro / static_cast<double>(regions.size())});
   }
   double area = 0;
   for (size_t i = 1; i < points.size(); ++i) {

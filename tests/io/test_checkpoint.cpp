@@ -10,8 +10,8 @@
 #include <random>
 #include <sstream>
 
-#include "patchcore/io/checkpoint.h"
 #include "patchcore/core/file.h"
+#include "patchcore/io/checkpoint.h"
 #include "patchcore/io/npy.h"
 #include "support.h"
 
@@ -26,9 +26,10 @@ json fixture_json(const std::string& file) { return json::parse(fixture_bytes(fi
 
 std::string dtype_name(torch::ScalarType t) {
   static const std::map<torch::ScalarType, std::string> names = {
-      {torch::kFloat, "float32"}, {torch::kDouble, "float64"}, {torch::kHalf, "float16"}, {torch::kBFloat16, "bfloat16"},
-      {torch::kLong, "int64"},    {torch::kInt, "int32"},      {torch::kShort, "int16"},  {torch::kChar, "int8"},
-      {torch::kByte, "uint8"},    {torch::kBool, "bool"}};
+      {torch::kFloat, "float32"},     {torch::kDouble, "float64"}, {torch::kHalf, "float16"},
+      {torch::kBFloat16, "bfloat16"}, {torch::kLong, "int64"},     {torch::kInt, "int32"},
+      {torch::kShort, "int16"},       {torch::kChar, "int8"},      {torch::kByte, "uint8"},
+      {torch::kBool, "bool"}};
   auto it = names.find(t);
   return it == names.end() ? "?" : it->second;
 }
@@ -42,12 +43,15 @@ void expect_values(const std::string& name, const torch::Tensor& t, const json& 
   const torch::Tensor flat = t.reshape({-1});
   if (t.is_floating_point()) {
     const torch::Tensor d = flat.to(torch::kDouble);
-    for (int64_t k = 0; k < t.numel(); ++k) EXPECT_EQ(d[k].item<double>(), expected[k].get<double>()) << name << "[" << k << "]";
+    for (int64_t k = 0; k < t.numel(); ++k)
+      EXPECT_EQ(d[k].item<double>(), expected[k].get<double>()) << name << "[" << k << "]";
   } else if (t.scalar_type() == torch::kBool) {
-    for (int64_t k = 0; k < t.numel(); ++k) EXPECT_EQ(flat[k].item<bool>(), expected[k].get<bool>()) << name << "[" << k << "]";
+    for (int64_t k = 0; k < t.numel(); ++k)
+      EXPECT_EQ(flat[k].item<bool>(), expected[k].get<bool>()) << name << "[" << k << "]";
   } else {
     const torch::Tensor l = flat.to(torch::kLong);
-    for (int64_t k = 0; k < t.numel(); ++k) EXPECT_EQ(l[k].item<int64_t>(), expected[k].get<int64_t>()) << name << "[" << k << "]";
+    for (int64_t k = 0; k < t.numel(); ++k)
+      EXPECT_EQ(l[k].item<int64_t>(), expected[k].get<int64_t>()) << name << "[" << k << "]";
   }
 }
 
@@ -84,8 +88,8 @@ std::string expect_error(Load&& load, const std::string& name, const std::vector
   return {};
 }
 
-std::string expect_memory_error(const std::string& bytes, const std::string& name, const std::vector<std::string>& needles,
-                                const CheckpointLimits& limits = {}) {
+std::string expect_memory_error(const std::string& bytes, const std::string& name,
+                                const std::vector<std::string>& needles, const CheckpointLimits& limits = {}) {
   return expect_error([&] { load_state_dict_from_memory(bytes, name, limits); }, name, needles);
 }
 
@@ -154,7 +158,9 @@ struct PickleWriter {
     }
     return *this;
   }
-  PickleWriter& global(const std::string& module, const std::string& name) { return op('c').raw(module + "\n" + name + "\n"); }
+  PickleWriter& global(const std::string& module, const std::string& name) {
+    return op('c').raw(module + "\n" + name + "\n");
+  }
   PickleWriter& ints(const std::vector<int64_t>& values) {
     op('(');
     for (int64_t v : values) integer(v);
@@ -187,11 +193,25 @@ std::string zip_checkpoint(const std::string& pickle, const std::vector<Storage>
 
 std::string legacy_checkpoint(const std::string& pickle, const std::vector<Storage>& storages) {
   std::string out = std::string("\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.", 15);  // magic
-  out += std::string("\x80\x02M\xe9\x03.", 6);                                                  // protocol 1001
+  out += std::string("\x80\x02M\xe9\x03.", 6);                                                     // protocol 1001
   out += PickleWriter()
-             .op('}').op('(').str("protocol_version").integer(1001).str("little_endian").op('\x88')
-             .str("type_sizes").op('}').op('(').str("short").integer(2).str("int").integer(4).str("long").integer(4)
-             .op('u').op('u')
+             .op('}')
+             .op('(')
+             .str("protocol_version")
+             .integer(1001)
+             .str("little_endian")
+             .op('\x88')
+             .str("type_sizes")
+             .op('}')
+             .op('(')
+             .str("short")
+             .integer(2)
+             .str("int")
+             .integer(4)
+             .str("long")
+             .integer(4)
+             .op('u')
+             .op('u')
              .stop();
   out += pickle;
   PickleWriter keys;
@@ -214,7 +234,13 @@ std::string floats(std::initializer_list<float> values) {
 // {name: FloatStorage tensor} with the given view of one storage "0" of `numel` floats.
 std::string one_tensor_pickle(const std::string& name, int64_t numel, int64_t offset, const std::vector<int64_t>& sizes,
                               const std::vector<int64_t>& strides, bool legacy) {
-  return PickleWriter().ordered_dict().op('(').str(name).tensor("FloatStorage", "0", numel, offset, sizes, strides, legacy).op('u').stop();
+  return PickleWriter()
+      .ordered_dict()
+      .op('(')
+      .str(name)
+      .tensor("FloatStorage", "0", numel, offset, sizes, strides, legacy)
+      .op('u')
+      .stop();
 }
 
 std::string one_tensor_checkpoint(bool legacy, const std::string& name, int64_t numel, int64_t offset,
@@ -270,8 +296,9 @@ class DtypesFixture : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(DtypesFixture, EveryDtypeAndViewMatchesTorchLoad) {
   const json golden = fixture_json("dtypes.json");
-  expect_entries(load_state_dict(fixture_path("dtypes." + GetParam() + ".pth")), golden["entries"],
-                 [](const std::string& name, const torch::Tensor& t, const json& e) { expect_values(name, t, e["values"]); });
+  expect_entries(
+      load_state_dict(fixture_path("dtypes." + GetParam() + ".pth")), golden["entries"],
+      [](const std::string& name, const torch::Tensor& t, const json& e) { expect_values(name, t, e["values"]); });
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, DtypesFixture, ::testing::Values("zip", "legacy", "zip_proto4"));
@@ -322,10 +349,14 @@ TEST(Checkpoint, UnwrapsStateDictAndModelWrappersAndStripsModulePrefix) {
 TEST(Checkpoint, KeepsModulePrefixUnlessEveryKeyHasIt) {
   const std::string bytes(16, '\0');
   const std::string pickle = PickleWriter()
-                                 .ordered_dict().op('(')
-                                 .str("module.a").tensor("FloatStorage", "0", 4, 0, {4}, {1}, false)
-                                 .str("b").tensor("FloatStorage", "0", 4, 0, {2}, {1}, false)
-                                 .op('u').stop();
+                                 .ordered_dict()
+                                 .op('(')
+                                 .str("module.a")
+                                 .tensor("FloatStorage", "0", 4, 0, {4}, {1}, false)
+                                 .str("b")
+                                 .tensor("FloatStorage", "0", 4, 0, {2}, {1}, false)
+                                 .op('u')
+                                 .stop();
   const StateDict sd = load_state_dict_from_memory(zip_checkpoint(pickle, {{"0", 4, bytes}}), "mixed.pth");
   ASSERT_EQ(sd.size(), 2u);
   EXPECT_EQ(sd[0].first, "module.a");
@@ -341,7 +372,8 @@ TEST_P(Crafted, StridedViewWithOffsetIsResolved) {
   const bool legacy = GetParam();
   const std::string bytes = floats({0, 1, 2, 3, 4, 5, 6, 7, 8, 9});
   // Elements 1, 4, 7 / 2, 5, 8 : offset 1, sizes (2, 3), strides (1, 3).
-  const StateDict sd = load_state_dict_from_memory(one_tensor_checkpoint(legacy, "w", 10, 1, {2, 3}, {1, 3}, bytes), "v.pth");
+  const StateDict sd =
+      load_state_dict_from_memory(one_tensor_checkpoint(legacy, "w", 10, 1, {2, 3}, {1, 3}, bytes), "v.pth");
   ASSERT_EQ(sd.size(), 1u);
   const torch::Tensor expected = torch::tensor({1.f, 4.f, 7.f, 2.f, 5.f, 8.f}).reshape({2, 3});
   EXPECT_TRUE(torch::equal(sd[0].second, expected)) << sd[0].second;
@@ -351,13 +383,35 @@ TEST_P(Crafted, StridedViewWithOffsetIsResolved) {
 TEST(Checkpoint, LegacyStorageViewMetadataIsResolved) {
   // ('storage', FloatStorage, '0', 'cpu', 6, ('1', 2, 3)): a view of elements 2..4 of storage 0.
   const std::string pickle = PickleWriter()
-                                 .ordered_dict().op('(').str("w")
-                                 .global("torch._utils", "_rebuild_tensor_v2").op('(')
-                                 .op('(').str("storage").global("torch", "FloatStorage").str("0").str("cpu").integer(6)
-                                 .op('(').str("1").integer(2).integer(3).op('t').op('t').op('Q')
-                                 .integer(1).ints({2}).ints({1}).op('\x89').ordered_dict().op('t').op('R')
-                                 .op('u').stop();
-  const StateDict sd = load_state_dict_from_memory(legacy_checkpoint(pickle, {{"0", 6, floats({0, 1, 2, 3, 4, 5})}}), "view.pth");
+                                 .ordered_dict()
+                                 .op('(')
+                                 .str("w")
+                                 .global("torch._utils", "_rebuild_tensor_v2")
+                                 .op('(')
+                                 .op('(')
+                                 .str("storage")
+                                 .global("torch", "FloatStorage")
+                                 .str("0")
+                                 .str("cpu")
+                                 .integer(6)
+                                 .op('(')
+                                 .str("1")
+                                 .integer(2)
+                                 .integer(3)
+                                 .op('t')
+                                 .op('t')
+                                 .op('Q')
+                                 .integer(1)
+                                 .ints({2})
+                                 .ints({1})
+                                 .op('\x89')
+                                 .ordered_dict()
+                                 .op('t')
+                                 .op('R')
+                                 .op('u')
+                                 .stop();
+  const StateDict sd =
+      load_state_dict_from_memory(legacy_checkpoint(pickle, {{"0", 6, floats({0, 1, 2, 3, 4, 5})}}), "view.pth");
   ASSERT_EQ(sd.size(), 1u);
   EXPECT_TRUE(torch::equal(sd[0].second, torch::tensor({3.f, 4.f})));
 }
@@ -365,10 +419,11 @@ TEST(Checkpoint, LegacyStorageViewMetadataIsResolved) {
 TEST_P(Crafted, ViewBeyondItsStorageIsRefused) {
   const bool legacy = GetParam();
   const std::string bytes = floats({0, 1, 2, 3});
-  for (const auto& [offset, sizes, strides] : std::vector<std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>>>{
+  for (const auto& [offset, sizes, strides] :
+       std::vector<std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>>>{
            {0, {3, 3}, {3, 1}}, {4, {1}, {1}}, {1, {2, 2}, {1, 2}}, {0, {2}, {int64_t{1} << 62}}}) {
-    expect_memory_error(one_tensor_checkpoint(legacy, "layer1.0.conv1.weight", 4, offset, sizes, strides, bytes), "view.pth",
-                        {"tensor 'layer1.0.conv1.weight' view exceeds its storage"});
+    expect_memory_error(one_tensor_checkpoint(legacy, "layer1.0.conv1.weight", 4, offset, sizes, strides, bytes),
+                        "view.pth", {"tensor 'layer1.0.conv1.weight' view exceeds its storage"});
   }
 }
 
@@ -377,10 +432,10 @@ TEST_P(Crafted, AbsurdShapeOrStorageSizeIsRefusedBeforeAllocating) {
   const std::string bytes = floats({0, 1, 2, 3});
   expect_memory_error(one_tensor_checkpoint(legacy, "w", int64_t{1} << 61, 0, {4}, {1}, bytes), "big.pth",
                       {"storage", "exceeds the limit"});
-  expect_memory_error(one_tensor_checkpoint(legacy, "w", 4, 0, {int64_t{1} << 20, int64_t{1} << 20}, {0, 0}, bytes), "shape.pth",
-                      {"tensor 'w' of 1099511627776 elements exceeds the limit"});
-  expect_memory_error(one_tensor_checkpoint(legacy, "w", 4, 0, {int64_t{1} << 40, int64_t{1} << 40}, {0, 0}, bytes), "shape.pth",
-                      {"tensor 'w' has an absurd shape"});
+  expect_memory_error(one_tensor_checkpoint(legacy, "w", 4, 0, {int64_t{1} << 20, int64_t{1} << 20}, {0, 0}, bytes),
+                      "shape.pth", {"tensor 'w' of 1099511627776 elements exceeds the limit"});
+  expect_memory_error(one_tensor_checkpoint(legacy, "w", 4, 0, {int64_t{1} << 40, int64_t{1} << 40}, {0, 0}, bytes),
+                      "shape.pth", {"tensor 'w' has an absurd shape"});
 }
 
 TEST_P(Crafted, ObjectThatIsNotAStateDictIsRefused) {
@@ -389,7 +444,8 @@ TEST_P(Crafted, ObjectThatIsNotAStateDictIsRefused) {
   const std::string file = legacy ? legacy_checkpoint(pickle, {}) : zip_checkpoint(pickle, {});
   expect_memory_error(file, "epoch.pth", {"entry 'epoch' is a int, not a tensor"});
   const std::string list = PickleWriter().op(']').stop();
-  expect_memory_error(legacy ? legacy_checkpoint(list, {}) : zip_checkpoint(list, {}), "list.pth", {"holds a list, not a state dict"});
+  expect_memory_error(legacy ? legacy_checkpoint(list, {}) : zip_checkpoint(list, {}), "list.pth",
+                      {"holds a list, not a state dict"});
 }
 
 TEST_P(Crafted, GlobalsOutsideTheWhitelistAreRefused) {
@@ -437,13 +493,15 @@ TEST_P(Crafted, DeepNestingNeitherOverflowsTheStackNorLeaks) {
   const bool legacy = GetParam();
   // A million nested 1-tuples.
   const std::string tuples = PickleWriter().op('N').raw(std::string(1000000, '\x85')).stop();
-  expect_memory_error(legacy ? legacy_checkpoint(tuples, {}) : zip_checkpoint(tuples, {}), "deep.pth", {"holds a tuple, not a state dict"});
+  expect_memory_error(legacy ? legacy_checkpoint(tuples, {}) : zip_checkpoint(tuples, {}), "deep.pth",
+                      {"holds a tuple, not a state dict"});
   // 200000 lists each appended to the previous one through the memo, parked in a dict under "k".
   PickleWriter lists;
   lists.op('}').str("k").op(']').op('q').raw("\x01").op('s');
   for (int k = 0; k < 200000; ++k) lists.str("k").op('h').raw("\x01").op(']').op('q').raw("\x01").op('a').op('s');
   const std::string chain = lists.stop();
-  expect_memory_error(legacy ? legacy_checkpoint(chain, {}) : zip_checkpoint(chain, {}), "deep.pth", {"entry 'k' is a list, not a tensor"});
+  expect_memory_error(legacy ? legacy_checkpoint(chain, {}) : zip_checkpoint(chain, {}), "deep.pth",
+                      {"entry 'k' is a list, not a tensor"});
 }
 
 TEST_P(Crafted, PickleObjectBudgetFollowsTheTensorLimit) {
@@ -457,7 +515,8 @@ TEST_P(Crafted, PickleObjectBudgetFollowsTheTensorLimit) {
   expect_memory_error(file, "many.pth", {legacy ? "pickle too large" : "larger than the tensor limit allows"}, limits);
 }
 
-INSTANTIATE_TEST_SUITE_P(Formats, Crafted, ::testing::Values(false, true), [](const auto& info) { return format_name(info.param); });
+INSTANTIATE_TEST_SUITE_P(Formats, Crafted, ::testing::Values(false, true),
+                         [](const auto& info) { return format_name(info.param); });
 
 // ------------------------------------------------------------------------------------------------
 // Damaged torch.save output.
@@ -474,7 +533,8 @@ TEST(CheckpointErrors, TruncatedFilesInBothFormats) {
     for (double fraction : {0.0001, 0.003, 0.01, 0.5, 0.9, 0.99999}) {
       const auto cut = static_cast<size_t>(bytes.size() * fraction);
       const std::string path = test::temp_dir() + "/" + file;
-      write_file_atomically(path, [&](const std::string& tmp) { std::ofstream(tmp, std::ios::binary) << bytes.substr(0, cut); });
+      write_file_atomically(
+          path, [&](const std::string& tmp) { std::ofstream(tmp, std::ios::binary) << bytes.substr(0, cut); });
       expect_error([&] { load_state_dict(path); }, path, {"truncated"});
     }
   }
@@ -507,8 +567,10 @@ TEST(CheckpointErrors, LegacyTruncatedInsideAStorageSaysHowManyBytesAreMissing) 
   ASSERT_GT(layout.first_nbytes, 100u);
   const std::string bytes = fixture_bytes("resnet18_stem_layer1_0.legacy.pth");
   expect_memory_error(bytes.substr(0, layout.data_offset + 8 + 100), "cut.pth",
-                      {"truncated: storage '" + layout.first_key + "' needs " + std::to_string(layout.first_nbytes) + " bytes, has 100"});
-  expect_memory_error(bytes.substr(0, layout.data_offset + 3), "cut.pth", {"truncated: storage '" + layout.first_key + "' header"});
+                      {"truncated: storage '" + layout.first_key + "' needs " + std::to_string(layout.first_nbytes) +
+                       " bytes, has 100"});
+  expect_memory_error(bytes.substr(0, layout.data_offset + 3), "cut.pth",
+                      {"truncated: storage '" + layout.first_key + "' header"});
 }
 
 TEST(CheckpointErrors, ZipRecordShorterThanItsStorage) {
@@ -521,7 +583,8 @@ TEST(CheckpointErrors, ZipRecordShorterThanItsStorage) {
 
 TEST(CheckpointErrors, ZipRecordMissing) {
   Records records = read_records(fixture_bytes("resnet18_stem_layer1_0.zip.pth"));
-  records.erase(std::remove_if(records.begin(), records.end(), [](const auto& r) { return r.first == "data/3"; }), records.end());
+  records.erase(std::remove_if(records.begin(), records.end(), [](const auto& r) { return r.first == "data/3"; }),
+                records.end());
   expect_memory_error(write_zip(records), "missing.pth", {"storage 'data/3' is missing"});
 }
 
@@ -548,8 +611,8 @@ TEST(CheckpointErrors, CompressedZipRecordIsRefused) {
 
 TEST(CheckpointErrors, ZipWithoutDataPklOrTorchScriptIsNotAStateDict) {
   expect_memory_error(write_zip({{"other.txt", "x"}}), "other.zip", {"no data.pkl"});
-  expect_memory_error(write_zip({{"data.pkl", PickleWriter().op('}').stop()}, {"code/__torch__.py", "def f(): pass"}}), "script.pt",
-                      {"TorchScript"});
+  expect_memory_error(write_zip({{"data.pkl", PickleWriter().op('}').stop()}, {"code/__torch__.py", "def f(): pass"}}),
+                      "script.pt", {"TorchScript"});
 }
 
 TEST(CheckpointErrors, NotACheckpoint) {
@@ -591,7 +654,8 @@ TEST(CheckpointErrors, StorageAboveTheLimitIsRefusedBeforeReading) {
   CheckpointLimits limits;
   limits.max_tensor_bytes = 10000;  // conv1.weight's storage has 37632 bytes
   expect_error([&] { load_state_dict(fixture_path("resnet18_stem_layer1_0.zip.pth"), limits); },
-               fixture_path("resnet18_stem_layer1_0.zip.pth"), {"storage 'data/0' of 9408 float elements exceeds the limit of 10000 bytes"});
+               fixture_path("resnet18_stem_layer1_0.zip.pth"),
+               {"storage 'data/0' of 9408 float elements exceeds the limit of 10000 bytes"});
   expect_error([&] { load_state_dict(fixture_path("resnet18_stem_layer1_0.legacy.pth"), limits); },
                fixture_path("resnet18_stem_layer1_0.legacy.pth"),
                {"storage '" + legacy_layout().conv1_key + "' of 9408 float elements exceeds the limit of 10000 bytes"});
@@ -616,8 +680,9 @@ TEST(CheckpointErrors, AbsurdElementCountInLegacyStorageHeader) {
   for (uint64_t count : {uint64_t{1} << 62, ~uint64_t{0}, layout.first_numel - 1, layout.first_numel + 1}) {
     std::string bad = good;
     for (int k = 0; k < 8; ++k) bad[at + k] = static_cast<char>((count >> (8 * k)) & 0xff);
-    expect_memory_error(bad, "count.pth", {"storage '" + layout.first_key + "' header at offset " + std::to_string(at),
-                                           "elements, the pickle declares " + std::to_string(layout.first_numel)});
+    expect_memory_error(bad, "count.pth",
+                        {"storage '" + layout.first_key + "' header at offset " + std::to_string(at),
+                         "elements, the pickle declares " + std::to_string(layout.first_numel)});
   }
   expect_memory_error(good + "x", "tail.pth", {"1 unexpected bytes after the last storage"});
 }
@@ -629,7 +694,8 @@ TEST(CheckpointErrors, BigEndianIsRefused) {
   ASSERT_NE(at, std::string::npos);
   legacy[at + 13] = '\x89';  // NEWTRUE -> NEWFALSE
   expect_memory_error(legacy, "be.pth", {"big-endian"});
-  const std::string zip = write_zip({{"data.pkl", one_tensor_pickle("w", 1, 0, {1}, {1}, false)}, {"data/0", floats({1})}, {"byteorder", "big"}});
+  const std::string zip = write_zip(
+      {{"data.pkl", one_tensor_pickle("w", 1, 0, {1}, {1}, false)}, {"data/0", floats({1})}, {"byteorder", "big"}});
   expect_memory_error(zip, "be.pth", {"big-endian"});
 }
 
@@ -659,7 +725,8 @@ void load_variant(const std::string& bytes, const std::string& what, SweepResult
   }
 }
 
-SweepResult sweep(const std::string& good, size_t max_variants, const std::function<std::string(const std::string&)>& wrap) {
+SweepResult sweep(const std::string& good, size_t max_variants,
+                  const std::function<std::string(const std::string&)>& wrap) {
   SweepResult result;
   const size_t step = std::max<size_t>(1, 2 * good.size() / max_variants);
   for (size_t at = 0; at < good.size(); at += step) {

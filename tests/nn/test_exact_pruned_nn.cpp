@@ -45,8 +45,7 @@ void expect_exact(const torch::Tensor& queries, const torch::Tensor& bank, int64
       ASSERT_TRUE(r >= 0 && r < bank.size(0)) << "query " << q << " got row " << r;
       rows.push_back(r);
       const double tolerance = 1e-5 * t[q][r] + 1e-6 * scale;
-      if (t[q][r] > kk[q] + tolerance || std::abs(d[q][j] - t[q][r]) > tolerance ||
-          (j > 0 && d[q][j] < d[q][j - 1])) {
+      if (t[q][r] > kk[q] + tolerance || std::abs(d[q][j] - t[q][r]) > tolerance || (j > 0 && d[q][j] < d[q][j - 1])) {
         ADD_FAILURE() << "query " << q << " neighbour " << j << ": row " << r << " at " << d[q][j] << " (true "
                       << t[q][r] << "), true k-th distance " << kk[q];
         ++failures;
@@ -135,8 +134,9 @@ TEST(ExactPrunedNN, SmallAndDegenerateBanks) {
         auto [distances, indices] = nn.run(k, queries);
         expect_exact(queries, bank, k, distances, indices);
       }
-      EXPECT_NE(error_of([&] { nn.run(n + 1, queries); })
-                    .find("larger than the memory bank (" + std::to_string(n) + " rows)"),
+      EXPECT_NE(error_of([&] {
+                  nn.run(n + 1, queries);
+                }).find("larger than the memory bank (" + std::to_string(n) + " rows)"),
                 std::string::npos);
     }
   }
@@ -155,7 +155,8 @@ TEST(ExactPrunedNN, DuplicateRowsComeInIndexOrder) {
   // Equal distances are bit-identical, and their rows ascend.
   for (int64_t q = 0; q < queries.size(0); ++q)
     for (int64_t j = 1; j < 6; ++j)
-      if (d[q][j].item<float>() == d[q][j - 1].item<float>()) EXPECT_LT(i[q][j - 1].item<int64_t>(), i[q][j].item<int64_t>());
+      if (d[q][j].item<float>() == d[q][j - 1].item<float>())
+        EXPECT_LT(i[q][j - 1].item<int64_t>(), i[q][j].item<int64_t>());
   EXPECT_TRUE(torch::equal(d.slice(1, 0, 3), d.slice(1, 0, 1).expand({-1, 3})));
   EXPECT_TRUE(torch::equal(i.slice(0, 30).select(1, 0), torch::arange(10)));
   EXPECT_TRUE(torch::equal(d.slice(0, 30).select(1, 0), torch::zeros({10})));
@@ -236,7 +237,10 @@ TEST(ExactPrunedNN, IsAFaissNNWithItsOwnKind) {
 
 TEST(ExactPrunedNN, ErrorsNameTheProblem) {
   ExactPrunedNN nn(false, 1);
-  EXPECT_NE(error_of([&] { nn.run(1, torch::ones({1, 8})); }).find("ExactPrunedNN: run() before fit()"), std::string::npos);
+  EXPECT_NE(error_of([&] {
+              nn.run(1, torch::ones({1, 8}));
+            }).find("ExactPrunedNN: run() before fit()"),
+            std::string::npos);
   EXPECT_NE(error_of([] { ExactPrunedNN(true, 1); }).find("CPU only"), std::string::npos);
   nn.fit(torch::ones({3, 8}));
   EXPECT_NE(error_of([&] { nn.run(1, torch::ones({1, 9})); }).find("dimension 9, the index has 8"), std::string::npos);

@@ -5,15 +5,14 @@
 #include <fstream>
 
 #include "common_fixtures.h"
-#include "patchcore/nn/faiss_nn.h"
 #include "patchcore/core/file.h"
+#include "patchcore/nn/faiss_nn.h"
 #include "patchcore/nn/nearest_neighbour_scorer.h"
 
 using namespace patchcore;
-using test::load_golden;
 using test::error_of;
+using test::load_golden;
 using test::max_abs_diff;
-
 
 TEST(FaissNN, ReturnsSquaredDistancesOfPythonFaiss) {
   FaissNN nn(false, 2);
@@ -69,19 +68,25 @@ TEST(FaissNN, ErrorsNameTheProblem) {
   FaissNN nn;
   EXPECT_NE(error_of([&] { nn.fit(torch::zeros({0, 8})); }).find("empty"), std::string::npos);
   nn.fit(torch::ones({3, 8}));
-  EXPECT_NE(error_of([&] { nn.run(4, torch::ones({1, 8})); }).find("larger than the memory bank (3 rows)"), std::string::npos);
+  EXPECT_NE(error_of([&] {
+              nn.run(4, torch::ones({1, 8}));
+            }).find("larger than the memory bank (3 rows)"),
+            std::string::npos);
   EXPECT_NE(error_of([&] { nn.run(1, torch::ones({1, 9})); }).find("dimension 9, the index has 8"), std::string::npos);
   EXPECT_NE(error_of([&] { nn.run(0, torch::ones({1, 8})); }).find("at least 1"), std::string::npos);
   EXPECT_NE(error_of([] { FaissNN(true, 1); }).find("GPU"), std::string::npos);
 
   const std::string dir = test::temp_dir();
-  EXPECT_NE(error_of([&] { nn.load(dir + "/missing.faiss"); }).find("missing.faiss: no such index file"), std::string::npos);
+  EXPECT_NE(error_of([&] { nn.load(dir + "/missing.faiss"); }).find("missing.faiss: no such index file"),
+            std::string::npos);
   std::ofstream(dir + "/garbage.faiss") << "this is not a faiss index";
-  EXPECT_NE(error_of([&] { nn.load(dir + "/garbage.faiss"); }).find("garbage.faiss: not a readable FAISS index"), std::string::npos);
+  EXPECT_NE(error_of([&] { nn.load(dir + "/garbage.faiss"); }).find("garbage.faiss: not a readable FAISS index"),
+            std::string::npos);
   std::ifstream good(test::fixture("common/faiss_flat_by_python.faiss"), std::ios::binary);
   const std::string bytes((std::istreambuf_iterator<char>(good)), {});
   std::ofstream(dir + "/cut.faiss", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
-  EXPECT_NE(error_of([&] { nn.load(dir + "/cut.faiss"); }).find("cut.faiss: not a readable FAISS index"), std::string::npos);
+  EXPECT_NE(error_of([&] { nn.load(dir + "/cut.faiss"); }).find("cut.faiss: not a readable FAISS index"),
+            std::string::npos);
   // An IVF-PQ file is a valid index, but not what the exact search expects.
   EXPECT_NE(error_of([&] { nn.load(test::fixture("common/faiss_ivfpq_by_python.faiss")); }).find("another kind"),
             std::string::npos);
@@ -139,7 +144,8 @@ TEST(ApproximateFaissNN, DamagedIvfPqCountsAreRefusedBeforeFaissReadsThem) {
   EXPECT_NE(damaged(37, uint64_t{1} << 40).find("one centroid"), std::string::npos);  // nlist
   std::ofstream(dir + "/truncated.faiss", std::ios::binary) << bytes.substr(0, bytes.size() - 100);
   ApproximateFaissNN loaded;
-  EXPECT_NE(error_of([&] { loaded.load(dir + "/truncated.faiss"); }).find("more than the file holds"), std::string::npos);
+  EXPECT_NE(error_of([&] { loaded.load(dir + "/truncated.faiss"); }).find("more than the file holds"),
+            std::string::npos);
 }
 
 TEST(NearestNeighbourScorer, ScoresAreMeanOfKSquaredDistances) {
@@ -169,8 +175,9 @@ TEST(NearestNeighbourScorer, SaveLoadRoundTripWithPrependAndFeatures) {
   EXPECT_TRUE(torch::equal(std::get<0>(scorer.predict({queries})), std::get<0>(loaded.predict({queries}))));
   // The separately saved bank reloads and can be written again.
   loaded.save(dir + "/again", true);
-  EXPECT_TRUE(torch::equal(load_golden("common/faiss_bank.npy"),
-                           torch::from_blob(read_npy(dir + "/again/nnscorer_features.npy").as_float().data(), {300, 64}).clone()));
+  EXPECT_TRUE(torch::equal(
+      load_golden("common/faiss_bank.npy"),
+      torch::from_blob(read_npy(dir + "/again/nnscorer_features.npy").as_float().data(), {300, 64}).clone()));
   EXPECT_THROW(loaded.load(dir, "wrong_prefix_"), std::runtime_error);
 }
 
@@ -178,6 +185,9 @@ TEST(NearestNeighbourScorer, RejectsEmptyFitMismatchedRowsAndSmallBanks) {
   NearestNeighbourScorer scorer(3, std::make_shared<FaissNN>());
   EXPECT_THROW(scorer.fit({}), std::invalid_argument);
   EXPECT_THROW(scorer.fit({torch::ones({4, 2}), torch::ones({5, 2})}), std::invalid_argument);
-  EXPECT_NE(error_of([&] { scorer.fit({torch::ones({2, 8})}); }).find("smaller than n_nearest_neighbours 3"), std::string::npos);
+  EXPECT_NE(error_of([&] {
+              scorer.fit({torch::ones({2, 8})});
+            }).find("smaller than n_nearest_neighbours 3"),
+            std::string::npos);
   EXPECT_THROW(NearestNeighbourScorer(0, std::make_shared<FaissNN>()), std::invalid_argument);
 }

@@ -40,8 +40,7 @@ TEST_P(GaussianFilter, MatchesScipyIncludingReflectBorders) {
   EXPECT_LT(max_abs_diff(out, load_golden(tag + "_out.npy")), 2e-7);
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, GaussianFilter,
-                         ::testing::Values("20x31_s4.0", "5x7_s4.0", "50x40_s2.5", "1x9_s1.0"));
+INSTANTIATE_TEST_SUITE_P(Shapes, GaussianFilter, ::testing::Values("20x31_s4.0", "5x7_s4.0", "50x40_s2.5", "1x9_s1.0"));
 
 TEST(RescaleSegmentor, RejectsBadShapesAndParameters) {
   RescaleSegmentor segmentor("cpu", 32);

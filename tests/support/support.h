@@ -32,6 +32,6 @@ std::string linked_data_set(const std::string& source, const std::vector<std::st
 }  // namespace patchcore::test
 
 // Skips the current test with a message when ../shared/<relative> is not there.
-#define PATCHCORE_REQUIRE_SHARED(var, relative)                                             \
-  const std::string var = ::patchcore::test::shared(relative);                              \
+#define PATCHCORE_REQUIRE_SHARED(var, relative)                \
+  const std::string var = ::patchcore::test::shared(relative); \
   if (var.empty()) GTEST_SKIP() << "../shared/" << (relative) << " is absent; test skipped"

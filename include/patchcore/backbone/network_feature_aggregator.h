@@ -19,7 +19,9 @@ class NetworkFeatureAggregator {
   // images [B, 3, H, W] → layer name → [B, C, h, w], in layers_to_extract_from order. The backbone
   // stops after the last requested layer. Thread-safe: the backbone is only read.
   torch::OrderedDict<std::string, torch::Tensor> forward(const torch::Tensor& images) const;
-  torch::OrderedDict<std::string, torch::Tensor> operator()(const torch::Tensor& images) const { return forward(images); }
+  torch::OrderedDict<std::string, torch::Tensor> operator()(const torch::Tensor& images) const {
+    return forward(images);
+  }
 
   // Channel count of each requested layer for images of `input_shape` (channels, height, width).
   std::vector<int64_t> feature_dimensions(const std::vector<int64_t>& input_shape) const;

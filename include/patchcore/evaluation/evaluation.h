@@ -5,8 +5,8 @@
 #include <string>
 #include <vector>
 
-#include "patchcore/io/dataset.h"
 #include "patchcore/evaluation/metrics.h"
+#include "patchcore/io/dataset.h"
 #include "patchcore/patchcore.h"
 
 namespace patchcore {
@@ -35,12 +35,12 @@ struct EvaluationResult {
   double pixel_auroc = 0;            // over every pixel of every test image
   double pixel_auroc_defective = 0;  // over the images whose mask has any defect pixel
   double aupro = 0;
-  double ms_per_image = 0;           // load + predict, wall clock
+  double ms_per_image = 0;  // load + predict, wall clock
   std::vector<EvaluatedImage> images;
   RocCurve image_roc, pixel_roc;
 };
 
-EvaluationResult evaluate(const PatchCore& model, const std::vector<Sample>& test_set, const EvaluationOptions& options = {},
-                          const ProgressCallback& progress = {});
+EvaluationResult evaluate(const PatchCore& model, const std::vector<Sample>& test_set,
+                          const EvaluationOptions& options = {}, const ProgressCallback& progress = {});
 
 }  // namespace patchcore

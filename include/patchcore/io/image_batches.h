@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "patchcore/io/image.h"
 #include "patchcore/core/stage_timer.h"
+#include "patchcore/io/image.h"
 
 namespace patchcore {
 
@@ -20,7 +20,8 @@ class ImageBatches {
   // Reading starts at once. `timer` (optional) receives the background thread's reading time under stage
   // "decode" and the caller's time in next() under "decode wait": the part of decoding that the compute
   // did not hide.
-  ImageBatches(std::vector<std::string> paths, ImageTransform transform, int64_t batch_size, StageTimer* timer = nullptr);
+  ImageBatches(std::vector<std::string> paths, ImageTransform transform, int64_t batch_size,
+               StageTimer* timer = nullptr);
   // Waits for a read still in flight.
   ~ImageBatches();
   ImageBatches(const ImageBatches&) = delete;

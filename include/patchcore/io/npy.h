@@ -8,9 +8,9 @@
 namespace patchcore {
 
 struct NpyArray {
-  std::string dtype;             // NumPy descr without byte order: "f4", "f8", "i8", "i4", "u1", "b1", "u2"
+  std::string dtype;  // NumPy descr without byte order: "f4", "f8", "i8", "i4", "u1", "b1", "u2"
   std::vector<int64_t> shape;
-  std::vector<uint8_t> data;     // raw little-endian element bytes, C order
+  std::vector<uint8_t> data;  // raw little-endian element bytes, C order
 
   int64_t numel() const;
   size_t item_size() const;

@@ -158,8 +158,7 @@ struct GreedyStats {
 
 // Both run `count` (>= 0) greedy selections starting from `scores` (one finite value per row) and return the
 // selected indices; they return identical results for identical inputs, whatever the thread count.
-std::vector<int64_t> greedy_coreset_reference(const torch::Tensor& projected, std::vector<float> scores,
-                                              int64_t count);
+std::vector<int64_t> greedy_coreset_reference(const torch::Tensor& projected, std::vector<float> scores, int64_t count);
 std::vector<int64_t> greedy_coreset_fast(const torch::Tensor& projected, std::vector<float> scores, int64_t count,
                                          GreedyStats* stats = nullptr);
 

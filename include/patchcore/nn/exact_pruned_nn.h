@@ -12,9 +12,10 @@
 // cells are walked in one order for all 56, so a cell's data is read from memory once for all the queries that
 // need it. Within a cell, rows are ordered by a k-d split into blocks of 8 that lie close together, and each
 // block's bounding box over the leading 16 axes (and the tails beyond them) bounds all its rows at once; only the
-// blocks that pass get the bound over 32 axes for each row, and rows that pass are refined with 128 and 256 axes. Rows that pass those too get their exact distance over all D features lowest bound first,
-// so each distance found spares the cell's rows whose bound it then exceeds. Every bound carries a margin for
-// float rounding, so the k neighbours are those of brute force.
+// blocks that pass get the bound over 32 axes for each row, and rows that pass are refined with 128 and 256 axes. Rows
+// that pass those too get their exact distance over all D features lowest bound first, so each distance found spares
+// the cell's rows whose bound it then exceeds. Every bound carries a margin for float rounding, so the k neighbours are
+// those of brute force.
 #include <torch/torch.h>
 
 #include <memory>

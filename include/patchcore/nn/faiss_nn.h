@@ -28,8 +28,7 @@ class FaissNN {
   // k nearest bank rows of each query [Q, D] → (squared distances [Q, k] float32, indices [Q, k] int64).
   // With index_features, searches a throw-away index of the same kind built from them instead.
   // Thread-safe for concurrent calls on a fitted index.
-  virtual std::pair<torch::Tensor, torch::Tensor> run(int64_t n_nearest_neighbours,
-                                                      const torch::Tensor& query_features,
+  virtual std::pair<torch::Tensor, torch::Tensor> run(int64_t n_nearest_neighbours, const torch::Tensor& query_features,
                                                       const torch::Tensor& index_features = {}) const;
   void save(const std::string& filename) const;
   // Throws naming the file when it is missing, truncated, not a FAISS index, or of another index kind.

@@ -26,11 +26,13 @@ class NearestNeighbourScorer {
   // detection_features: one [N, ...] array per layer (all with the same N).
   void fit(const std::vector<torch::Tensor>& detection_features);
   // → (anomaly_scores [N], query_distances [N, k], query_nns [N, k]). Thread-safe once fitted.
-  std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> predict(const std::vector<torch::Tensor>& query_features) const;
+  std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> predict(
+      const std::vector<torch::Tensor>& query_features) const;
 
   // Writes {prepend}nnscorer_search_index.faiss (FAISS's format, readable by the Python reference) and,
   // with save_features_separately, the fitted bank as {prepend}nnscorer_features.npy.
-  void save(const std::string& save_folder, bool save_features_separately = false, const std::string& prepend = "") const;
+  void save(const std::string& save_folder, bool save_features_separately = false,
+            const std::string& prepend = "") const;
   void load(const std::string& load_folder, const std::string& prepend = "");
 
   static std::string index_filename(const std::string& folder, const std::string& prepend);
