@@ -8,7 +8,8 @@
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
-#include "patchcore/backbone/backbone.h"
+#include "patchcore/backbone/resnet.h"
+#include "patchcore/core/parallel.h"
 #include "patchcore/embedding/patch_embedder.h"
 #include "patchcore/segmentation/rescale_segmentor.h"
 
@@ -22,21 +23,21 @@ std::vector<torch::Tensor> tire_sized_features() {
 }
 
 void BM_Backbone(benchmark::State& state) {
-  torch::set_num_threads(static_cast<int>(state.range(0)));
+  patchcore::set_num_threads(static_cast<int>(state.range(0)));
   patchcore::ResNetBackbone backbone("resnet18", kLayers);
   const torch::Tensor image = torch::randn({1, 3, 224, 224});
   for (auto _ : state) benchmark::DoNotOptimize(backbone.extract(image, kLayers));
 }
 
 void BM_EmbeddingFast(benchmark::State& state) {
-  torch::set_num_threads(static_cast<int>(state.range(0)));
+  patchcore::set_num_threads(static_cast<int>(state.range(0)));
   const auto features = tire_sized_features();
   const patchcore::PatchEmbedder embedder({128, 256}, 3, 1, 1024, 1024);
   for (auto _ : state) benchmark::DoNotOptimize(embedder.forward(features));
 }
 
 void BM_EmbeddingReference(benchmark::State& state) {
-  torch::set_num_threads(static_cast<int>(state.range(0)));
+  patchcore::set_num_threads(static_cast<int>(state.range(0)));
   const auto features = tire_sized_features();
   const patchcore::PatchMaker patch_maker(3, 1);
   const patchcore::Preprocessing preprocessing({128, 256}, 1024);
@@ -46,7 +47,7 @@ void BM_EmbeddingReference(benchmark::State& state) {
 }
 
 void BM_Segmentation(benchmark::State& state) {
-  torch::set_num_threads(static_cast<int>(state.range(0)));
+  patchcore::set_num_threads(static_cast<int>(state.range(0)));
   torch::manual_seed(4);
   const torch::Tensor scores = torch::rand({1, 28, 28});
   const patchcore::RescaleSegmentor segmentor("cpu", 224, 4.0);

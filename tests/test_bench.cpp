@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "common_fixtures.h"
+#include "patchcore/backbone/resnet.h"
 #include "patchcore/bench.h"
 #include "patchcore/core/stage_timer.h"
 #include "patchcore/io/dataset.h"

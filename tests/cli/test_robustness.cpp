@@ -1,6 +1,5 @@
 // Robustness of the whole program rather than of one loader: a fit killed at any moment leaves no
-// half-written model, one model serves many threads with the same results as one thread, and bad
-// command-line values are refused before anything is written.
+// half-written model, and bad command-line values are refused before anything is written.
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
@@ -138,52 +137,6 @@ TEST(Robustness, FitKilledAtAnyMomentLeavesTheOldModelOrTheNewOneWhole) {
   ASSERT_TRUE(WIFEXITED(last) && WEXITSTATUS(last) == 0) << read_file(log);
   EXPECT_NE(snapshot(model), previous);
   EXPECT_EQ(PatchCore::load_from_path(model.string(), "cpu", 1)->memory_bank_size(), bank_rows);
-}
-
-TEST(Robustness, ConcurrentPredictionsEqualSerialOnesBitForBit) {
-  PATCHCORE_REQUIRE_SHARED(weights, "weights/resnet18-imagenet-stem-to-layer3.pth");
-  PATCHCORE_REQUIRE_SHARED(tire, "data/tire");
-  set_num_threads(2);
-  PatchCoreParams params;
-  PatchCore model;
-  model.load(load_backbone("resnet18", weights, params.layers_to_extract_from), params,
-             std::make_shared<RandomSampler>(0.1, 0));
-  std::vector<std::string> train;
-  for (const auto& s : MVTecDataset::train(tire)) train.push_back(s.image_path);
-  train.resize(3);
-  model.fit(train);
-
-  // Six test images of different kinds, each predicted alone.
-  const auto test_set = MVTecDataset::test(tire);
-  ASSERT_GE(test_set.size(), 6u);
-  std::vector<torch::Tensor> images;
-  for (size_t i = 0; i < 6; ++i)
-    images.push_back(params.transform.load(test_set[i * (test_set.size() - 1) / 5].image_path).unsqueeze(0));
-  std::vector<PredictResult> serial;
-  for (const auto& image : images) serial.push_back(model.predict(image));
-
-  constexpr int kThreads = 8;
-  std::vector<std::vector<std::pair<size_t, PredictResult>>> concurrent(kThreads);
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, t] {
-      std::vector<size_t> order(images.size());
-      for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-      std::shuffle(order.begin(), order.end(), std::mt19937(t));
-      for (size_t i : order) concurrent[t].emplace_back(i, model.predict(images[i]));
-    });
-  }
-  for (auto& thread : threads) thread.join();
-
-  for (int t = 0; t < kThreads; ++t) {
-    ASSERT_EQ(concurrent[t].size(), images.size());
-    for (const auto& [i, result] : concurrent[t]) {
-      ASSERT_EQ(result.scores.size(), 1u);
-      EXPECT_EQ(std::memcmp(&result.scores[0], &serial[i].scores[0], sizeof(float)), 0)
-          << "thread " << t << ", image " << i << ": " << result.scores[0] << " vs " << serial[i].scores[0];
-      EXPECT_TRUE(torch::equal(result.masks[0], serial[i].masks[0])) << "thread " << t << ", image " << i;
-    }
-  }
 }
 
 TEST(Robustness, OutOfRangeFitOptionsAreRefusedBeforeAnythingIsWritten) {

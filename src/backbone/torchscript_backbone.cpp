@@ -1,0 +1,67 @@
+#include "patchcore/backbone/torchscript_backbone.h"
+
+#include <torch/script.h>
+
+#include <map>
+#include <stdexcept>
+
+#include "layer_names.h"
+
+namespace patchcore {
+
+TorchScriptBackbone::TorchScriptBackbone(const std::string& path) : path_(path) {
+  weights_path_ = path;
+  try {
+    module_ = std::make_shared<torch::jit::Module>(torch::jit::load(path));
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(path + ": not a loadable TorchScript module: " + e.what_without_backtrace());
+  }
+  module_->eval();
+}
+
+TorchScriptBackbone::~TorchScriptBackbone() = default;
+
+void TorchScriptBackbone::to(const c10::Device& device) { module_->to(device); }
+
+std::vector<std::string> TorchScriptBackbone::layer_names() const {
+  const std::lock_guard<std::mutex> lock(names_mutex_);
+  return output_names_;
+}
+
+torch::OrderedDict<std::string, at::Tensor> TorchScriptBackbone::extract(const at::Tensor& images,
+                                                                         const std::vector<std::string>& layers) const {
+  if (layers.empty()) throw std::invalid_argument(name() + ": no layers to extract from");
+  torch::NoGradGuard no_grad;
+  c10::IValue result;
+  try {
+    result = module_->forward({images});
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(path_ + ": forward failed: " + e.what_without_backtrace());
+  }
+  std::map<std::string, at::Tensor> found;
+  std::vector<std::string> names;
+  if (result.isGenericDict()) {
+    for (const auto& item : result.toGenericDict()) {
+      if (!item.key().isString() || !item.value().isTensor())
+        throw std::runtime_error(path_ + ": forward must return Dict[str, Tensor]");
+      names.push_back(item.key().toStringRef());
+      found[names.back()] = item.value().toTensor();
+    }
+  } else if (result.isTensor() && layers.size() == 1) {
+    names = {layers[0]};
+    found[layers[0]] = result.toTensor();
+  } else {
+    throw std::runtime_error(path_ + ": forward must return Dict[str, Tensor] (or one Tensor for one layer), got " +
+                             result.tagKind());
+  }
+  {
+    const std::lock_guard<std::mutex> lock(names_mutex_);
+    output_names_ = names;
+  }
+  for (const auto& l : layers)
+    if (!found.count(l))
+      throw std::invalid_argument(path_ + ": unknown layer '" + l + "'; module outputs: " + join_names(names));
+  return in_request_order(found, layers);
+}
+
+}  // namespace patchcore
