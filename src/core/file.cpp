@@ -32,15 +32,24 @@ void fsync_path(const std::string& path) {
 
 }  // namespace
 
-std::string read_file(const std::string& path) {
+std::string read_file(const std::string& path, uint64_t max_bytes) {
   std::error_code ec;
-  if (fs::is_directory(path, ec)) throw std::runtime_error(path + ": is a directory, expected a file");
+  const fs::file_status status = fs::status(path, ec);
+  if (!fs::exists(status)) throw std::runtime_error(path + ": no such file");
+  if (fs::is_directory(status)) throw std::runtime_error(path + ": is a directory, expected a file");
+  if (!fs::is_regular_file(status)) throw std::runtime_error(path + ": is not a regular file");
+  const uint64_t size = fs::file_size(path, ec);
+  if (ec) throw std::runtime_error(path + ": cannot read: " + ec.message());
+  if (size > max_bytes)
+    throw std::runtime_error(path + ": file of " + std::to_string(size) + " bytes exceeds the limit of " +
+                             std::to_string(max_bytes) + " bytes");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open file");
-  std::ostringstream contents;
-  contents << in.rdbuf();
-  if (in.bad()) throw std::runtime_error(path + ": read error");
-  return contents.str();
+  std::string bytes(static_cast<size_t>(size), '\0');
+  in.read(bytes.data(), static_cast<std::streamsize>(size));
+  if (static_cast<uint64_t>(in.gcount()) != size || in.peek() != std::ifstream::traits_type::eof())
+    throw std::runtime_error(path + ": read error (the file changed size while being read)");
+  return bytes;
 }
 
 void write_file_atomically(const std::string& path, const std::function<void(const std::string&)>& write) {

@@ -4,11 +4,12 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 #include <vector>
+
+#include "patchcore/core/bytes.h"
+#include "patchcore/core/file.h"
 
 namespace patchcore {
 namespace {
@@ -30,22 +31,13 @@ struct Header {
 
 [[noreturn]] void fail(const std::string& name, const std::string& problem) { throw ImageError(name + ": " + problem); }
 
-uint32_t be32(const unsigned char* p) {
-  return (uint32_t(p[0]) << 24) | (uint32_t(p[1]) << 16) | (uint32_t(p[2]) << 8) | p[3];
-}
-uint16_t be16(const unsigned char* p) { return uint16_t((p[0] << 8) | p[1]); }
-uint32_t le32(const unsigned char* p) {
-  return (uint32_t(p[3]) << 24) | (uint32_t(p[2]) << 16) | (uint32_t(p[1]) << 8) | p[0];
-}
-uint16_t le16(const unsigned char* p) { return uint16_t((p[1] << 8) | p[0]); }
-
 Header parse_png(const unsigned char* d, size_t n, const std::string& name) {
   // Signature (8), IHDR length (4), "IHDR" (4), width, height, depth, colour type, ...
   if (n < 33) fail(name, "truncated PNG header");
-  if (be32(d + 8) != 13 || std::memcmp(d + 12, "IHDR", 4) != 0) fail(name, "corrupt PNG: first chunk is not IHDR");
+  if (load_be32(d + 8) != 13 || std::memcmp(d + 12, "IHDR", 4) != 0) fail(name, "corrupt PNG: first chunk is not IHDR");
   Header h{Format::png};
-  h.width = be32(d + 16);
-  h.height = be32(d + 20);
+  h.width = load_be32(d + 16);
+  h.height = load_be32(d + 20);
   h.png_bit_depth = d[24];
   h.png_color_type = d[25];
   return h;
@@ -70,12 +62,12 @@ Header parse_jpeg(const unsigned char* d, size_t n, const std::string& name) {
     if (marker == 0xD9) break;
     if (marker == 0x01 || (marker >= 0xD0 && marker <= 0xD8)) continue;  // no length field
     if (pos + 2 > n) fail(name, "truncated JPEG segment");
-    const size_t length = be16(d + pos);
+    const size_t length = load_be16(d + pos);
     if (length < 2 || pos + length > n) fail(name, "truncated JPEG segment");
     if (is_jpeg_sof(marker) && !have_frame) {
       if (length < 8) fail(name, "corrupt JPEG frame header");
-      h.height = be16(d + pos + 3);
-      h.width = be16(d + pos + 5);
+      h.height = load_be16(d + pos + 3);
+      h.width = load_be16(d + pos + 5);
       h.jpeg_components = d[pos + 7];
       have_frame = true;
     }
@@ -107,14 +99,14 @@ Header parse_jpeg(const unsigned char* d, size_t n, const std::string& name) {
 Header parse_bmp(const unsigned char* d, size_t n, const std::string& name) {
   if (n < 26) fail(name, "truncated BMP header");
   Header h{Format::bmp};
-  const uint32_t info_size = le32(d + 14);
+  const uint32_t info_size = load_le32(d + 14);
   if (info_size == 12) {  // OS/2 BITMAPCOREHEADER: 16-bit unsigned dimensions
-    h.width = le16(d + 18);
-    h.height = le16(d + 20);
+    h.width = load_le16(d + 18);
+    h.height = load_le16(d + 20);
   } else {
     if (info_size < 16 || n < 26) fail(name, "corrupt BMP header");
-    h.width = int32_t(le32(d + 18));
-    h.height = std::llabs(int64_t(int32_t(le32(d + 22))));  // negative height = top-down rows
+    h.width = int32_t(load_le32(d + 18));
+    h.height = std::llabs(int64_t(int32_t(load_le32(d + 22))));  // negative height = top-down rows
     if (h.width < 0) fail(name, "corrupt BMP header: negative width");
   }
   return h;
@@ -122,8 +114,8 @@ Header parse_bmp(const unsigned char* d, size_t n, const std::string& name) {
 
 Header parse_tiff(const unsigned char* d, size_t n, const std::string& name) {
   const bool little = d[0] == 'I';
-  auto u16 = [&](size_t at) { return little ? le16(d + at) : be16(d + at); };
-  auto u32 = [&](size_t at) { return little ? le32(d + at) : be32(d + at); };
+  auto u16 = [&](size_t at) { return little ? load_le16(d + at) : load_be16(d + at); };
+  auto u32 = [&](size_t at) { return little ? load_le32(d + at) : load_be32(d + at); };
   if (n < 8) fail(name, "truncated TIFF header");
   const size_t ifd = u32(4);
   if (ifd < 8 || ifd + 2 > n) fail(name, "truncated TIFF: first directory outside the file");
@@ -286,19 +278,11 @@ PilPixels decode_mask_pixels(const std::string& bytes, const std::string& name, 
 }
 
 std::string read_image_file(const std::string& path) {
-  std::error_code ec;
-  const auto status = std::filesystem::status(path, ec);
-  if (!std::filesystem::exists(status)) fail(path, "no such file");
-  if (std::filesystem::is_directory(status)) fail(path, "is a directory, expected an image file");
-  if (!std::filesystem::is_regular_file(status)) fail(path, "is not a regular file");
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) fail(path, "cannot open file");
-  const std::streamoff size = in.tellg();
-  if (size < 0) fail(path, "cannot determine the file size");
-  std::string bytes(static_cast<size_t>(size), '\0');
-  in.seekg(0);
-  if (!in.read(bytes.data(), size)) fail(path, "read error");
-  return bytes;
+  try {
+    return read_file(path);
+  } catch (const std::runtime_error& e) {
+    throw ImageError(e.what());
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 #pragma once
 // Small file-system helpers shared by every writer: outputs appear whole or not at all.
+#include <cstdint>
 #include <functional>
 #include <string>
 
 namespace patchcore {
 
-// Reads a whole file; throws std::runtime_error naming the file when it cannot be opened or read.
-std::string read_file(const std::string& path);
+// Reads a whole file into one buffer of its size. Throws std::runtime_error "<path>: <problem>" when it does not
+// exist, is not a regular file, is larger than max_bytes, or cannot be read whole.
+std::string read_file(const std::string& path, uint64_t max_bytes = UINT64_MAX);
 
 // Calls write(tmp_path) with a temporary path beside `path`, flushes it and renames it onto `path`.
 // If write throws, the temporary file is removed and `path` is left as it was.
