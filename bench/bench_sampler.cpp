@@ -8,6 +8,8 @@
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
+#include "patchcore/core/parallel.h"
+#include "patchcore/memory_bank/greedy_coreset.h"
 #include "patchcore/memory_bank/sampler.h"
 
 namespace {
@@ -37,7 +39,7 @@ const Bank& bank() {
 }
 
 void BM_GreedyCoresetReference(benchmark::State& state) {
-  torch::set_num_threads(kThreads);
+  patchcore::set_num_threads(kThreads);
   const double percentage = static_cast<double>(state.range(0)) / 1000.0;
   const int64_t count = static_cast<int64_t>(kPatches * percentage);
   for (auto _ : state) benchmark::DoNotOptimize(patchcore::greedy_coreset_reference(bank().z, bank().scores, count));
@@ -50,7 +52,7 @@ void BM_GreedyCoresetReference(benchmark::State& state) {
 BENCHMARK(BM_GreedyCoresetReference)->Arg(10)->Unit(benchmark::kSecond)->Iterations(1)->UseRealTime();
 
 void BM_GreedyCoresetFast(benchmark::State& state) {
-  torch::set_num_threads(kThreads);
+  patchcore::set_num_threads(kThreads);
   const double percentage = static_cast<double>(state.range(0)) / 1000.0;
   const int64_t count = static_cast<int64_t>(kPatches * percentage);
   patchcore::GreedyStats stats;
@@ -66,7 +68,7 @@ BENCHMARK(BM_GreedyCoresetFast)->Arg(10)->Arg(100)->Unit(benchmark::kSecond)->It
 // The whole approximate greedy sampler as PatchCore runs it: 1024-d features, projection to 128, starting
 // points, 10% fast greedy loop.
 void BM_ApproximateGreedySamplerRun(benchmark::State& state) {
-  torch::set_num_threads(kThreads);
+  patchcore::set_num_threads(kThreads);
   const torch::Tensor features = clustered(kPatches, 1024);
   patchcore::ApproximateGreedyCoresetSampler sampler(0.1, torch::kCPU, 10, 128, 0);
   for (auto _ : state) benchmark::DoNotOptimize(sampler.run(features));

@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "patchcore/bench.h"
+#include "patchcore/core/parallel.h"
 #include "patchcore/core/file.h"
 #include "patchcore/evaluation/evaluation.h"
 #include "patchcore/evaluation/report.h"

@@ -1,6 +1,6 @@
 #include "patchcore/bench.h"
 
-#include <ATen/Parallel.h>
+#include "patchcore/core/parallel.h"
 
 #include <algorithm>
 #include <chrono>
@@ -37,7 +37,7 @@ BenchResult bench(PatchCore& model, const std::string& data_root, const BenchOpt
   BenchResult r;
   r.train_images = train.size();
   r.test_images = test.size();
-  r.threads = at::get_num_threads();
+  r.threads = num_threads();
   r.repeat = options.repeat;
 
   StageTimer fit_timer;

@@ -1,6 +1,5 @@
 #include "patchcore/patchcore.h"
 
-#include <omp.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -77,16 +76,10 @@ int64_t bounded(const json& value, const std::string& key, int64_t low, int64_t 
 
 }  // namespace
 
-void set_num_threads(int threads) {
-  if (threads < 1) throw std::invalid_argument("threads must be at least 1, got " + std::to_string(threads));
-  torch::set_num_threads(threads);
-  omp_set_num_threads(threads);
-}
-
 PatchCore::PatchCore(const std::string& device) : device_(device) { parse_device(device); }
 
 void PatchCore::load(std::shared_ptr<Backbone> backbone, const PatchCoreParams& params,
-                     std::shared_ptr<BaseSampler> featuresampler, std::shared_ptr<FaissNN> nn_method) {
+                     std::shared_ptr<BaseSampler> featuresampler, std::shared_ptr<NearestNeighbourSearch> nn_method) {
   check_params(params);
   if (!featuresampler) throw std::invalid_argument("PatchCore: featuresampler is null");
   params_ = params;
@@ -226,13 +219,13 @@ void PatchCore::save_to_path(const std::string& save_path, const std::string& pr
   const Backbone& net = backbone();
   if (net.weights_path().empty())
     throw std::logic_error("PatchCore::save_to_path: the backbone's weights were not loaded from a file");
-  const bool scripted = dynamic_cast<const TorchScriptBackbone*>(&net) != nullptr;
+  const bool scripted = net.architecture() == "torchscript";
   const std::string weights_file = prepend + (scripted ? "backbone.pt" : "backbone.pth");
   const FileDigest weights = digest(net.weights_path());
   json j = {
       {"format", kFormat},
       {"version", kFormatVersion},
-      {"backbone.name", scripted ? "torchscript" : net.name()},
+      {"backbone.name", net.architecture()},
       {"backbone.weights", {{"file", weights_file}, {"bytes", weights.bytes}, {"crc32", weights.crc32}}},
       {"layers_to_extract_from", params_.layers_to_extract_from},
       {"input_shape", params_.input_shape()},
@@ -307,7 +300,7 @@ std::unique_ptr<PatchCore> PatchCore::load_from_path(const std::string& load_pat
       throw std::runtime_error(weights_path + ": backbone weights do not match the size/CRC-32 recorded in " +
                                params_path);
 
-    const std::shared_ptr<FaissNN> nn = make_nn_method(j.at("nn_method").get<std::string>(), num_workers);
+    const std::shared_ptr<NearestNeighbourSearch> nn = make_nn_method(j.at("nn_method").get<std::string>(), num_workers);
 
     auto model = std::make_unique<PatchCore>(device);
     model->load(load_backbone(j.at("backbone.name").get<std::string>(), weights_path, params.layers_to_extract_from),

@@ -17,6 +17,7 @@
 #include "patchcore/embedding/preprocessing.h"
 #include "patchcore/io/image.h"
 #include "patchcore/memory_bank/sampler.h"
+#include "patchcore/nn/faiss_nn.h"
 #include "patchcore/nn/nearest_neighbour_scorer.h"
 #include "patchcore/segmentation/rescale_segmentor.h"
 
@@ -68,7 +69,7 @@ class PatchCore {
   // As the reference's PatchCore.load(): wires backbone, patch maker, embedding, sampler and scorer.
   void load(std::shared_ptr<Backbone> backbone, const PatchCoreParams& params,
             std::shared_ptr<BaseSampler> featuresampler = std::make_shared<IdentitySampler>(),
-            std::shared_ptr<FaissNN> nn_method = std::make_shared<FaissNN>(false, 4));
+            std::shared_ptr<NearestNeighbourSearch> nn_method = std::make_shared<FaissNN>(false, 4));
 
   // images [B, 3, H, W] → patch embeddings [B·h·w, target_embed_dimension]; patch_shape receives {h, w}.
   // `timer` (optional) receives stages "backbone" and "embedding".
@@ -119,8 +120,5 @@ class PatchCore {
   std::unique_ptr<NearestNeighbourScorer> anomaly_scorer_;
   std::unique_ptr<RescaleSegmentor> anomaly_segmentor_;
 };
-
-// Threads for torch, OpenMP and FAISS together (Debian's torch starts with one).
-void set_num_threads(int threads);
 
 }  // namespace patchcore

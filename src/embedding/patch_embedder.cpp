@@ -1,6 +1,6 @@
 #include "patchcore/embedding/patch_embedder.h"
 
-#include <ATen/Parallel.h>
+#include "patchcore/core/parallel.h"
 
 #include <algorithm>
 #include <map>
@@ -115,9 +115,13 @@ torch::Tensor PatchEmbedder::forward(const std::vector<torch::Tensor>& features,
   const int64_t dims = target_embed_dimension(), plane = grid_h * grid_w;
   torch::Tensor planes = torch::empty({batch, dims, grid_h, grid_w}, torch::kFloat32);
   float* const out_data = planes.data_ptr<float>();
-  at::parallel_for(0, batch * dims, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(scratch_size);
-    for (int64_t index = begin; index < end; ++index) {
+  // Items of 16 output planes; each worker sums a deeper layer's planes in its own scratch.
+  constexpr int64_t kPlanesPerItem = 16;
+  const int64_t planes_total = batch * dims, items = (planes_total + kPlanesPerItem - 1) / kPlanesPerItem;
+  std::vector<std::vector<float>> scratches(static_cast<size_t>(parallel_threads(items)), std::vector<float>(scratch_size));
+  parallel_for(items, [&](int64_t item, int worker) {
+    std::vector<float>& scratch = scratches[static_cast<size_t>(worker)];
+    for (int64_t index = item * kPlanesPerItem; index < std::min(planes_total, (item + 1) * kPlanesPerItem); ++index) {
       const int64_t b = index / dims;
       float* __restrict out = out_data + index * plane;
       std::fill(out, out + plane, 0.f);

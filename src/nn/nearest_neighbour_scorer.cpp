@@ -4,16 +4,8 @@
 #include <stdexcept>
 
 #include "patchcore/io/npy.h"
-#include "patchcore/nn/exact_pruned_nn.h"
 
 namespace patchcore {
-
-std::shared_ptr<FaissNN> make_nn_method(const std::string& kind, int num_workers) {
-  if (kind == "FaissNN") return std::make_shared<FaissNN>(false, num_workers);
-  if (kind == "ExactPrunedNN") return std::make_shared<ExactPrunedNN>(false, num_workers);
-  if (kind == "ApproximateFaissNN") return std::make_shared<ApproximateFaissNN>(false, num_workers);
-  throw std::invalid_argument("unknown nn_method '" + kind + "' (FaissNN, ExactPrunedNN or ApproximateFaissNN)");
-}
 
 torch::Tensor concat_merge(const std::vector<torch::Tensor>& features) {
   if (features.empty()) throw std::invalid_argument("no feature arrays given");
@@ -28,7 +20,7 @@ torch::Tensor concat_merge(const std::vector<torch::Tensor>& features) {
   return flat.size() == 1 ? flat[0] : torch::cat(flat, 1);
 }
 
-NearestNeighbourScorer::NearestNeighbourScorer(int64_t n_nearest_neighbours, std::shared_ptr<FaissNN> nn_method)
+NearestNeighbourScorer::NearestNeighbourScorer(int64_t n_nearest_neighbours, std::shared_ptr<NearestNeighbourSearch> nn_method)
     : n_nearest_neighbours_(n_nearest_neighbours), nn_method_(std::move(nn_method)) {
   if (n_nearest_neighbours < 1)
     throw std::invalid_argument("NearestNeighbourScorer: n_nearest_neighbours must be at least 1");

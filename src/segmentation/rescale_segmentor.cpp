@@ -1,9 +1,11 @@
 #include "patchcore/segmentation/rescale_segmentor.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
 #include "patchcore/backbone/network_feature_aggregator.h"
+#include "patchcore/core/parallel.h"
 
 namespace patchcore {
 namespace {
@@ -22,11 +24,20 @@ void filter_axis(const float* in, float* out, int64_t rows, int64_t cols, int ax
   const int64_t n = axis == 0 ? rows : cols;
   std::vector<int64_t> clamp(static_cast<size_t>(n + 2 * radius));
   for (int64_t i = -radius; i < n + radius; ++i) clamp[static_cast<size_t>(i + radius)] = reflect_index(i, n);
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    std::vector<double> acc(static_cast<size_t>(cols));
-    // Along a row, the row with its reflected borders: contiguous reads, which vectorise.
-    std::vector<float> padded(axis == 0 ? 0 : static_cast<size_t>(cols + 2 * radius));
-    for (int64_t r = begin; r < end; ++r) {
+  // Items of 8 rows, each worker with its own accumulator and padded row.
+  constexpr int64_t kRowsPerItem = 8;
+  const int64_t items = (rows + kRowsPerItem - 1) / kRowsPerItem;
+  struct Scratch {
+    std::vector<double> acc;
+    std::vector<float> padded;  // along a row, the row with its reflected borders: contiguous reads, which vectorise
+  };
+  std::vector<Scratch> scratches(static_cast<size_t>(parallel_threads(items)),
+                                 Scratch{std::vector<double>(static_cast<size_t>(cols)),
+                                         std::vector<float>(axis == 0 ? 0 : static_cast<size_t>(cols + 2 * radius))});
+  parallel_for(items, [&](int64_t item, int worker) {
+    std::vector<double>& acc = scratches[static_cast<size_t>(worker)].acc;
+    std::vector<float>& padded = scratches[static_cast<size_t>(worker)].padded;
+    for (int64_t r = item * kRowsPerItem; r < std::min(rows, (item + 1) * kRowsPerItem); ++r) {
       std::fill(acc.begin(), acc.end(), 0.0);
       if (axis == 1)
         for (size_t c = 0; c < padded.size(); ++c) padded[c] = in[r * cols + clamp[c]];

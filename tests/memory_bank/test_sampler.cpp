@@ -1,6 +1,5 @@
 #include <gtest/gtest.h>
 
-#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <limits>
@@ -9,6 +8,8 @@
 #include <vector>
 
 #include "patchcore/io/npy.h"
+#include "patchcore/core/parallel.h"
+#include "patchcore/memory_bank/greedy_coreset.h"
 #include "patchcore/memory_bank/sampler.h"
 #include "support.h"
 
@@ -39,11 +40,11 @@ torch::Tensor clustered(int64_t n, int64_t d, int64_t clusters, uint64_t seed) {
   return ((centres.index_select(0, members) + torch::randn({n, d})) * scale).contiguous();
 }
 
-// Restores the torch thread count on scope exit.
+// Restores the thread setting on scope exit.
 struct Threads {
-  int saved = at::get_num_threads();
-  explicit Threads(int n) { at::set_num_threads(n); }
-  ~Threads() { at::set_num_threads(saved); }
+  int saved = num_threads();
+  explicit Threads(int n) { set_num_threads(n); }
+  ~Threads() { set_num_threads(saved); }
 };
 
 std::vector<float> approx_scores(const torch::Tensor& z, uint64_t seed) {
@@ -326,9 +327,15 @@ TEST(Samplers, RejectBadFeatures) {
     expect_invalid([&] { s->select(torch::zeros({2, 3, 4})); }, "2-D");
     expect_invalid([&] { s->select(torch::zeros({0, 4})); }, "at least one row");
     expect_invalid([&] { s->select(torch::zeros({4, 0})); }, "at least one row");
-    expect_invalid([&] { s->select(torch::zeros({4, 4}, torch::kFloat64)); }, "float32");
+    expect_invalid([&] { s->select(torch::zeros({4, 4}, torch::kInt64)); }, "floating-point");
     expect_invalid([&] { s->select(torch::Tensor()); }, "undefined");
   }
+  // Other floating types are converted, as the reference's torch code accepts them.
+  const torch::Tensor features = clustered(60, 130, 3, 2);
+  for (const std::string& name : {"random", "greedy", "approx_greedy"})
+    EXPECT_EQ(make_sampler(name, 0.25, 3)->select(features.to(torch::kFloat64)),
+              make_sampler(name, 0.25, 3)->select(features))
+        << name;
   torch::Tensor x = clustered(20, 130, 2, 1);
   x[4][9] = std::numeric_limits<float>::infinity();
   expect_invalid([&] { make_sampler("approx_greedy", 0.5, 0)->select(x); }, "not finite");

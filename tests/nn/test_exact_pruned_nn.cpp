@@ -100,7 +100,7 @@ TEST(ExactPrunedNN, TireFeaturesGiveTheBruteForceNeighbours) {
   const torch::Tensor bank = embed({"train/good/000.png", "train/good/001.png", "train/good/002.png",
                                     "train/good/003.png", "train/good/004.png", "train/good/005.png"});
   const torch::Tensor queries = embed({"test/good/000.png", "test/cut/000.png"});
-  ExactPrunedNN nn(false, 2);
+  ExactPrunedNN nn(2);
   nn.fit(bank);
   for (int64_t k : {1, 3}) expect_same_as_faiss(bank, queries, k, nn);
 }
@@ -111,7 +111,7 @@ TEST(ExactPrunedNN, ClusteredDataGiveTheBruteForceNeighbours) {
   // Far outliers, where the bounds prune little, and copies of bank rows, at distance 0.
   queries.slice(0, 0, 20) += 10.0 * torch::randn({20, 203});
   queries.slice(0, 20, 40) = bank.slice(0, 100, 120);
-  ExactPrunedNN nn(false, 2);
+  ExactPrunedNN nn(2);
   nn.fit(bank);
   for (int64_t k : {1, 2, 5, 17}) expect_same_as_faiss(bank, queries, k, nn);
   ExactPrunedNN::Stats stats;
@@ -128,7 +128,7 @@ TEST(ExactPrunedNN, SmallAndDegenerateBanks) {
       SCOPED_TRACE("d=" + std::to_string(d) + " n=" + std::to_string(n));
       const torch::Tensor bank = torch::randn({n, d});
       const torch::Tensor queries = torch::randn({13, d});
-      ExactPrunedNN nn(false, 2);
+      ExactPrunedNN nn(2);
       nn.fit(bank);
       for (int64_t k : {int64_t{1}, std::min<int64_t>(3, n), n}) {
         auto [distances, indices] = nn.run(k, queries);
@@ -148,7 +148,7 @@ TEST(ExactPrunedNN, DuplicateRowsComeInIndexOrder) {
   // Every row three times: ties at every distance.
   const torch::Tensor bank = torch::cat({distinct, distinct, distinct}).contiguous();
   const torch::Tensor queries = torch::cat({torch::randn({30, 40}), distinct.slice(0, 0, 10)}).contiguous();
-  ExactPrunedNN nn(false, 2);
+  ExactPrunedNN nn(2);
   nn.fit(bank);
   auto [d, i] = nn.run(6, queries);
   expect_exact(queries, bank, 6, d, i);
@@ -161,7 +161,7 @@ TEST(ExactPrunedNN, DuplicateRowsComeInIndexOrder) {
   EXPECT_TRUE(torch::equal(i.slice(0, 30).select(1, 0), torch::arange(10)));
   EXPECT_TRUE(torch::equal(d.slice(0, 30).select(1, 0), torch::zeros({10})));
 
-  ExactPrunedNN constant(false, 2);
+  ExactPrunedNN constant(2);
   constant.fit(torch::full({20, 33}, 1.5f));
   auto [cd, ci] = constant.run(20, torch::full({2, 33}, -0.5f));
   EXPECT_TRUE(torch::equal(ci, torch::arange(20).expand({2, 20})));
@@ -172,12 +172,12 @@ TEST(ExactPrunedNN, SavedIndexIsAFlatFaissIndex) {
   const std::string dir = test::temp_dir();
   const torch::Tensor bank = clustered(700, 96, 12, 5);
   const torch::Tensor queries = clustered(100, 96, 12, 6);
-  ExactPrunedNN nn(false, 2);
+  ExactPrunedNN nn(2);
   nn.fit(bank);
   nn.save(dir + "/bank.faiss");
   auto [d, i] = nn.run(4, queries);
 
-  ExactPrunedNN loaded(false, 2);
+  ExactPrunedNN loaded(2);
   loaded.load(dir + "/bank.faiss");
   EXPECT_EQ(loaded.size(), 700);
   auto [ld, li] = loaded.run(4, queries);
@@ -190,7 +190,7 @@ TEST(ExactPrunedNN, SavedIndexIsAFlatFaissIndex) {
   EXPECT_LE(max_abs_diff(fd, d), 1e-4 * fd.max().item<double>());
 
   // And the reverse: an index the Python reference wrote.
-  ExactPrunedNN from_python(false, 2);
+  ExactPrunedNN from_python(2);
   from_python.load(test::fixture("common/faiss_flat_by_python.faiss"));
   auto [pd, pi] = from_python.run(4, load_golden("common/faiss_queries.npy"));
   EXPECT_TRUE(torch::equal(pi, load_golden("common/faiss_indices_k4.npy")));
@@ -204,7 +204,7 @@ TEST(ExactPrunedNN, SavedIndexIsAFlatFaissIndex) {
 
 TEST(ExactPrunedNN, ConcurrentRunsEqualSerialOnes) {
   const torch::Tensor bank = clustered(2000, 150, 30, 7);
-  ExactPrunedNN nn(false, 2);
+  ExactPrunedNN nn(2);
   nn.fit(bank);
   std::vector<torch::Tensor> queries;
   std::vector<std::pair<torch::Tensor, torch::Tensor>> serial, parallel(6);
@@ -221,8 +221,8 @@ TEST(ExactPrunedNN, ConcurrentRunsEqualSerialOnes) {
   }
 }
 
-TEST(ExactPrunedNN, IsAFaissNNWithItsOwnKind) {
-  std::shared_ptr<FaissNN> nn = std::make_shared<ExactPrunedNN>(false, 2);
+TEST(ExactPrunedNN, IsANearestNeighbourSearchWithItsOwnKind) {
+  std::shared_ptr<NearestNeighbourSearch> nn = std::make_shared<ExactPrunedNN>(2);
   EXPECT_STREQ(nn->kind(), "ExactPrunedNN");
   const torch::Tensor bank = clustered(300, 24, 5, 8);
   const torch::Tensor queries = clustered(40, 24, 5, 9);
@@ -236,12 +236,12 @@ TEST(ExactPrunedNN, IsAFaissNNWithItsOwnKind) {
 }
 
 TEST(ExactPrunedNN, ErrorsNameTheProblem) {
-  ExactPrunedNN nn(false, 1);
+  ExactPrunedNN nn(1);
   EXPECT_NE(error_of([&] {
               nn.run(1, torch::ones({1, 8}));
             }).find("ExactPrunedNN: run() before fit()"),
             std::string::npos);
-  EXPECT_NE(error_of([] { ExactPrunedNN(true, 1); }).find("CPU only"), std::string::npos);
+  EXPECT_NE(error_of([] { ExactPrunedNN(0); }).find("num_workers must be at least 1"), std::string::npos);
   nn.fit(torch::ones({3, 8}));
   EXPECT_NE(error_of([&] { nn.run(1, torch::ones({1, 9})); }).find("dimension 9, the index has 8"), std::string::npos);
   EXPECT_NE(error_of([&] { nn.run(0, torch::ones({1, 8})); }).find("at least 1"), std::string::npos);

@@ -136,30 +136,4 @@ class ApproximateGreedyCoresetSampler : public GreedyCoresetSampler {
 std::unique_ptr<BaseSampler> make_sampler(const std::string& name, double percentage, uint64_t seed,
                                           torch::Device device = torch::kCPU);
 
-// ---- Building blocks of the greedy samplers, exposed for tests, benchmarks and comparisons on real features:
-// with z = sampler.project(x) and s = sampler.initial_scores(z), greedy_coreset_fast(z, s, count) and
-// greedy_coreset_reference(z, s, count) are what select() runs. ----
-// `projected` is always [N, dim] float32 contiguous CPU with N >= 1; every distance below is computed by the
-// shared kernel, so equal inputs give bit-identical distances in every function.
-
-// d(z_i, z_p) for every row i (the row is the first operand), one row of the distance matrix at a time.
-std::vector<float> distances_to_point(const torch::Tensor& projected, int64_t point);
-// Mean over `points` of d(z_i, z_p) (float sum in the order given, divided by the count).
-std::vector<float> mean_distance_to_points(const torch::Tensor& projected, const std::vector<int64_t>& points);
-// sqrt(sum_j d(z_i, z_j)^2) for every row i, accumulated in double in j order.
-std::vector<float> distance_matrix_row_norms(const torch::Tensor& projected);
-
-// Work done by greedy_coreset_fast, for benchmarks.
-struct GreedyStats {
-  int64_t exact_distances = 0;  // point-to-centre distances computed by the kernel
-  int64_t lower_bounds = 0;     // first-level lower bounds evaluated, one per point and speculated centre
-  int64_t passes = 0;           // passes over the data, each for a batch of speculated centres
-};
-
-// Both run `count` (>= 0) greedy selections starting from `scores` (one finite value per row) and return the
-// selected indices; they return identical results for identical inputs, whatever the thread count.
-std::vector<int64_t> greedy_coreset_reference(const torch::Tensor& projected, std::vector<float> scores, int64_t count);
-std::vector<int64_t> greedy_coreset_fast(const torch::Tensor& projected, std::vector<float> scores, int64_t count,
-                                         GreedyStats* stats = nullptr);
-
 }  // namespace patchcore

@@ -1,61 +1,59 @@
 #pragma once
-// Exact k-nearest-neighbour search over the memory bank that skips most of the brute-force distances.
+// Exact k-nearest-neighbour search over the memory bank that skips most of the brute-force distances: the
+// neighbours are those of FaissNN's brute force, and most rows are excluded by lower bounds in the bank's
+// principal axes before their distance is computed (docs/exact_search.md).
 //
-// The bank is stored as FaissNN stores it (a flat IndexFlatL2, so the .faiss file stays readable by FaissNN
-// and the Python reference); after fit() and load() a pruning structure is derived from it. Bank and queries
-// are rotated into the bank's principal axes, which preserves distances. For each (query, row) pair,
-//   |q_1:j - r_1:j|^2 + (|q_j+1:D| - |r_j+1:D|)^2  <=  |q - r|^2
-// (the second term by the reverse triangle inequality), so a row whose bound exceeds the k-th best distance
-// found so far cannot be a neighbour. Rows are grouped into k-means cells of about 64 over the leading 32
-// axes; a cell whose bound (from its centre and radius) exceeds the threshold is skipped whole. Queries are
-// searched two patch-grid rows (56) at a time: each first searches the cell with its nearest centre, then the
-// cells are walked in one order for all 56, so a cell's data is read from memory once for all the queries that
-// need it. Within a cell, rows are ordered by a k-d split into blocks of 8 that lie close together, and each
-// block's bounding box over the leading 16 axes (and the tails beyond them) bounds all its rows at once; only the
-// blocks that pass get the bound over 32 axes for each row, and rows that pass are refined with 128 and 256 axes. Rows
-// that pass those too get their exact distance over all D features lowest bound first, so each distance found spares
-// the cell's rows whose bound it then exceeds. Every bound carries a margin for float rounding, so the k neighbours are
-// those of brute force.
-#include <torch/torch.h>
+// The bank is an IndexFlatL2 as FaissNN stores it, so the .faiss file stays readable by FaissNN and the Python
+// reference; the pruning structure is derived from it after fit() and load().
+#include <ATen/core/Tensor.h>
 
 #include <memory>
+#include <string>
 #include <utility>
 
-#include "patchcore/nn/faiss_nn.h"
+#include "patchcore/nn/nearest_neighbour_search.h"
 
 namespace patchcore {
 
-class ExactPrunedNN : public FaissNN {
+class ExactPrunedNN : public NearestNeighbourSearch {
  public:
-  // Searches on the CPU only: on_gpu must be false (the parameter keeps FaissNN's constructor shape).
-  explicit ExactPrunedNN(bool on_gpu = false, int num_workers = 4);
+  // Searches on the CPU, on at most num_workers threads of the thread setting (core/parallel.h).
+  explicit ExactPrunedNN(int num_workers = 4);
   ~ExactPrunedNN() override;
 
-  // As FaissNN::run, with squared distances computed directly as sum((q - r)^2). Same neighbours as brute force
-  // except among rows at equal distance, where the lower row index comes first. With index_features the
-  // throw-away index is searched by brute force (FaissNN::run), as a pruning structure for one call would
-  // cost more than it saves.
-  std::pair<torch::Tensor, torch::Tensor> run(int64_t n_nearest_neighbours, const torch::Tensor& query_features,
-                                              const torch::Tensor& index_features = {}) const override;
+  void fit(const at::Tensor& features) override;
+  // Squared distances computed directly as sum((q - r)^2). Same neighbours as brute force except among rows at
+  // equal distance, where the lower row index comes first. With index_features the throw-away bank is searched by
+  // brute force (FaissNN), as a pruning structure for one call would cost more than it saves.
+  std::pair<at::Tensor, at::Tensor> run(int64_t n_nearest_neighbours, const at::Tensor& query_features,
+                                        const at::Tensor& index_features = {}) const override;
+  void save(const std::string& filename) const override;
+  // Accepts flat FAISS indexes only.
+  void load(const std::string& filename) override;
+  void reset_index() override;
 
-  // How much work a search did, for benchmarks.
+  bool is_fitted() const override { return bank_ != nullptr; }
+  int64_t size() const override;
+  int64_t dimension() const override;
+  const char* kind() const override { return "ExactPrunedNN"; }
+  int num_workers() const { return num_workers_; }
+
+  // How much work searches did, for benchmarks.
   struct Stats {
     int64_t queries = 0;
-    int64_t refined = 0;  // rows whose 32-axis bound did not exclude them
+    int64_t refined = 0;  // rows whose first-tier bound did not exclude them
     int64_t exact = 0;    // rows whose exact distance was computed
   };
-  // run() without index_features, also reporting its work.
-  std::pair<torch::Tensor, torch::Tensor> search(int64_t n_nearest_neighbours, const torch::Tensor& query_features,
-                                                 Stats* stats) const;
-
-  const char* kind() const override { return "ExactPrunedNN"; }
-
- protected:
-  void index_changed() override;
+  // run() without index_features, also adding its work to `stats`.
+  std::pair<at::Tensor, at::Tensor> search(int64_t n_nearest_neighbours, const at::Tensor& query_features,
+                                           Stats* stats) const;
 
  private:
-  struct Pruning;
-  std::shared_ptr<const Pruning> pruning_;
+  struct Bank;  // the flat index and the pruning structure derived from it
+  void install(std::unique_ptr<Bank> bank);
+
+  int num_workers_;
+  std::shared_ptr<const Bank> bank_;
 };
 
 }  // namespace patchcore

@@ -8,20 +8,16 @@
 #include <tuple>
 #include <vector>
 
-#include "patchcore/nn/faiss_nn.h"
+#include "patchcore/nn/nearest_neighbour_search.h"
 
 namespace patchcore {
-
-// A CPU search method by its class name, as patchcore_params.json records it (FaissNN::kind()):
-// "FaissNN", "ExactPrunedNN" or "ApproximateFaissNN". Throws std::invalid_argument for any other name.
-std::shared_ptr<FaissNN> make_nn_method(const std::string& kind, int num_workers);
 
 // common.ConcatMerger: each [N, ...] array flattened to [N, -1], then concatenated along features.
 torch::Tensor concat_merge(const std::vector<torch::Tensor>& features);
 
 class NearestNeighbourScorer {
  public:
-  NearestNeighbourScorer(int64_t n_nearest_neighbours, std::shared_ptr<FaissNN> nn_method);
+  NearestNeighbourScorer(int64_t n_nearest_neighbours, std::shared_ptr<NearestNeighbourSearch> nn_method);
 
   // detection_features: one [N, ...] array per layer (all with the same N).
   void fit(const std::vector<torch::Tensor>& detection_features);
@@ -39,11 +35,11 @@ class NearestNeighbourScorer {
   static std::string features_filename(const std::string& folder, const std::string& prepend);
 
   int64_t n_nearest_neighbours() const { return n_nearest_neighbours_; }
-  const FaissNN& nn_method() const { return *nn_method_; }
+  const NearestNeighbourSearch& nn_method() const { return *nn_method_; }
 
  private:
   int64_t n_nearest_neighbours_;
-  std::shared_ptr<FaissNN> nn_method_;
+  std::shared_ptr<NearestNeighbourSearch> nn_method_;
   torch::Tensor detection_features_;  // kept only so save_features_separately can write it
 };
 
