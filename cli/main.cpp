@@ -6,16 +6,14 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <map>
-#include <nlohmann/json.hpp>
-#include <opencv2/imgproc.hpp>
 #include <sstream>
 #include <thread>
 
 #include "patchcore/bench.h"
-#include "patchcore/core/parallel.h"
+#include "patchcore/core/device.h"
 #include "patchcore/core/file.h"
+#include "patchcore/core/parallel.h"
 #include "patchcore/evaluation/evaluation.h"
 #include "patchcore/evaluation/report.h"
 #include "patchcore/io/dataset.h"
@@ -25,7 +23,6 @@
 
 namespace fs = std::filesystem;
 using namespace patchcore;
-using nlohmann::json;
 
 namespace {
 
@@ -55,26 +52,6 @@ std::vector<std::string> split_commas(const std::string& s) {
   for (std::string part; std::getline(in, part, ',');)
     if (!part.empty()) parts.push_back(part);
   return parts;
-}
-
-void write_text(const std::string& path, const std::string& text) {
-  write_file_atomically(path, [&](const std::string& tmp) {
-    std::ofstream out(tmp);
-    out << text;
-    if (!out) throw std::runtime_error(path + ": write failed");
-  });
-}
-
-std::string csv_field(const std::string& s) {
-  if (s.find_first_of(",\"\n") == std::string::npos) return s;
-  std::string quoted = "\"";
-  for (char c : s) quoted += c == '"' ? std::string("\"\"") : std::string(1, c);
-  return quoted + "\"";
-}
-
-// The cropped RGB image the model saw, for overlays.
-cv::Mat model_view(const PatchCore& model, const std::string& path) {
-  return model.params().transform.resize_and_crop(load_image_rgb(path));
 }
 
 struct ModelOptions {
@@ -123,7 +100,7 @@ int run_bench(const ModelOptions& o, const BenchOptions& options, const std::str
   const auto model = make_model(o, threads);
   const BenchResult r = bench(*model, o.data, options, progress_bar());
   std::printf("%s", format_bench(r).c_str());
-  if (!json_path.empty()) write_text(json_path, bench_json(r));
+  if (!json_path.empty()) write_file_atomically(json_path, bench_json(r));
   return 0;
 }
 
@@ -148,48 +125,24 @@ std::vector<std::string> collect_images(const std::vector<std::string>& inputs) 
 }
 
 int run_predict(const std::string& model_dir, const std::vector<std::string>& inputs, const std::string& out,
-                double vmax_option, int64_t batch_size, int threads) {
+                double vmax, int64_t batch_size, int threads) {
   const auto model = PatchCore::load_from_path(model_dir, "cpu", threads);
-  const auto images = collect_images(inputs);
+  const auto paths = collect_images(inputs);
   const auto& transform = model->params().transform;
-  std::vector<float> scores;
-  std::vector<cv::Mat> maps;
+  std::vector<PredictedImage> images;
   auto progress = progress_bar();
   const auto start = std::chrono::steady_clock::now();
-  ImageBatches batches(images, transform, batch_size);
-  for (torch::Tensor batch; batches.next(batch);) {
+  ImageBatches batches(paths, transform, batch_size);
+  for (at::Tensor batch; batches.next(batch);) {
     const auto result = model->predict(batch);
-    for (size_t i = 0; i < result.scores.size(); ++i) {
-      scores.push_back(result.scores[i]);
-      const torch::Tensor m = result.masks[i].contiguous();
-      maps.push_back(cv::Mat(transform.crop, transform.crop, CV_32F, m.data_ptr<float>()).clone());
-    }
-    progress("predicting", batches.done(), images.size());
+    for (size_t i = 0; i < result.scores.size(); ++i)
+      images.push_back({paths[images.size()], result.scores[i], to_mat(result.masks[i])});
+    progress("predicting", batches.done(), paths.size());
   }
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() /
-                    static_cast<double>(images.size());
-  // One colour scale for every overlay of the run, so images can be compared with each other.
-  float vmin, vmax;
-  std::tie(vmin, vmax) = value_range(maps);
-  if (vmax_option > 0) vmax = static_cast<float>(vmax_option);
-  write_directory_atomically(out, [&](const std::string& dir) {
-    std::map<std::string, int> used;
-    std::string csv = "image,score,overlay,map\n";
-    json summary = {
-        {"model", model_dir}, {"ms_per_image", ms}, {"vmin", vmin}, {"vmax", vmax}, {"images", json::array()}};
-    for (size_t i = 0; i < images.size(); ++i) {
-      std::string stem = fs::path(images[i]).stem().string();
-      if (used[stem]++) stem += "_" + std::to_string(used[stem] - 1);
-      const std::string overlay = stem + "_overlay.png", raw = stem + "_map.npy";
-      write_png(dir + "/" + overlay, heatmap_overlay(model_view(*model, images[i]), maps[i], vmin, vmax));
-      write_npy(dir + "/" + raw, maps[i].ptr<float>(), {maps[i].rows, maps[i].cols});
-      csv += csv_field(images[i]) + "," + std::to_string(scores[i]) + "," + overlay + "," + raw + "\n";
-      summary["images"].push_back({{"image", images[i]}, {"score", scores[i]}, {"overlay", overlay}, {"map", raw}});
-      std::printf("%s\t%.6f\n", images[i].c_str(), scores[i]);
-    }
-    write_text(dir + "/scores.csv", csv);
-    write_text(dir + "/summary.json", summary.dump(2) + "\n");
-  });
+                    static_cast<double>(paths.size());
+  write_prediction_report(out, *model, images, static_cast<float>(vmax), ms, model_dir);
+  for (const auto& image : images) std::printf("%s\t%.6f\n", image.image_path.c_str(), image.score);
   spdlog::info("{} images, {:.1f} ms per image; results in {}", images.size(), ms, out);
   return 0;
 }
@@ -202,45 +155,9 @@ int run_evaluate(const std::string& model_dir, const std::string& data, const st
   options.batch_size = batch_size;
   options.mask_rule = mask_rule == "reference" ? MaskRule::kReference : MaskRule::kHalf;
   const EvaluationResult r = evaluate(*model, test, options, progress_bar());
-  const json metrics = {{"image_auroc", r.image_auroc},
-                        {"pixel_auroc", r.pixel_auroc},
-                        {"pixel_auroc_defective", r.pixel_auroc_defective},
-                        {"aupro", r.aupro},
-                        {"images", r.images.size()},
-                        {"ms_per_image", r.ms_per_image},
-                        {"model", model_dir},
-                        {"data", data},
-                        {"mask_rule", mask_rule}};
-  if (!out.empty()) {
-    std::vector<cv::Mat> maps;
-    for (const auto& image : r.images) maps.push_back(image.anomaly_map);
-    float vmin, vmax;
-    std::tie(vmin, vmax) = value_range(maps);
-    auto progress = progress_bar();
-    write_directory_atomically(out, [&](const std::string& dir) {
-      fs::create_directory(dir + "/overlays");
-      std::string csv = "image,defect_type,label,score,overlay\n";
-      for (size_t i = 0; i < r.images.size(); ++i) {
-        const auto& image = r.images[i];
-        const std::string overlay =
-            "overlays/" + image.sample.defect_type + "_" + fs::path(image.sample.image_path).stem().string() + ".png";
-        cv::Mat picture = heatmap_overlay(model_view(*model, image.sample.image_path), image.anomaly_map, vmin, vmax);
-        // The ground-truth outline on top, so misses and false alarms are visible at a glance.
-        std::vector<std::vector<cv::Point>> contours;
-        cv::findContours(image.mask, contours, cv::RETR_EXTERNAL, cv::CHAIN_APPROX_SIMPLE);
-        cv::drawContours(picture, contours, -1, cv::Scalar(255, 255, 255), 1, cv::LINE_AA);
-        write_png(dir + "/" + overlay, picture);
-        csv += csv_field(image.sample.image_path) + "," + image.sample.defect_type + "," +
-               (image.sample.is_anomalous ? "1" : "0") + "," + std::to_string(image.score) + "," + overlay + "\n";
-        progress("writing report", i + 1, r.images.size());
-      }
-      write_text(dir + "/scores.csv", csv);
-      write_png(dir + "/roc_image.png", plot_roc(r.image_roc, r.image_auroc, "image ROC"));
-      write_png(dir + "/roc_pixel.png", plot_roc(r.pixel_roc, r.pixel_auroc, "pixel ROC"));
-      write_text(dir + "/metrics.json", metrics.dump(2) + "\n");
-    });
-  }
-  if (!json_path.empty()) write_text(json_path, metrics.dump(2) + "\n");
+  const std::string metrics = evaluation_metrics_json(r, model_dir, data, mask_rule);
+  if (!out.empty()) write_evaluation_report(out, *model, r, metrics, progress_bar());
+  if (!json_path.empty()) write_file_atomically(json_path, metrics);
   std::printf(
       "image_auroc %.4f\npixel_auroc %.4f\npixel_auroc_defective %.4f\naupro %.4f\nimages %zu\nms_per_image %.1f\n",
       r.image_auroc, r.pixel_auroc, r.pixel_auroc_defective, r.aupro, r.images.size(), r.ms_per_image);

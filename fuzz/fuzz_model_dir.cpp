@@ -5,6 +5,7 @@
 // nnscorer_features.npy]. The backbone is a small TorchScript feature extractor
 // (fuzz/model_dir_backbone.pt, written by scripts/fuzz/make_corpus.py) copied into the directory once, so
 // the seeds' size and CRC-32 match it and the fuzzer spends its time on the JSON, the index and the bank.
+#include <torch/torch.h>
 #include <unistd.h>
 
 #include <cstddef>

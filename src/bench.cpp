@@ -1,5 +1,7 @@
 #include "patchcore/bench.h"
 
+#include <ATen/ATen.h>
+
 #include "patchcore/core/parallel.h"
 
 #include <algorithm>
@@ -54,7 +56,7 @@ BenchResult bench(PatchCore& model, const std::string& data_root, const BenchOpt
     StageTimer timer;
     const auto start = std::chrono::steady_clock::now();
     ImageBatches batches(test, model.params().transform, options.fit.batch_size, &timer);
-    for (torch::Tensor images; batches.next(images);) {
+    for (at::Tensor images; batches.next(images);) {
       model.predict(images, &timer);
       if (progress) progress("predict pass " + std::to_string(pass + 1), batches.done(), test.size());
     }

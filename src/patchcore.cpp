@@ -1,49 +1,23 @@
 #include "patchcore/patchcore.h"
 
-#include <zlib.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <limits>
-#include <nlohmann/json.hpp>
 #include <stdexcept>
 
+#include "patchcore/core/device.h"
 #include "patchcore/core/file.h"
 #include "patchcore/io/image_batches.h"
 #include "patchcore/memory_bank/feature_store.h"
+#include "patchcore/model_dir.h"
 
 namespace fs = std::filesystem;
-using nlohmann::json;
 
 namespace patchcore {
 namespace {
-
-constexpr const char* kFormat = "patchcore-model";
-constexpr int kFormatVersion = 1;
-constexpr const char* kParamsFile = "patchcore_params.json";
-
-struct FileDigest {
-  uint64_t bytes = 0;
-  uint32_t crc32 = 0;
-};
-
-FileDigest digest(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(path + ": cannot open file");
-  FileDigest d;
-  uLong crc = crc32(0L, Z_NULL, 0);
-  std::vector<char> buffer(1 << 20);
-  while (in) {
-    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
-    const auto n = in.gcount();
-    crc = crc32(crc, reinterpret_cast<const Bytef*>(buffer.data()), static_cast<uInt>(n));
-    d.bytes += static_cast<uint64_t>(n);
-  }
-  if (in.bad()) throw std::runtime_error(path + ": read error");
-  d.crc32 = static_cast<uint32_t>(crc);
-  return d;
-}
 
 void check_range(const std::string& what, int64_t value, int64_t low, int64_t high) {
   if (value < low || value > high)
@@ -63,17 +37,6 @@ void check_params(const PatchCoreParams& p) {
   p.transform.validate();
 }
 
-// An integer of the model description, range-checked before it is narrowed or used for a size. Floats
-// are refused rather than converted: converting one beyond int64's range is undefined behaviour.
-int64_t bounded(const json& value, const std::string& key, int64_t low, int64_t high) {
-  // nlohmann keeps integers above INT64_MAX as unsigned; read as int64 they would wrap to negatives.
-  if (!value.is_number_integer() || (value.is_number_unsigned() && value.get<uint64_t>() > static_cast<uint64_t>(high)))
-    throw std::invalid_argument(key + " must be an integer in [" + std::to_string(low) + ", " + std::to_string(high) +
-                                "], got " + value.dump());
-  check_range(key, value.get<int64_t>(), low, high);
-  return value.get<int64_t>();
-}
-
 }  // namespace
 
 PatchCore::PatchCore(const std::string& device) : device_(device) { parse_device(device); }
@@ -87,8 +50,6 @@ void PatchCore::load(std::shared_ptr<Backbone> backbone, const PatchCoreParams& 
       std::make_unique<NetworkFeatureAggregator>(std::move(backbone), params.layers_to_extract_from, device_);
   const auto feature_dimensions = feature_aggregator_->feature_dimensions(params.input_shape());
   patch_maker_ = std::make_unique<PatchMaker>(params.patchsize, params.patchstride);
-  preprocessing_ = std::make_unique<Preprocessing>(feature_dimensions, params.pretrain_embed_dimension);
-  preadapt_aggregator_ = std::make_unique<Aggregator>(params.target_embed_dimension);
   patch_embedder_ = std::make_unique<PatchEmbedder>(feature_dimensions, params.patchsize, params.patchstride,
                                                     params.pretrain_embed_dimension, params.target_embed_dimension);
   featuresampler_ = std::move(featuresampler);
@@ -100,11 +61,10 @@ void PatchCore::require_loaded(const char* what) const {
   if (!feature_aggregator_) throw std::logic_error(std::string("PatchCore::") + what + " before load()");
 }
 
-torch::Tensor PatchCore::embed(const torch::Tensor& images, std::vector<int64_t>* patch_shape,
-                               StageTimer* timer) const {
+at::Tensor PatchCore::embed(const at::Tensor& images, std::vector<int64_t>* patch_shape, StageTimer* timer) const {
   require_loaded("embed");
-  torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> features;
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> features;
   {
     StageTimer::Scope scope(timer, "backbone");
     const auto by_layer = feature_aggregator_->forward(images);
@@ -121,11 +81,11 @@ void PatchCore::fit(const std::vector<std::string>& image_paths, const FitOption
   if (options.batch_size < 1) throw std::invalid_argument("PatchCore::fit: batch size must be at least 1");
   if (options.memory_budget_bytes < 0) throw std::invalid_argument("PatchCore::fit: the memory budget must be >= 0");
   std::unique_ptr<FeatureStore> store;
-  torch::Tensor summary;  // of all rows, allocated once: growing it chunk by chunk would hold it twice
+  at::Tensor summary;  // of all rows, allocated once: growing it chunk by chunk would hold it twice
   ImageBatches batches(image_paths, params_.transform, options.batch_size, timer);
-  for (torch::Tensor images; batches.next(images);) {
-    const torch::Tensor embedded = embed(images, nullptr, timer);
-    torch::Tensor chunk;
+  for (at::Tensor images; batches.next(images);) {
+    const at::Tensor embedded = embed(images, nullptr, timer);
+    at::Tensor chunk;
     {
       StageTimer::Scope scope(timer, "coreset");
       chunk = featuresampler_->summarize(embedded);
@@ -137,7 +97,7 @@ void PatchCore::fit(const std::vector<std::string>& image_paths, const FitOption
       StageTimer::Scope scope(timer, "store");
       store = std::make_unique<FeatureStore>(embedded.size(1), options.scratch_directory);
       store->reserve(rows);
-      summary = torch::empty({rows, chunk.size(1)}, torch::kFloat32);
+      summary = at::empty({rows, chunk.size(1)}, at::kFloat);
     }
     summary.slice(0, store->rows(), store->rows() + chunk.size(0)).copy_(chunk);
     {
@@ -151,10 +111,10 @@ void PatchCore::fit(const std::vector<std::string>& image_paths, const FitOption
   {
     StageTimer::Scope scope(timer, "coreset");
     selected = featuresampler_->select_from_summary(summary);
-    summary = torch::Tensor();
+    summary = at::Tensor();
   }
   if (progress) progress("coreset", 1, 1);
-  torch::Tensor bank;
+  at::Tensor bank;
   {
     StageTimer::Scope scope(timer, "store");
     bank = store->gather(selected);
@@ -163,9 +123,9 @@ void PatchCore::fit(const std::vector<std::string>& image_paths, const FitOption
   fit_memory_bank(bank, timer);
 }
 
-void PatchCore::fit_features(const torch::Tensor& features, StageTimer* timer) {
+void PatchCore::fit_features(const at::Tensor& features, StageTimer* timer) {
   require_loaded("fit");
-  torch::Tensor sampled;
+  at::Tensor sampled;
   {
     StageTimer::Scope scope(timer, "coreset");
     sampled = featuresampler_->run(features);
@@ -173,7 +133,7 @@ void PatchCore::fit_features(const torch::Tensor& features, StageTimer* timer) {
   fit_memory_bank(sampled, timer);
 }
 
-void PatchCore::fit_memory_bank(const torch::Tensor& bank, StageTimer* timer) {
+void PatchCore::fit_memory_bank(const at::Tensor& bank, StageTimer* timer) {
   StageTimer::Scope scope(timer, "index");
   anomaly_scorer_->fit({bank});
 }
@@ -194,20 +154,20 @@ void PatchCore::check_fit_memory(int64_t rows, int64_t dim, int64_t budget_bytes
   }
 }
 
-PredictResult PatchCore::predict(const torch::Tensor& images, StageTimer* timer) const {
+PredictResult PatchCore::predict(const at::Tensor& images, StageTimer* timer) const {
   require_loaded("predict");
   if (!anomaly_scorer_->nn_method().is_fitted())
     throw std::logic_error("PatchCore::predict before fit() or load_from_path()");
   const int64_t batch = images.size(0);
   std::vector<int64_t> grid;
-  const torch::Tensor features = embed(images, &grid, timer);
-  torch::Tensor patch_scores;
+  const at::Tensor features = embed(images, &grid, timer);
+  at::Tensor patch_scores;
   {
     StageTimer::Scope scope(timer, "search");
     patch_scores = patch_maker_->unpatch_scores(std::get<0>(anomaly_scorer_->predict({features})), batch);
   }
   StageTimer::Scope scope(timer, "segmentation");
-  const torch::Tensor image_scores = patch_maker_->score(patch_scores).contiguous();
+  const at::Tensor image_scores = patch_maker_->score(patch_scores).contiguous();
   PredictResult result;
   result.scores.assign(image_scores.data_ptr<float>(), image_scores.data_ptr<float>() + batch);
   result.masks = anomaly_segmentor_->convert_to_segmentation(patch_scores.reshape({batch, grid[0], grid[1]}));
@@ -219,103 +179,38 @@ void PatchCore::save_to_path(const std::string& save_path, const std::string& pr
   const Backbone& net = backbone();
   if (net.weights_path().empty())
     throw std::logic_error("PatchCore::save_to_path: the backbone's weights were not loaded from a file");
-  const bool scripted = net.architecture() == "torchscript";
-  const std::string weights_file = prepend + (scripted ? "backbone.pt" : "backbone.pth");
-  const FileDigest weights = digest(net.weights_path());
-  json j = {
-      {"format", kFormat},
-      {"version", kFormatVersion},
-      {"backbone.name", net.architecture()},
-      {"backbone.weights", {{"file", weights_file}, {"bytes", weights.bytes}, {"crc32", weights.crc32}}},
-      {"layers_to_extract_from", params_.layers_to_extract_from},
-      {"input_shape", params_.input_shape()},
-      {"pretrain_embed_dimension", params_.pretrain_embed_dimension},
-      {"target_embed_dimension", params_.target_embed_dimension},
-      {"patchsize", params_.patchsize},
-      {"patchstride", params_.patchstride},
-      {"anomaly_scorer_num_nn", params_.anomaly_scorer_num_nn},
-      {"resize", params_.transform.resize},
-      {"mean", params_.transform.mean},
-      {"std", params_.transform.std},
-      {"nn_method", anomaly_scorer_->nn_method().kind()},
-      {"memory_bank_size", memory_bank_size()},
-  };
+  ModelDescription description;
+  description.backbone = net.architecture();
+  description.weights_file = prepend + (description.backbone == "torchscript" ? "backbone.pt" : "backbone.pth");
+  description.weights = file_digest(net.weights_path());
+  description.params = params_;
+  description.nn_method = anomaly_scorer_->nn_method().kind();
+  description.memory_bank_size = memory_bank_size();
   write_directory_atomically(save_path, [&](const std::string& dir) {
     anomaly_scorer_->save(dir, false, prepend);
-    fs::copy_file(net.weights_path(), fs::path(dir) / weights_file);
-    std::ofstream out(fs::path(dir) / (prepend + kParamsFile));
-    out << j.dump(2) << "\n";
-    if (!out) throw std::runtime_error(save_path + ": cannot write " + kParamsFile);
+    fs::copy_file(net.weights_path(), description.weights_path(dir));
+    write_model_description(dir, prepend, description);
   });
 }
 
 std::unique_ptr<PatchCore> PatchCore::load_from_path(const std::string& load_path, const std::string& device,
                                                      int num_workers, const std::string& prepend) {
-  const std::string params_path = (fs::path(load_path) / (prepend + kParamsFile)).string();
-  if (!fs::is_directory(load_path)) throw std::runtime_error(load_path + ": no such model directory");
-  json j;
+  const ModelDescription d = read_model_description(load_path, prepend);
+  std::shared_ptr<NearestNeighbourSearch> nn;
+  auto model = std::make_unique<PatchCore>(device);
   try {
-    j = json::parse(read_file(params_path));
-  } catch (const json::exception& e) {
-    throw std::runtime_error(params_path + ": malformed JSON: " + e.what());
-  }
-  try {
-    if (!j.is_object() || j.value("format", "") != kFormat)
-      throw std::runtime_error(params_path + ": not a patchcore model description");
-    const int64_t version = bounded(j.at("version"), "version", 1, std::numeric_limits<int32_t>::max());
-    if (version > kFormatVersion)
-      throw std::runtime_error(params_path + ": written by a newer patchcore (format version " +
-                               std::to_string(version) + ", this build reads up to " + std::to_string(kFormatVersion) +
-                               ")");
-    PatchCoreParams params;
-    params.layers_to_extract_from = j.at("layers_to_extract_from").get<std::vector<std::string>>();
-    const auto field = [&](const char* key, int64_t high) { return bounded(j.at(key), key, 1, high); };
-    params.pretrain_embed_dimension = field("pretrain_embed_dimension", PatchCoreParams::kMaxEmbedDimension);
-    params.target_embed_dimension = field("target_embed_dimension", PatchCoreParams::kMaxEmbedDimension);
-    params.patchsize = field("patchsize", PatchCoreParams::kMaxPatchsize);
-    params.patchstride = field("patchstride", PatchCoreParams::kMaxPatchsize);
-    params.anomaly_scorer_num_nn = field("anomaly_scorer_num_nn", PatchCoreParams::kMaxNearestNeighbours);
-    const json& input_shape = j.at("input_shape");
-    if (!input_shape.is_array() || input_shape.size() != 3 || input_shape[1] != input_shape[2] ||
-        bounded(input_shape[0], "input_shape[0]", 3, 3) != 3)
-      throw std::runtime_error(params_path + ": input_shape must be [3, crop, crop]");
-    params.transform.crop = static_cast<int>(bounded(input_shape[1], "input_shape[1]", 1, ImageTransform::kMaxSide));
-    params.transform.resize = static_cast<int>(field("resize", ImageTransform::kMaxSide));
-    params.transform.mean = j.at("mean").get<std::array<float, 3>>();
-    params.transform.std = j.at("std").get<std::array<float, 3>>();
-
-    const json& weights = j.at("backbone.weights");
-    const std::string weights_file = weights.at("file").get<std::string>();
-    // Only a file of the model directory itself: the description must not send the loader elsewhere.
-    if (weights_file.empty() || weights_file == "." || weights_file == ".." ||
-        fs::path(weights_file).filename().string() != weights_file)
-      throw std::runtime_error(params_path +
-                               ": backbone.weights.file must name a file inside the model directory, got '" +
-                               weights_file + "'");
-    const std::string weights_path = (fs::path(load_path) / weights_file).string();
-    if (!fs::is_regular_file(weights_path))
-      throw std::runtime_error(weights_path + ": backbone weights missing from the model");
-    const FileDigest found = digest(weights_path);
-    if (found.bytes != weights.at("bytes").get<uint64_t>() || found.crc32 != weights.at("crc32").get<uint32_t>())
-      throw std::runtime_error(weights_path + ": backbone weights do not match the size/CRC-32 recorded in " +
-                               params_path);
-
-    const std::shared_ptr<NearestNeighbourSearch> nn = make_nn_method(j.at("nn_method").get<std::string>(), num_workers);
-
-    auto model = std::make_unique<PatchCore>(device);
-    model->load(load_backbone(j.at("backbone.name").get<std::string>(), weights_path, params.layers_to_extract_from),
-                params, std::make_shared<IdentitySampler>(), nn);
-    model->anomaly_scorer_->load(load_path, prepend);
-    if (nn->dimension() != params.target_embed_dimension)
-      throw std::runtime_error(NearestNeighbourScorer::index_filename(load_path, prepend) + ": index has dimension " +
-                               std::to_string(nn->dimension()) + ", the model's embedding has " +
-                               std::to_string(params.target_embed_dimension));
-    return model;
-  } catch (const json::exception& e) {
-    throw std::runtime_error(params_path + ": bad or missing field: " + e.what());
+    nn = make_nn_method(d.nn_method, num_workers);
+    model->load(load_backbone(d.backbone, d.weights_path(load_path), d.params.layers_to_extract_from), d.params,
+                std::make_shared<IdentitySampler>(), nn);
   } catch (const std::invalid_argument& e) {
-    throw std::runtime_error(params_path + ": " + e.what());
+    throw std::runtime_error(ModelDescription::path(load_path, prepend) + ": " + e.what());
   }
+  model->anomaly_scorer_->load(load_path, prepend);
+  if (nn->dimension() != d.params.target_embed_dimension)
+    throw std::runtime_error(NearestNeighbourScorer::index_filename(load_path, prepend) + ": index has dimension " +
+                             std::to_string(nn->dimension()) + ", the model's embedding has " +
+                             std::to_string(d.params.target_embed_dimension));
+  return model;
 }
 
 }  // namespace patchcore

@@ -1,6 +1,7 @@
 // One loaded PatchCore serves many threads: concurrent predictions equal serial ones bit for bit, with the
 // native ResNet backbone and with a TorchScript one.
 #include <gtest/gtest.h>
+#include <torch/torch.h>
 
 #include <algorithm>
 #include <cstring>

@@ -1,14 +1,15 @@
 #include <gtest/gtest.h>
+#include <torch/torch.h>
 
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "common_fixtures.h"
+#include "patchcore/backbone/resnet.h"
 #include "patchcore/core/file.h"
 #include "patchcore/evaluation/evaluation.h"
 #include "patchcore/io/image_batches.h"
-#include "patchcore/backbone/resnet.h"
 #include "patchcore/patchcore.h"
 
 using namespace patchcore;

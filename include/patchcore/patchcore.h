@@ -1,7 +1,7 @@
 #pragma once
 // patchcore.PatchCore: the whole method. Images → backbone features → locally aggregated patches →
 // embedding → memory bank (coreset) → nearest-neighbour patch scores → image score and segmentation.
-#include <torch/torch.h>
+#include <ATen/core/Tensor.h>
 
 #include <functional>
 #include <memory>
@@ -11,10 +11,8 @@
 #include "patchcore/backbone/backbone.h"
 #include "patchcore/backbone/network_feature_aggregator.h"
 #include "patchcore/core/stage_timer.h"
-#include "patchcore/embedding/aggregator.h"
 #include "patchcore/embedding/patch_embedder.h"
 #include "patchcore/embedding/patch_maker.h"
-#include "patchcore/embedding/preprocessing.h"
 #include "patchcore/io/image.h"
 #include "patchcore/memory_bank/sampler.h"
 #include "patchcore/nn/faiss_nn.h"
@@ -42,8 +40,8 @@ struct PatchCoreParams {
 };
 
 struct PredictResult {
-  std::vector<float> scores;         // one per image: the highest patch score
-  std::vector<torch::Tensor> masks;  // one [crop, crop] float32 map per image
+  std::vector<float> scores;      // one per image: the highest patch score
+  std::vector<at::Tensor> masks;  // one [crop, crop] float32 map per image
 };
 
 // How fit holds the training features.
@@ -73,8 +71,8 @@ class PatchCore {
 
   // images [B, 3, H, W] → patch embeddings [B·h·w, target_embed_dimension]; patch_shape receives {h, w}.
   // `timer` (optional) receives stages "backbone" and "embedding".
-  torch::Tensor embed(const torch::Tensor& images, std::vector<int64_t>* patch_shape = nullptr,
-                      StageTimer* timer = nullptr) const;
+  at::Tensor embed(const at::Tensor& images, std::vector<int64_t>* patch_shape = nullptr,
+                   StageTimer* timer = nullptr) const;
 
   // Fits the memory bank on training images (files, read with params.transform), batch by batch. Each batch's
   // embeddings go to a FeatureStore on disk and only the sampler's summary of them stays in memory; the
@@ -84,14 +82,13 @@ class PatchCore {
   void fit(const std::vector<std::string>& image_paths, const FitOptions& options = {},
            const ProgressCallback& progress = {}, StageTimer* timer = nullptr);
   // Fits on already-embedded features [N, D] (e.g. from embed()); `timer` receives "coreset" and "index".
-  void fit_features(const torch::Tensor& features, StageTimer* timer = nullptr);
+  void fit_features(const at::Tensor& features, StageTimer* timer = nullptr);
 
   // Thread-safe once fitted: one loaded model can serve many threads. `timer` (optional) receives
   // stages "backbone", "embedding", "search" and "segmentation".
-  PredictResult predict(const torch::Tensor& images, StageTimer* timer = nullptr) const;
+  PredictResult predict(const at::Tensor& images, StageTimer* timer = nullptr) const;
 
-  // A model directory: patchcore_params.json, {prepend}nnscorer_search_index.faiss and a copy of the
-  // backbone weights with their size and CRC-32. Written to a temporary directory, then renamed.
+  // A model directory (model_dir.h), written to a temporary directory, then renamed.
   void save_to_path(const std::string& save_path, const std::string& prepend = "") const;
   // Needs nothing but the directory; every file is checked and errors name it.
   static std::unique_ptr<PatchCore> load_from_path(const std::string& load_path, const std::string& device = "cpu",
@@ -104,7 +101,7 @@ class PatchCore {
 
  private:
   void require_loaded(const char* what) const;
-  void fit_memory_bank(const torch::Tensor& bank, StageTimer* timer);
+  void fit_memory_bank(const at::Tensor& bank, StageTimer* timer);
   // Throws when fitting `rows` patches of `dim` features would exceed the budget (0: no budget).
   void check_fit_memory(int64_t rows, int64_t dim, int64_t budget_bytes) const;
 
@@ -112,10 +109,8 @@ class PatchCore {
   PatchCoreParams params_;
   std::unique_ptr<NetworkFeatureAggregator> feature_aggregator_;
   std::unique_ptr<PatchMaker> patch_maker_;
-  std::unique_ptr<Preprocessing> preprocessing_;
-  std::unique_ptr<Aggregator> preadapt_aggregator_;
-  std::unique_ptr<PatchEmbedder>
-      patch_embedder_;  // computes what patch_maker_, preprocessing_ and preadapt_aggregator_ define
+  // The reference's patch_maker, preprocessing and preadapt_aggregator in one pass (patch_embedder.h).
+  std::unique_ptr<PatchEmbedder> patch_embedder_;
   std::shared_ptr<BaseSampler> featuresampler_;
   std::unique_ptr<NearestNeighbourScorer> anomaly_scorer_;
   std::unique_ptr<RescaleSegmentor> anomaly_segmentor_;

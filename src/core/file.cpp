@@ -67,6 +67,14 @@ void write_file_atomically(const std::string& path, const std::function<void(con
   }
 }
 
+void write_file_atomically(const std::string& path, std::string_view contents) {
+  write_file_atomically(path, [&](const std::string& tmp) {
+    std::ofstream out(tmp, std::ios::binary);
+    out.write(contents.data(), static_cast<std::streamsize>(contents.size()));
+    if (!out) throw std::runtime_error(path + ": write failed");
+  });
+}
+
 void write_directory_atomically(const std::string& dir, const std::function<void(const std::string&)>& write) {
   fs::path target = fs::absolute(fs::path(dir)).lexically_normal();
   if (target.has_filename() == false) target = target.parent_path();

@@ -1,5 +1,7 @@
 #include "patchcore/embedding/patch_embedder.h"
 
+#include <ATen/ATen.h>
+
 #include "patchcore/core/parallel.h"
 
 #include <algorithm>
@@ -81,20 +83,19 @@ PatchEmbedder::PatchEmbedder(std::vector<int64_t> feature_dimensions, int64_t pa
   }
 }
 
-torch::Tensor PatchEmbedder::forward(const std::vector<torch::Tensor>& features,
-                                     std::vector<int64_t>* patch_shape) const {
+at::Tensor PatchEmbedder::forward(const std::vector<at::Tensor>& features, std::vector<int64_t>* patch_shape) const {
   if (features.size() != feature_dimensions_.size())
     throw std::invalid_argument("PatchEmbedder: got " + std::to_string(features.size()) + " layers, built for " +
                                 std::to_string(feature_dimensions_.size()));
   const int64_t pad = (patchsize_ - 1) / 2, stride = patchstride_;
-  std::vector<torch::Tensor> contiguous;
+  std::vector<at::Tensor> contiguous;
   std::vector<LayerMap> maps;
   for (size_t l = 0; l < features.size(); ++l) {
-    const torch::Tensor& f = features[l];
+    const at::Tensor& f = features[l];
     if (f.dim() != 4 || f.size(1) != feature_dimensions_[l] || f.size(0) != features[0].size(0) || f.size(0) < 1)
       throw std::invalid_argument("PatchEmbedder: layer " + std::to_string(l) + " must be [B, " +
                                   std::to_string(feature_dimensions_[l]) + ", H, W] with the batch size of layer 0");
-    contiguous.push_back(f.to(torch::kCPU, torch::kFloat32).contiguous());
+    contiguous.push_back(f.to(at::kCPU, at::kFloat).contiguous());
     LayerMap m{contiguous.back().data_ptr<float>(), f.size(1), f.size(2), f.size(3), 0, 0, {}, {}, true};
     if (m.height + 2 * pad < patchsize_ || m.width + 2 * pad < patchsize_)
       throw std::invalid_argument("PatchEmbedder: layer " + std::to_string(l) + " feature map is smaller than a patch");
@@ -113,12 +114,13 @@ torch::Tensor PatchEmbedder::forward(const std::vector<torch::Tensor>& features,
   }
 
   const int64_t dims = target_embed_dimension(), plane = grid_h * grid_w;
-  torch::Tensor planes = torch::empty({batch, dims, grid_h, grid_w}, torch::kFloat32);
+  at::Tensor planes = at::empty({batch, dims, grid_h, grid_w}, at::kFloat);
   float* const out_data = planes.data_ptr<float>();
   // Items of 16 output planes; each worker sums a deeper layer's planes in its own scratch.
   constexpr int64_t kPlanesPerItem = 16;
   const int64_t planes_total = batch * dims, items = (planes_total + kPlanesPerItem - 1) / kPlanesPerItem;
-  std::vector<std::vector<float>> scratches(static_cast<size_t>(parallel_threads(items)), std::vector<float>(scratch_size));
+  std::vector<std::vector<float>> scratches(static_cast<size_t>(parallel_threads(items)),
+                                            std::vector<float>(scratch_size));
   parallel_for(items, [&](int64_t item, int worker) {
     std::vector<float>& scratch = scratches[static_cast<size_t>(worker)];
     for (int64_t index = item * kPlanesPerItem; index < std::min(planes_total, (item + 1) * kPlanesPerItem); ++index) {
@@ -170,11 +172,11 @@ torch::Tensor PatchEmbedder::forward(const std::vector<torch::Tensor>& features,
   return planes.permute({0, 2, 3, 1}).reshape({batch * plane, dims});
 }
 
-torch::Tensor reference_embedding(const std::vector<torch::Tensor>& features, const PatchMaker& patch_maker,
-                                  const Preprocessing& preprocessing, const Aggregator& aggregator,
-                                  std::vector<int64_t>* patch_shape) {
+at::Tensor reference_embedding(const std::vector<at::Tensor>& features, const PatchMaker& patch_maker,
+                               const Preprocessing& preprocessing, const Aggregator& aggregator,
+                               std::vector<int64_t>* patch_shape) {
   if (features.empty()) throw std::invalid_argument("reference_embedding: no layers");
-  std::vector<torch::Tensor> patches;
+  std::vector<at::Tensor> patches;
   std::vector<std::vector<int64_t>> grids;
   for (const auto& f : features) {
     auto [p, grid] = patch_maker.patchify(f);
@@ -184,15 +186,13 @@ torch::Tensor reference_embedding(const std::vector<torch::Tensor>& features, co
   // Deeper layers are aligned to the first layer's patch grid after unfolding, by bilinear interpolation
   // of every (channel, kernel position) plane.
   const int64_t gh = grids[0][0], gw = grids[0][1];
-  namespace F = torch::nn::functional;
   for (size_t i = 1; i < patches.size(); ++i) {
     if (grids[i] == grids[0]) continue;
-    const torch::Tensor& t = patches[i];  // [B, L, C, p, p]
+    const at::Tensor& t = patches[i];  // [B, L, C, p, p]
     const int64_t b = t.size(0), c = t.size(2), p = t.size(3);
-    torch::Tensor planes = t.reshape({b, grids[i][0], grids[i][1], c, p, p}).permute({0, 3, 4, 5, 1, 2});
-    planes = F::interpolate(
-        planes.reshape({-1, 1, grids[i][0], grids[i][1]}),
-        F::InterpolateFuncOptions().size(std::vector<int64_t>{gh, gw}).mode(torch::kBilinear).align_corners(false));
+    at::Tensor planes = t.reshape({b, grids[i][0], grids[i][1], c, p, p}).permute({0, 3, 4, 5, 1, 2});
+    // F.interpolate(size=(gh, gw), mode="bilinear", align_corners=False).
+    planes = at::upsample_bilinear2d(planes.reshape({-1, 1, grids[i][0], grids[i][1]}), {gh, gw}, false);
     patches[i] = planes.reshape({b, c, p, p, gh, gw}).permute({0, 4, 5, 1, 2, 3}).reshape({b, gh * gw, c, p, p});
   }
   for (auto& p : patches) p = p.reshape({-1, p.size(2), p.size(3), p.size(4)});

@@ -1,5 +1,7 @@
 #include "patchcore/embedding/patch_maker.h"
 
+#include <ATen/ATen.h>
+
 #include <stdexcept>
 
 namespace patchcore {
@@ -9,7 +11,7 @@ PatchMaker::PatchMaker(int64_t patchsize, int64_t stride) : patchsize_(patchsize
   if (stride < 1) throw std::invalid_argument("PatchMaker: stride must be at least 1");
 }
 
-std::pair<torch::Tensor, std::vector<int64_t>> PatchMaker::patchify(const torch::Tensor& features) const {
+std::pair<at::Tensor, std::vector<int64_t>> PatchMaker::patchify(const at::Tensor& features) const {
   if (features.dim() != 4) throw std::invalid_argument("PatchMaker: features must be [B, C, H, W]");
   const int64_t padding = (patchsize_ - 1) / 2;
   std::vector<int64_t> grid;
@@ -18,15 +20,15 @@ std::pair<torch::Tensor, std::vector<int64_t>> PatchMaker::patchify(const torch:
     if (n < 1) throw std::invalid_argument("PatchMaker: feature map smaller than a patch");
     grid.push_back(n);
   }
-  namespace F = torch::nn::functional;
-  const torch::Tensor unfolded =
-      F::unfold(features, F::UnfoldFuncOptions({patchsize_, patchsize_}).padding(padding).stride(stride_).dilation(1));
-  const torch::Tensor patches =
+  // torch.nn.Unfold on a 4-D input.
+  const at::Tensor unfolded =
+      at::im2col(features, {patchsize_, patchsize_}, {1, 1}, {padding, padding}, {stride_, stride_});
+  const at::Tensor patches =
       unfolded.reshape({features.size(0), features.size(1), patchsize_, patchsize_, -1}).permute({0, 4, 1, 2, 3});
   return {patches, grid};
 }
 
-torch::Tensor PatchMaker::unpatch_scores(const torch::Tensor& x, int64_t batchsize) const {
+at::Tensor PatchMaker::unpatch_scores(const at::Tensor& x, int64_t batchsize) const {
   if (batchsize < 1 || x.dim() < 1 || x.size(0) % batchsize != 0)
     throw std::invalid_argument("PatchMaker: " + std::to_string(x.dim() ? x.size(0) : 0) +
                                 " patch scores do not split into batches of " + std::to_string(batchsize));
@@ -35,8 +37,8 @@ torch::Tensor PatchMaker::unpatch_scores(const torch::Tensor& x, int64_t batchsi
   return x.reshape(shape);
 }
 
-torch::Tensor PatchMaker::score(const torch::Tensor& x) const {
-  torch::Tensor s = x;
+at::Tensor PatchMaker::score(const at::Tensor& x) const {
+  at::Tensor s = x;
   while (s.dim() > 1) s = std::get<0>(s.max(-1));
   return s;
 }

@@ -1,5 +1,7 @@
 #include "patchcore/embedding/preprocessing.h"
 
+#include <ATen/ATen.h>
+
 #include <stdexcept>
 
 namespace patchcore {
@@ -9,10 +11,10 @@ MeanMapper::MeanMapper(int64_t preprocessing_dim) : preprocessing_dim_(preproces
     throw std::invalid_argument("pooled dimension must be positive, got " + std::to_string(preprocessing_dim));
 }
 
-torch::Tensor MeanMapper::forward(const torch::Tensor& features) const {
+at::Tensor MeanMapper::forward(const at::Tensor& features) const {
   if (features.dim() < 1 || features.size(0) == 0 || features.numel() == 0)
     throw std::invalid_argument("features to pool must be a non-empty [N, ...] tensor");
-  return torch::adaptive_avg_pool1d(features.reshape({features.size(0), 1, -1}), {preprocessing_dim_}).squeeze(1);
+  return at::adaptive_avg_pool1d(features.reshape({features.size(0), 1, -1}), {preprocessing_dim_}).squeeze(1);
 }
 
 Preprocessing::Preprocessing(std::vector<int64_t> input_dims, int64_t output_dim)
@@ -21,11 +23,11 @@ Preprocessing::Preprocessing(std::vector<int64_t> input_dims, int64_t output_dim
   for (size_t i = 0; i < input_dims_.size(); ++i) preprocessing_modules_.emplace_back(output_dim_);
 }
 
-torch::Tensor Preprocessing::forward(const std::vector<torch::Tensor>& features) const {
+at::Tensor Preprocessing::forward(const std::vector<at::Tensor>& features) const {
   if (features.size() != preprocessing_modules_.size())
     throw std::invalid_argument("Preprocessing: got " + std::to_string(features.size()) + " layers, built for " +
                                 std::to_string(preprocessing_modules_.size()));
-  std::vector<torch::Tensor> mapped;
+  std::vector<at::Tensor> mapped;
   for (size_t i = 0; i < features.size(); ++i) {
     if (features[i].dim() < 2 || features[i].size(1) != input_dims_[i])
       throw std::invalid_argument(
@@ -34,7 +36,7 @@ torch::Tensor Preprocessing::forward(const std::vector<torch::Tensor>& features)
           ", expected " + std::to_string(input_dims_[i]));
     mapped.push_back(preprocessing_modules_[i].forward(features[i]));
   }
-  return torch::stack(mapped, 1);
+  return at::stack(mapped, 1);
 }
 
 }  // namespace patchcore

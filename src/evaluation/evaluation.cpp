@@ -1,5 +1,7 @@
 #include "patchcore/evaluation/evaluation.h"
 
+#include <ATen/ATen.h>
+
 #include <chrono>
 #include <stdexcept>
 
@@ -29,6 +31,11 @@ void gather_pixels(const std::vector<EvaluatedImage>& images, bool defective_onl
 
 }  // namespace
 
+cv::Mat to_mat(const at::Tensor& map) {
+  const at::Tensor m = map.to(at::kCPU, at::kFloat).contiguous();
+  return cv::Mat(static_cast<int>(m.size(0)), static_cast<int>(m.size(1)), CV_32F, m.data_ptr<float>()).clone();
+}
+
 EvaluationResult evaluate(const PatchCore& model, const std::vector<Sample>& test_set, const EvaluationOptions& options,
                           const ProgressCallback& progress) {
   if (test_set.empty()) throw std::invalid_argument("evaluate: the test set is empty");
@@ -39,15 +46,14 @@ EvaluationResult evaluate(const PatchCore& model, const std::vector<Sample>& tes
   const auto start = std::chrono::steady_clock::now();
   for (size_t begin = 0; begin < test_set.size(); begin += static_cast<size_t>(options.batch_size)) {
     const size_t end = std::min(test_set.size(), begin + static_cast<size_t>(options.batch_size));
-    std::vector<torch::Tensor> batch;
+    std::vector<at::Tensor> batch;
     for (size_t i = begin; i < end; ++i) batch.push_back(transform.load(test_set[i].image_path));
-    const PredictResult predicted = model.predict(torch::stack(batch));
+    const PredictResult predicted = model.predict(at::stack(batch));
     for (size_t i = begin; i < end; ++i) {
       EvaluatedImage image;
       image.sample = test_set[i];
       image.score = predicted.scores[i - begin];
-      const torch::Tensor map = predicted.masks[i - begin].contiguous();
-      image.anomaly_map = cv::Mat(crop, crop, CV_32F, map.data_ptr<float>()).clone();
+      image.anomaly_map = to_mat(predicted.masks[i - begin]);
       image.mask = test_set[i].mask_path.empty()
                        ? cv::Mat::zeros(crop, crop, CV_8U)
                        : binarise(transform.load_mask(test_set[i].mask_path), options.mask_rule);

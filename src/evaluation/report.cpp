@@ -4,12 +4,16 @@
 #include <opencv2/imgproc.hpp>
 
 #include <cstdio>
-#include <fstream>
+#include <filesystem>
 #include <limits>
+#include <map>
+#include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <vector>
 
 #include "patchcore/core/file.h"
+#include "patchcore/io/image.h"
+#include "patchcore/io/npy.h"
 
 namespace patchcore {
 
@@ -61,11 +65,7 @@ cv::Mat plot_roc(const RocCurve& roc, double auroc, const std::string& title, in
 void write_png(const std::string& path, const cv::Mat& image) {
   std::vector<uchar> bytes;
   if (image.empty() || !cv::imencode(".png", image, bytes)) throw std::runtime_error(path + ": cannot encode PNG");
-  write_file_atomically(path, [&](const std::string& tmp) {
-    std::ofstream out(tmp, std::ios::binary);
-    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    if (!out) throw std::runtime_error(path + ": write failed");
-  });
+  write_file_atomically(path, std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
 }
 
 std::pair<float, float> value_range(const std::vector<cv::Mat>& anomaly_maps) {
@@ -85,6 +85,91 @@ cv::Mat to_uint16(const cv::Mat& anomaly_map, float vmin, float vmax) {
   const double range = vmax > vmin ? vmax - vmin : 1.0;
   anomaly_map.convertTo(out, CV_16U, 65535.0 / range, -vmin * 65535.0 / range);
   return out;
+}
+
+std::string csv_field(const std::string& s) {
+  if (s.find_first_of(",\"\n\r") == std::string::npos) return s;
+  std::string quoted = "\"";
+  for (char c : s) quoted += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return quoted + "\"";
+}
+
+cv::Mat model_view(const PatchCore& model, const std::string& image_path) {
+  return model.params().transform.resize_and_crop(load_image_rgb(image_path));
+}
+
+void write_prediction_report(const std::string& dir, const PatchCore& model, const std::vector<PredictedImage>& images,
+                             float vmax, double ms_per_image, const std::string& model_dir) {
+  std::vector<cv::Mat> maps;
+  for (const auto& image : images) maps.push_back(image.anomaly_map);
+  // One colour scale for every overlay of the run, so images can be compared with each other.
+  auto [vmin, highest] = value_range(maps);
+  if (!(vmax > 0)) vmax = highest;
+  write_directory_atomically(dir, [&](const std::string& tmp) {
+    std::map<std::string, int> used;
+    std::string csv = "image,score,overlay,map\n";
+    nlohmann::json summary = {{"model", model_dir},
+                              {"ms_per_image", ms_per_image},
+                              {"vmin", vmin},
+                              {"vmax", vmax},
+                              {"images", nlohmann::json::array()}};
+    for (const auto& image : images) {
+      std::string stem = std::filesystem::path(image.image_path).stem().string();
+      if (used[stem]++) stem += "_" + std::to_string(used[stem] - 1);
+      const std::string overlay = stem + "_overlay.png", raw = stem + "_map.npy";
+      write_png(tmp + "/" + overlay,
+                heatmap_overlay(model_view(model, image.image_path), image.anomaly_map, vmin, vmax));
+      write_npy(tmp + "/" + raw, image.anomaly_map.ptr<float>(), {image.anomaly_map.rows, image.anomaly_map.cols});
+      csv += csv_field(image.image_path) + "," + std::to_string(image.score) + "," + overlay + "," + raw + "\n";
+      summary["images"].push_back(
+          {{"image", image.image_path}, {"score", image.score}, {"overlay", overlay}, {"map", raw}});
+    }
+    write_file_atomically(tmp + "/scores.csv", csv);
+    write_file_atomically(tmp + "/summary.json", summary.dump(2) + "\n");
+  });
+}
+
+std::string evaluation_metrics_json(const EvaluationResult& r, const std::string& model_dir, const std::string& data,
+                                    const std::string& mask_rule) {
+  const nlohmann::json metrics = {{"image_auroc", r.image_auroc},
+                                  {"pixel_auroc", r.pixel_auroc},
+                                  {"pixel_auroc_defective", r.pixel_auroc_defective},
+                                  {"aupro", r.aupro},
+                                  {"images", r.images.size()},
+                                  {"ms_per_image", r.ms_per_image},
+                                  {"model", model_dir},
+                                  {"data", data},
+                                  {"mask_rule", mask_rule}};
+  return metrics.dump(2) + "\n";
+}
+
+void write_evaluation_report(const std::string& dir, const PatchCore& model, const EvaluationResult& r,
+                             const std::string& metrics_json, const ProgressCallback& progress) {
+  std::vector<cv::Mat> maps;
+  for (const auto& image : r.images) maps.push_back(image.anomaly_map);
+  const auto [vmin, vmax] = value_range(maps);
+  write_directory_atomically(dir, [&](const std::string& tmp) {
+    std::filesystem::create_directory(tmp + "/overlays");
+    std::string csv = "image,defect_type,label,score,overlay\n";
+    for (size_t i = 0; i < r.images.size(); ++i) {
+      const auto& image = r.images[i];
+      const std::string overlay = "overlays/" + image.sample.defect_type + "_" +
+                                  std::filesystem::path(image.sample.image_path).stem().string() + ".png";
+      cv::Mat picture = heatmap_overlay(model_view(model, image.sample.image_path), image.anomaly_map, vmin, vmax);
+      // The ground-truth outline on top, so misses and false alarms are visible at a glance.
+      std::vector<std::vector<cv::Point>> contours;
+      cv::findContours(image.mask, contours, cv::RETR_EXTERNAL, cv::CHAIN_APPROX_SIMPLE);
+      cv::drawContours(picture, contours, -1, cv::Scalar(255, 255, 255), 1, cv::LINE_AA);
+      write_png(tmp + "/" + overlay, picture);
+      csv += csv_field(image.sample.image_path) + "," + image.sample.defect_type + "," +
+             (image.sample.is_anomalous ? "1" : "0") + "," + std::to_string(image.score) + "," + overlay + "\n";
+      if (progress) progress("writing report", i + 1, r.images.size());
+    }
+    write_file_atomically(tmp + "/scores.csv", csv);
+    write_png(tmp + "/roc_image.png", plot_roc(r.image_roc, r.image_auroc, "image ROC"));
+    write_png(tmp + "/roc_pixel.png", plot_roc(r.pixel_roc, r.pixel_auroc, "pixel ROC"));
+    write_file_atomically(tmp + "/metrics.json", metrics_json);
+  });
 }
 
 }  // namespace patchcore

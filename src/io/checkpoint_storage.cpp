@@ -65,17 +65,17 @@ bool is_whole_storage(const TensorDesc& t, const CheckedView& view, const Storag
          view.numel * c10::elementSize(t.storage.dtype) == table.entries[t.storage.storage].nbytes;
 }
 
-torch::Tensor adopt(at::DataPtr buffer, const TensorDesc& t, const CheckedView& view) {
+at::Tensor adopt(at::DataPtr buffer, const TensorDesc& t, const CheckedView& view) {
   auto holder = std::make_shared<at::DataPtr>(std::move(buffer));
   auto* data = static_cast<uint8_t*>(holder->get());
   if (t.storage.dtype == c10::kBool) normalize_bools(data, view.numel);
-  return torch::from_blob(
-      data, t.sizes, [holder](void*) {}, torch::TensorOptions().dtype(t.storage.dtype));
+  return at::from_blob(
+      data, t.sizes, [holder](void*) {}, at::TensorOptions().dtype(t.storage.dtype));
 }
 
-torch::Tensor materialize(const TensorDesc& t, const CheckedView& view, const uint8_t* storage_bytes) {
-  const auto options = torch::TensorOptions().dtype(t.storage.dtype);
-  torch::Tensor out = torch::empty(t.sizes, options);
+at::Tensor materialize(const TensorDesc& t, const CheckedView& view, const uint8_t* storage_bytes) {
+  const auto options = at::TensorOptions().dtype(t.storage.dtype);
+  at::Tensor out = at::empty(t.sizes, options);
   if (view.numel == 0) return out;
   const size_t element_size = c10::elementSize(t.storage.dtype);
   const uint8_t* src = storage_bytes + t.storage.byte_offset + static_cast<uint64_t>(t.offset) * element_size;
@@ -87,7 +87,7 @@ torch::Tensor materialize(const TensorDesc& t, const CheckedView& view, const ui
     copy_raw(out.data_ptr(), view.numel);
   } else {
     // Copied to an aligned buffer first: legacy storages sit at arbitrary offsets in the file.
-    torch::Tensor span = torch::empty({static_cast<int64_t>(view.extent)}, options);
+    at::Tensor span = at::empty({static_cast<int64_t>(view.extent)}, options);
     copy_raw(span.data_ptr(), view.extent);
     out.copy_(span.as_strided(t.sizes, t.strides));
   }
@@ -139,7 +139,7 @@ StateDict assemble(const std::string& name, const Heap& heap, const Value& root,
   out.reserve(entries.size());
   for (const Entry& e : entries) {
     const size_t storage = e.desc->storage.storage;
-    torch::Tensor tensor;
+    at::Tensor tensor;
     if (uses[storage] == 1 && is_whole_storage(*e.desc, e.view, table)) {
       if (at::DataPtr buffer = source.take(storage)) tensor = adopt(std::move(buffer), *e.desc, e.view);
     }

@@ -1,5 +1,7 @@
 #include "patchcore/io/image.h"
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -552,7 +554,7 @@ cv::Mat ImageTransform::resize_and_crop(const cv::Mat& image) const {
   return resize_and_crop_impl(*this, image, false);
 }
 
-torch::Tensor ImageTransform::to_tensor(const cv::Mat& rgb_cropped) const {
+at::Tensor ImageTransform::to_tensor(const cv::Mat& rgb_cropped) const {
   validate();
   if (rgb_cropped.type() != CV_8UC3 || rgb_cropped.rows != crop || rgb_cropped.cols != crop) {
     throw std::invalid_argument("ImageTransform::to_tensor: expected a " + std::to_string(crop) + "x" +
@@ -564,7 +566,7 @@ torch::Tensor ImageTransform::to_tensor(const cv::Mat& rgb_cropped) const {
   for (int c = 0; c < 3; ++c) {
     for (int v = 0; v < 256; ++v) table[c][v] = (static_cast<float>(v) / 255.0f - mean[c]) / std[c];
   }
-  torch::Tensor out = torch::empty({3, crop, crop}, torch::kFloat32);
+  at::Tensor out = at::empty({3, crop, crop}, at::kFloat);
   float* planes = out.data_ptr<float>();
   const size_t plane = static_cast<size_t>(crop) * crop;
   for (int y = 0; y < crop; ++y) {
@@ -579,7 +581,7 @@ torch::Tensor ImageTransform::to_tensor(const cv::Mat& rgb_cropped) const {
   return out;
 }
 
-torch::Tensor ImageTransform::load(const std::string& path, const ImageLimits& limits) const {
+at::Tensor ImageTransform::load(const std::string& path, const ImageLimits& limits) const {
   validate();
   const cv::Mat rgb = load_image_rgb(path, limits);
   cv::Mat cropped;

@@ -1,5 +1,7 @@
 #include "patchcore/io/image_batches.h"
 
+#include <ATen/ATen.h>
+
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -50,7 +52,7 @@ void ImageBatches::start_reading() {
   reading_ = std::move(reading);
 }
 
-bool ImageBatches::next(torch::Tensor& batch) {
+bool ImageBatches::next(at::Tensor& batch) {
   if (!reading_) return false;
   const std::unique_ptr<Reading> reading = std::move(reading_);
   {
@@ -63,7 +65,7 @@ bool ImageBatches::next(torch::Tensor& batch) {
   start_reading();
   for (const std::exception_ptr& error : reading->errors)
     if (error) std::rethrow_exception(error);
-  batch = torch::stack(reading->images);
+  batch = at::stack(reading->images);
   done_ += reading->images.size();
   return true;
 }

@@ -1,5 +1,7 @@
 #include "patchcore/memory_bank/feature_store.h"
 
+#include <ATen/ATen.h>
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -54,11 +56,11 @@ void FeatureStore::reserve(int64_t rows) {
                                           error));
 }
 
-void FeatureStore::append(const torch::Tensor& rows) {
-  if (!rows.defined() || rows.dim() != 2 || rows.size(1) != dim_ || rows.scalar_type() != torch::kFloat32 ||
+void FeatureStore::append(const at::Tensor& rows) {
+  if (!rows.defined() || rows.dim() != 2 || rows.size(1) != dim_ || rows.scalar_type() != at::kFloat ||
       !rows.device().is_cpu())
     throw std::invalid_argument("FeatureStore::append: rows must be [n, " + std::to_string(dim_) + "] float32 CPU");
-  const torch::Tensor data = rows.contiguous();
+  const at::Tensor data = rows.contiguous();
   const char* bytes = static_cast<const char*>(data.data_ptr());
   const int64_t total = data.numel() * static_cast<int64_t>(sizeof(float));
   const int64_t offset = rows_ * dim_ * static_cast<int64_t>(sizeof(float));
@@ -73,7 +75,7 @@ void FeatureStore::append(const torch::Tensor& rows) {
   rows_ += data.size(0);
 }
 
-torch::Tensor FeatureStore::gather(const std::vector<int64_t>& indices) const {
+at::Tensor FeatureStore::gather(const std::vector<int64_t>& indices) const {
   for (int64_t i : indices)
     if (i < 0 || i >= rows_)
       throw std::out_of_range("FeatureStore::gather: row " + std::to_string(i) + " is outside the " +
@@ -82,7 +84,7 @@ torch::Tensor FeatureStore::gather(const std::vector<int64_t>& indices) const {
   std::vector<int64_t> order(indices.size());
   std::iota(order.begin(), order.end(), 0);
   std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return indices[a] < indices[b]; });
-  torch::Tensor out = torch::empty({static_cast<int64_t>(indices.size()), dim_}, torch::kFloat32);
+  at::Tensor out = at::empty({static_cast<int64_t>(indices.size()), dim_}, at::kFloat);
   float* dst = out.data_ptr<float>();
   const size_t row_bytes = static_cast<size_t>(dim_) * sizeof(float);
   std::vector<float> run(static_cast<size_t>(kGatherRunRows * dim_));

@@ -81,23 +81,23 @@ int64_t summary_rows(const at::Tensor& summary, const char* who) {
 
 }  // namespace
 
-torch::Tensor BaseSampler::summarize(const torch::Tensor& features) const {
+at::Tensor BaseSampler::summarize(const at::Tensor& features) const {
   const at::Tensor f = float_rows(features, "sampler");
-  return torch::empty({f.size(0), 0}, torch::kFloat32);
+  return at::empty({f.size(0), 0}, at::kFloat);
 }
 
 int64_t BaseSampler::selection_bytes_per_row(int64_t) const { return sizeof(int64_t); }
 
-std::vector<int64_t> BaseSampler::select(const torch::Tensor& features) {
+std::vector<int64_t> BaseSampler::select(const at::Tensor& features) {
   return select_from_summary(summarize(features));
 }
 
-torch::Tensor BaseSampler::run(const torch::Tensor& features) {
+at::Tensor BaseSampler::run(const at::Tensor& features) {
   const std::vector<int64_t> indices = select(features);
-  return features.index_select(0, torch::tensor(indices, torch::kInt64));
+  return features.index_select(0, at::tensor(indices, at::kLong));
 }
 
-std::vector<int64_t> IdentitySampler::select_from_summary(const torch::Tensor& summary) {
+std::vector<int64_t> IdentitySampler::select_from_summary(const at::Tensor& summary) {
   const int64_t n = summary_rows(summary, "IdentitySampler");
   std::vector<int64_t> all(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) all[i] = i;
@@ -110,13 +110,13 @@ RandomSampler::RandomSampler(double percentage, uint64_t seed) : percentage_(per
 
 int64_t RandomSampler::selection_size(int64_t n) const { return selection_count(n, percentage_); }
 
-std::vector<int64_t> RandomSampler::select_from_summary(const torch::Tensor& summary) {
+std::vector<int64_t> RandomSampler::select_from_summary(const at::Tensor& summary) {
   const int64_t n = summary_rows(summary, "RandomSampler");
   std::mt19937_64 rng = make_rng(seed_, Stream::kRandomSubset);
   return distinct_indices(n, selection_size(n), rng);
 }
 
-GreedyCoresetSampler::GreedyCoresetSampler(double percentage, torch::Device device,
+GreedyCoresetSampler::GreedyCoresetSampler(double percentage, c10::Device device,
                                            int64_t dimension_to_project_features_to, uint64_t seed)
     : percentage_(percentage), device_(device), dimension_(dimension_to_project_features_to), seed_(seed) {
   check_percentage(percentage, "GreedyCoresetSampler");
@@ -125,18 +125,17 @@ GreedyCoresetSampler::GreedyCoresetSampler(double percentage, torch::Device devi
                                 std::to_string(dimension_));
 }
 
-void GreedyCoresetSampler::set_projection(torch::Tensor weight) {
+void GreedyCoresetSampler::set_projection(at::Tensor weight) {
   if (weight.defined()) {
-    if (weight.dim() != 2 || weight.size(0) != dimension_ || weight.size(1) < 1 ||
-        weight.scalar_type() != torch::kFloat32)
+    if (weight.dim() != 2 || weight.size(0) != dimension_ || weight.size(1) < 1 || weight.scalar_type() != at::kFloat)
       throw std::invalid_argument("GreedyCoresetSampler::set_projection: weight must be float32 [" +
                                   std::to_string(dimension_) + ", D], got " + shape_string(weight));
-    weight = weight.to(torch::kCPU).contiguous().clone();
+    weight = weight.to(at::kCPU).contiguous().clone();
   }
   weight_ = weight;
 }
 
-torch::Tensor GreedyCoresetSampler::projection_weight(int64_t feature_dim) const {
+at::Tensor GreedyCoresetSampler::projection_weight(int64_t feature_dim) const {
   if (weight_.defined()) {
     if (weight_.size(1) != feature_dim)
       throw std::invalid_argument("GreedyCoresetSampler: the injected projection has " +
@@ -146,26 +145,26 @@ torch::Tensor GreedyCoresetSampler::projection_weight(int64_t feature_dim) const
   }
   std::mt19937_64 rng = make_rng(seed_, Stream::kProjection);
   const double bound = 1.0 / std::sqrt(static_cast<double>(feature_dim));
-  torch::Tensor w = torch::empty({dimension_, feature_dim}, torch::kFloat32);
+  at::Tensor w = at::empty({dimension_, feature_dim}, at::kFloat);
   float* data = w.data_ptr<float>();
   for (int64_t i = 0; i < w.numel(); ++i) data[i] = static_cast<float>((2.0 * uniform01(rng) - 1.0) * bound);
   return w;
 }
 
-torch::Tensor GreedyCoresetSampler::project(const torch::Tensor& features) const {
+at::Tensor GreedyCoresetSampler::project(const at::Tensor& features) const {
   const at::Tensor f = float_rows(features, "GreedyCoresetSampler");
   const int64_t n = f.size(0), in_dim = f.size(1);
   if (in_dim == dimension_) return f;
-  const torch::Tensor w = projection_weight(in_dim);
+  const at::Tensor w = projection_weight(in_dim);
   if (!device_.is_cpu()) {
     try {
-      return torch::matmul(f.to(device_), w.to(device_).t()).to(torch::kCPU).contiguous();
+      return at::matmul(f.to(device_), w.to(device_).t()).to(at::kCPU).contiguous();
     } catch (const c10::Error& e) {
       throw std::runtime_error("GreedyCoresetSampler: projection on " + device_.str() +
                                " failed: " + e.what_without_backtrace());
     }
   }
-  torch::Tensor z = torch::empty({n, dimension_}, torch::kFloat32);
+  at::Tensor z = at::empty({n, dimension_}, at::kFloat);
   const float* x = f.data_ptr<float>();
   const float* wd = w.data_ptr<float>();
   float* zd = z.data_ptr<float>();
@@ -177,7 +176,7 @@ torch::Tensor GreedyCoresetSampler::project(const torch::Tensor& features) const
   return z;
 }
 
-std::vector<float> GreedyCoresetSampler::initial_scores(const torch::Tensor& projected) {
+std::vector<float> GreedyCoresetSampler::initial_scores(const at::Tensor& projected) {
   return distance_matrix_row_norms(projected);
 }
 
@@ -187,7 +186,7 @@ int64_t GreedyCoresetSampler::selection_bytes_per_row(int64_t) const {
   return dimension_ * static_cast<int64_t>(sizeof(float)) + greedy_coreset_fast_bytes_per_row(dimension_);
 }
 
-std::vector<int64_t> GreedyCoresetSampler::select_from_summary(const torch::Tensor& summary) {
+std::vector<int64_t> GreedyCoresetSampler::select_from_summary(const at::Tensor& summary) {
   if (!summary.defined() || summary.dim() != 2 || summary.size(1) != dimension_)
     throw std::invalid_argument("GreedyCoresetSampler: the summary must be the projected features [N, " +
                                 std::to_string(dimension_) + "], got " + shape_string(summary));
@@ -197,7 +196,7 @@ std::vector<int64_t> GreedyCoresetSampler::select_from_summary(const torch::Tens
                                               : greedy_coreset_reference(summary, std::move(scores), count);
 }
 
-ApproximateGreedyCoresetSampler::ApproximateGreedyCoresetSampler(double percentage, torch::Device device,
+ApproximateGreedyCoresetSampler::ApproximateGreedyCoresetSampler(double percentage, c10::Device device,
                                                                  int64_t number_of_starting_points,
                                                                  int64_t dimension_to_project_features_to,
                                                                  uint64_t seed)
@@ -228,12 +227,12 @@ std::vector<int64_t> ApproximateGreedyCoresetSampler::starting_points(int64_t n)
   return distinct_indices(n, std::min(number_of_starting_points_, n), rng);
 }
 
-std::vector<float> ApproximateGreedyCoresetSampler::initial_scores(const torch::Tensor& projected) {
+std::vector<float> ApproximateGreedyCoresetSampler::initial_scores(const at::Tensor& projected) {
   return mean_distance_to_points(projected, starting_points(projected.size(0)));
 }
 
 std::unique_ptr<BaseSampler> make_sampler(const std::string& name, double percentage, uint64_t seed,
-                                          torch::Device device) {
+                                          c10::Device device) {
   if (name == "identity") return std::make_unique<IdentitySampler>();
   if (name == "random") return std::make_unique<RandomSampler>(percentage, seed);
   if (name == "greedy") return std::make_unique<GreedyCoresetSampler>(percentage, device, 128, seed);

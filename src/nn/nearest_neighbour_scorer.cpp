@@ -1,5 +1,7 @@
 #include "patchcore/nn/nearest_neighbour_scorer.h"
 
+#include <ATen/ATen.h>
+
 #include <filesystem>
 #include <stdexcept>
 
@@ -7,9 +9,9 @@
 
 namespace patchcore {
 
-torch::Tensor concat_merge(const std::vector<torch::Tensor>& features) {
+at::Tensor concat_merge(const std::vector<at::Tensor>& features) {
   if (features.empty()) throw std::invalid_argument("no feature arrays given");
-  std::vector<torch::Tensor> flat;
+  std::vector<at::Tensor> flat;
   for (const auto& f : features) {
     if (!f.defined() || f.dim() < 1) throw std::invalid_argument("feature arrays must be [N, ...] tensors");
     if (f.size(0) != features[0].size(0))
@@ -17,18 +19,19 @@ torch::Tensor concat_merge(const std::vector<torch::Tensor>& features) {
                                   " and " + std::to_string(f.size(0)));
     flat.push_back(f.reshape({f.size(0), -1}));
   }
-  return flat.size() == 1 ? flat[0] : torch::cat(flat, 1);
+  return flat.size() == 1 ? flat[0] : at::cat(flat, 1);
 }
 
-NearestNeighbourScorer::NearestNeighbourScorer(int64_t n_nearest_neighbours, std::shared_ptr<NearestNeighbourSearch> nn_method)
+NearestNeighbourScorer::NearestNeighbourScorer(int64_t n_nearest_neighbours,
+                                               std::shared_ptr<NearestNeighbourSearch> nn_method)
     : n_nearest_neighbours_(n_nearest_neighbours), nn_method_(std::move(nn_method)) {
   if (n_nearest_neighbours < 1)
     throw std::invalid_argument("NearestNeighbourScorer: n_nearest_neighbours must be at least 1");
   if (!nn_method_) throw std::invalid_argument("NearestNeighbourScorer: nn_method is null");
 }
 
-void NearestNeighbourScorer::fit(const std::vector<torch::Tensor>& detection_features) {
-  torch::Tensor bank = concat_merge(detection_features);
+void NearestNeighbourScorer::fit(const std::vector<at::Tensor>& detection_features) {
+  at::Tensor bank = concat_merge(detection_features);
   if (bank.size(0) < n_nearest_neighbours_)
     throw std::invalid_argument("NearestNeighbourScorer: memory bank of " + std::to_string(bank.size(0)) +
                                 " rows is smaller than n_nearest_neighbours " + std::to_string(n_nearest_neighbours_));
@@ -36,8 +39,8 @@ void NearestNeighbourScorer::fit(const std::vector<torch::Tensor>& detection_fea
   detection_features_ = bank;
 }
 
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> NearestNeighbourScorer::predict(
-    const std::vector<torch::Tensor>& query_features) const {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> NearestNeighbourScorer::predict(
+    const std::vector<at::Tensor>& query_features) const {
   auto [distances, nns] = nn_method_->run(n_nearest_neighbours_, concat_merge(query_features));
   return {distances.mean(1), distances, nns};
 }
@@ -57,7 +60,7 @@ void NearestNeighbourScorer::save(const std::string& save_folder, bool save_feat
   if (save_features_separately) {
     if (!detection_features_.defined())
       throw std::logic_error("NearestNeighbourScorer: no fitted features to save (the scorer was loaded, not fitted)");
-    const torch::Tensor bank = detection_features_.to(torch::kFloat32).contiguous();
+    const at::Tensor bank = detection_features_.to(at::kFloat).contiguous();
     write_npy(features_filename(save_folder, prepend), bank.data_ptr<float>(), {bank.size(0), bank.size(1)});
   }
 }
@@ -69,12 +72,12 @@ void NearestNeighbourScorer::load(const std::string& load_folder, const std::str
                              std::to_string(nn_method_->size()) + " rows is smaller than n_nearest_neighbours " +
                              std::to_string(n_nearest_neighbours_));
   const std::string features = features_filename(load_folder, prepend);
-  detection_features_ = torch::Tensor();
+  detection_features_ = at::Tensor();
   if (std::filesystem::exists(features)) {
     NpyArray a = read_npy(features);
     if (a.dtype != "f4" || a.shape.size() != 2 || a.shape[1] != nn_method_->dimension())
       throw std::runtime_error(features + ": expected float32 [N, " + std::to_string(nn_method_->dimension()) + "]");
-    detection_features_ = torch::from_blob(a.data.data(), {a.shape[0], a.shape[1]}, torch::kFloat32).clone();
+    detection_features_ = at::from_blob(a.data.data(), {a.shape[0], a.shape[1]}, at::kFloat).clone();
   }
 }
 

@@ -1,10 +1,12 @@
 #include "patchcore/segmentation/rescale_segmentor.h"
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
-#include "patchcore/backbone/network_feature_aggregator.h"
+#include "patchcore/core/device.h"
 #include "patchcore/core/parallel.h"
 
 namespace patchcore {
@@ -53,7 +55,7 @@ void filter_axis(const float* in, float* out, int64_t rows, int64_t cols, int ax
 
 }  // namespace
 
-torch::Tensor gaussian_filter(const torch::Tensor& image, double sigma, double truncate) {
+at::Tensor gaussian_filter(const at::Tensor& image, double sigma, double truncate) {
   if (image.dim() != 2 || image.numel() == 0)
     throw std::invalid_argument("gaussian_filter: expected a non-empty 2-D map");
   if (!(sigma > 0) || !(truncate > 0))
@@ -65,9 +67,9 @@ torch::Tensor gaussian_filter(const torch::Tensor& image, double sigma, double t
     sum += taps[static_cast<size_t>(x + radius)] = std::exp(-0.5 * x * x / (sigma * sigma));
   for (double& t : taps) t /= sum;
 
-  const torch::Tensor in = image.to(torch::kCPU, torch::kFloat32).contiguous();
+  const at::Tensor in = image.to(at::kCPU, at::kFloat).contiguous();
   const int64_t rows = in.size(0), cols = in.size(1);
-  torch::Tensor tmp = torch::empty_like(in), out = torch::empty_like(in);
+  at::Tensor tmp = at::empty_like(in), out = at::empty_like(in);
   filter_axis(in.data_ptr<float>(), tmp.data_ptr<float>(), rows, cols, 0, taps);
   filter_axis(tmp.data_ptr<float>(), out.data_ptr<float>(), rows, cols, 1, taps);
   return out;
@@ -79,8 +81,8 @@ RescaleSegmentor::RescaleSegmentor(const std::string& device, int64_t target_siz
   if (!(smoothing > 0)) throw std::invalid_argument("RescaleSegmentor: smoothing sigma must be positive");
 }
 
-std::vector<torch::Tensor> RescaleSegmentor::convert_to_segmentation(const torch::Tensor& patch_scores) const {
-  torch::Tensor scores = patch_scores;
+std::vector<at::Tensor> RescaleSegmentor::convert_to_segmentation(const at::Tensor& patch_scores) const {
+  at::Tensor scores = patch_scores;
   if (scores.dim() == 2) {
     const auto side = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(scores.size(1)))));
     if (side * side != scores.size(1))
@@ -90,16 +92,13 @@ std::vector<torch::Tensor> RescaleSegmentor::convert_to_segmentation(const torch
   }
   if (scores.dim() != 3 || scores.numel() == 0)
     throw std::invalid_argument("RescaleSegmentor: patch scores must be [B, h, w]");
-  torch::NoGradGuard no_grad;
-  const torch::Tensor upsampled =
-      torch::nn::functional::interpolate(scores.to(device_, torch::kFloat32).unsqueeze(1),
-                                         torch::nn::functional::InterpolateFuncOptions()
-                                             .size(std::vector<int64_t>{target_size_, target_size_})
-                                             .mode(torch::kBilinear)
-                                             .align_corners(false))
+  at::NoGradGuard no_grad;
+  // F.interpolate(size=(target, target), mode="bilinear", align_corners=False).
+  const at::Tensor upsampled =
+      at::upsample_bilinear2d(scores.to(device_, at::kFloat).unsqueeze(1), {target_size_, target_size_}, false)
           .squeeze(1)
           .cpu();
-  std::vector<torch::Tensor> maps;
+  std::vector<at::Tensor> maps;
   for (int64_t b = 0; b < upsampled.size(0); ++b) maps.push_back(gaussian_filter(upsampled[b], smoothing_));
   return maps;
 }

@@ -1,12 +1,13 @@
 #include <gtest/gtest.h>
+#include <torch/torch.h>
 
 #include <cmath>
 #include <fstream>
 
 #include "common_fixtures.h"
+#include "patchcore/backbone/network_feature_aggregator.h"
 #include "patchcore/backbone/resnet.h"
 #include "patchcore/backbone/torchscript_backbone.h"
-#include "patchcore/backbone/network_feature_aggregator.h"
 #include "patchcore/io/checkpoint.h"
 #include "patchcore/io/image.h"
 

@@ -1,5 +1,5 @@
 #include <gtest/gtest.h>
-
+#include <torch/torch.h>
 
 #include <cmath>
 #include <limits>
@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "patchcore/io/npy.h"
 #include "patchcore/core/parallel.h"
+#include "patchcore/io/npy.h"
 #include "patchcore/memory_bank/greedy_coreset.h"
 #include "patchcore/memory_bank/sampler.h"
 #include "support.h"

@@ -1,4 +1,5 @@
 #include <gtest/gtest.h>
+#include <torch/torch.h>
 
 #include "common_fixtures.h"
 #include "patchcore/segmentation/rescale_segmentor.h"

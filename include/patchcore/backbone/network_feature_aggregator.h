@@ -1,6 +1,5 @@
 #pragma once
 // common.NetworkFeatureAggregator: intermediate features of a backbone, by layer name.
-#include <torch/torch.h>
 
 #include <memory>
 #include <string>
@@ -18,25 +17,20 @@ class NetworkFeatureAggregator {
 
   // images [B, 3, H, W] → layer name → [B, C, h, w], in layers_to_extract_from order. The backbone
   // stops after the last requested layer. Thread-safe: the backbone is only read.
-  torch::OrderedDict<std::string, torch::Tensor> forward(const torch::Tensor& images) const;
-  torch::OrderedDict<std::string, torch::Tensor> operator()(const torch::Tensor& images) const {
-    return forward(images);
-  }
+  torch::OrderedDict<std::string, at::Tensor> forward(const at::Tensor& images) const;
+  torch::OrderedDict<std::string, at::Tensor> operator()(const at::Tensor& images) const { return forward(images); }
 
   // Channel count of each requested layer for images of `input_shape` (channels, height, width).
   std::vector<int64_t> feature_dimensions(const std::vector<int64_t>& input_shape) const;
 
   const std::vector<std::string>& layers_to_extract_from() const { return layers_; }
-  const torch::Device& device() const { return device_; }
+  const c10::Device& device() const { return device_; }
   const std::shared_ptr<Backbone>& backbone() const { return backbone_; }
 
  private:
   std::shared_ptr<Backbone> backbone_;
   std::vector<std::string> layers_;
-  torch::Device device_;
+  c10::Device device_;
 };
-
-// Parses "cpu" / "cuda[:N]" and checks that the device exists in this build and on this machine.
-torch::Device parse_device(const std::string& device);
 
 }  // namespace patchcore

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <string_view>
 
 namespace patchcore {
 
@@ -13,6 +14,9 @@ std::string read_file(const std::string& path, uint64_t max_bytes = UINT64_MAX);
 // Calls write(tmp_path) with a temporary path beside `path`, flushes it and renames it onto `path`.
 // If write throws, the temporary file is removed and `path` is left as it was.
 void write_file_atomically(const std::string& path, const std::function<void(const std::string& tmp_path)>& write);
+
+// The same for a file whose whole contents are `contents`.
+void write_file_atomically(const std::string& path, std::string_view contents);
 
 // Same for a whole directory: write(tmp_dir) fills a fresh temporary directory `<dir>.tmp-<pid>-<hex>`
 // beside `dir`, which then replaces `dir`. An existing `dir` is exchanged with it in one renameat2(2), so

@@ -1,6 +1,6 @@
 #pragma once
 // common.Aggregator: the per-layer embeddings of a patch merged into one vector of target_dim.
-#include <torch/torch.h>
+#include <ATen/core/Tensor.h>
 
 #include "patchcore/embedding/preprocessing.h"
 
@@ -10,7 +10,7 @@ class Aggregator {
  public:
   explicit Aggregator(int64_t target_dim);
   // [N, layers, D] → [N, target_dim]: rows flattened (first layer first), then adaptive average pooling.
-  torch::Tensor forward(const torch::Tensor& features) const;
+  at::Tensor forward(const at::Tensor& features) const;
   int64_t target_dim() const { return pool_.preprocessing_dim(); }
 
  private:

@@ -9,7 +9,7 @@
 // a fixed weighted sum of a few zero-padded neighbours of one or two channels ("taps"), upsampled once
 // per output dimension. PatchEmbedder computes exactly that, straight from the feature maps: no
 // [patches, C, p, p] tensor and no interpolation of C·p² planes.
-#include <torch/torch.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <vector>
@@ -28,7 +28,7 @@ class PatchEmbedder {
 
   // One [B, C_l, H_l, W_l] map per layer → [B·h·w, target_embed_dimension], rows row-major over the first
   // layer's patch grid {h, w}, which patch_shape receives. Equals reference_embedding up to float rounding.
-  torch::Tensor forward(const std::vector<torch::Tensor>& features, std::vector<int64_t>* patch_shape = nullptr) const;
+  at::Tensor forward(const std::vector<at::Tensor>& features, std::vector<int64_t>* patch_shape = nullptr) const;
 
   int64_t target_embed_dimension() const { return static_cast<int64_t>(outputs_.size()); }
 
@@ -52,8 +52,8 @@ class PatchEmbedder {
 
 // The same embedding step by step, as the reference computes it: unfolded patch tensors, interpolation of
 // every (channel, kernel position) plane, Preprocessing, Aggregator. The yardstick for PatchEmbedder.
-torch::Tensor reference_embedding(const std::vector<torch::Tensor>& features, const PatchMaker& patch_maker,
-                                  const Preprocessing& preprocessing, const Aggregator& aggregator,
-                                  std::vector<int64_t>* patch_shape = nullptr);
+at::Tensor reference_embedding(const std::vector<at::Tensor>& features, const PatchMaker& patch_maker,
+                               const Preprocessing& preprocessing, const Aggregator& aggregator,
+                               std::vector<int64_t>* patch_shape = nullptr);
 
 }  // namespace patchcore

@@ -40,6 +40,9 @@ struct EvaluationResult {
   RocCurve image_roc, pixel_roc;
 };
 
+// A float32 [h, w] anomaly map (PredictResult::masks) as a CV_32F matrix of its own.
+cv::Mat to_mat(const at::Tensor& map);
+
 EvaluationResult evaluate(const PatchCore& model, const std::vector<Sample>& test_set,
                           const EvaluationOptions& options = {}, const ProgressCallback& progress = {});
 

@@ -1,12 +1,15 @@
 #pragma once
-// Pictures for people: heatmap overlays and ROC plots, written as PNG.
+// What predict and evaluate leave for people and scripts: heatmap overlays and ROC plots as PNG, raw maps as .npy,
+// scores as CSV and JSON.
 #include <opencv2/core.hpp>
 
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "patchcore/evaluation/evaluation.h"
 #include "patchcore/evaluation/metrics.h"
+#include "patchcore/patchcore.h"
 
 namespace patchcore {
 
@@ -21,5 +24,31 @@ void write_png(const std::string& path, const cv::Mat& image);
 std::pair<float, float> value_range(const std::vector<cv::Mat>& anomaly_maps);
 // The map scaled from [vmin, vmax] to 0..65535, for tools that read raw maps as 16-bit PNG.
 cv::Mat to_uint16(const cv::Mat& anomaly_map, float vmin, float vmax);
+// A CSV field, quoted when it holds a comma, a quote or a line break.
+std::string csv_field(const std::string& s);
+// The crop of the image file that the model sees, as RGB, for overlays.
+cv::Mat model_view(const PatchCore& model, const std::string& image_path);
+
+struct PredictedImage {
+  std::string image_path;
+  float score = 0;
+  cv::Mat anomaly_map;  // CV_32F crop x crop
+};
+
+// The results of predicting `images` into the directory `dir`, written whole or not at all: per image
+// <stem>_overlay.png (heatmap over the view the model saw) and <stem>_map.npy (float32, squared-L2 units), and
+// scores.csv and summary.json for all. Overlays share one colour scale from the lowest map value to the highest,
+// or to `vmax` when it is positive.
+void write_prediction_report(const std::string& dir, const PatchCore& model, const std::vector<PredictedImage>& images,
+                             float vmax, double ms_per_image, const std::string& model_dir);
+
+// The metrics of an evaluation as JSON text, with what they were computed from.
+std::string evaluation_metrics_json(const EvaluationResult& result, const std::string& model_dir,
+                                    const std::string& data, const std::string& mask_rule);
+// An evaluation report in the directory `dir`, written whole or not at all: overlays/ (heatmap with the ground
+// truth's outline, one colour scale for all), scores.csv, roc_image.png, roc_pixel.png and metrics.json
+// (`metrics_json`).
+void write_evaluation_report(const std::string& dir, const PatchCore& model, const EvaluationResult& result,
+                             const std::string& metrics_json, const ProgressCallback& progress = {});
 
 }  // namespace patchcore

@@ -12,7 +12,7 @@
 //    the object, the list of storage keys, then each storage as an int64 element count and raw bytes.
 // The dict may be wrapped as {"state_dict": {...}} or {"model": {...}}; a "module." prefix that every
 // key has (DataParallel) is removed.
-#include <torch/torch.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <stdexcept>
@@ -37,7 +37,7 @@ struct CheckpointLimits {
 
 // Tensors in file order, each a contiguous CPU tensor that owns its memory, with the dtype, shape and
 // the strides/offset view of the file resolved.
-using StateDict = std::vector<std::pair<std::string, torch::Tensor>>;
+using StateDict = std::vector<std::pair<std::string, at::Tensor>>;
 
 StateDict load_state_dict(const std::string& path, const CheckpointLimits& limits = {});
 

@@ -7,7 +7,7 @@
 // saturates at 255, 16-bit colour keeps the high byte, EXIF orientation is ignored. The container header
 // is parsed first so that the pixel limit is enforced before any pixel buffer is allocated; only PNG,
 // JPEG, BMP and TIFF are accepted.
-#include <torch/types.h>
+#include <ATen/core/Tensor.h>
 
 #include <array>
 #include <cstdint>
@@ -69,9 +69,9 @@ struct ImageTransform {
   // computed, which gives the same bytes as resizing the whole image and cropping.
   cv::Mat resize_and_crop(const cv::Mat& image) const;
   // ToTensor + Normalize of a crop x crop CV_8UC3 RGB image: float32 [3, crop, crop], contiguous.
-  torch::Tensor to_tensor(const cv::Mat& rgb_cropped) const;
+  at::Tensor to_tensor(const cv::Mat& rgb_cropped) const;
   // File → normalised tensor, the whole reference image pipeline.
-  torch::Tensor load(const std::string& path, const ImageLimits& limits = {}) const;
+  at::Tensor load(const std::string& path, const ImageLimits& limits = {}) const;
   // File → uint8 crop x crop mask: the resampled bytes (0..255) that the reference's ToTensor divides by
   // 255. Like PIL, 1-bit and palette PNG masks are resampled with NEAREST, all others with BILINEAR.
   cv::Mat load_mask(const std::string& path, const ImageLimits& limits = {}) const;

@@ -1,7 +1,7 @@
 #pragma once
 // Image files read, transformed and stacked into [B, 3, crop, crop] batches in order, the next batch on
 // a background thread while the caller computes on the current one, so decoding overlaps the backbone.
-#include <torch/torch.h>
+#include <ATen/core/Tensor.h>
 
 #include <atomic>
 #include <exception>
@@ -31,7 +31,7 @@ class ImageBatches {
   // has not started yet are read by the caller, so both cores decode while the compute waits. A file that
   // cannot be read throws here, for the batch it belongs to, with the file named (the first such file of
   // the batch); the batches after it can still be read.
-  bool next(torch::Tensor& batch);
+  bool next(at::Tensor& batch);
   // Images in the batches returned so far.
   size_t done() const { return done_; }
   size_t size() const { return paths_.size(); }
@@ -40,7 +40,7 @@ class ImageBatches {
   // One batch being read. Its images are claimed one at a time, by the background thread and by next().
   struct Reading {
     size_t begin = 0;
-    std::vector<torch::Tensor> images;
+    std::vector<at::Tensor> images;
     std::vector<std::exception_ptr> errors;
     std::atomic<size_t> claimed{0};
     std::future<void> reader;

@@ -2,7 +2,7 @@
 // Training features on their way to the coreset. fit appends every batch's patch embeddings here and keeps
 // only the sampler's summary of them in memory, then reads back the rows the sampler selected, so the memory
 // fit needs does not grow with the raw feature matrix: a training set whose features exceed RAM can be fitted.
-#include <torch/torch.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <string>
@@ -25,9 +25,9 @@ class FeatureStore {
   void reserve(int64_t rows);
   // Appends [n, dim] float32 CPU rows. Throws std::invalid_argument for another shape or dtype and
   // std::runtime_error naming the directory when the write fails (a full disk, say).
-  void append(const torch::Tensor& rows);
+  void append(const at::Tensor& rows);
   // The rows at `indices` (each in [0, rows())), in that order: [indices.size(), dim] float32.
-  torch::Tensor gather(const std::vector<int64_t>& indices) const;
+  at::Tensor gather(const std::vector<int64_t>& indices) const;
 
   int64_t rows() const { return rows_; }
   int64_t dim() const { return dim_; }

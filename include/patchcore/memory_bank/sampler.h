@@ -14,7 +14,8 @@
 // sampler's seed, mapped to numbers without std:: distributions, so results are the same on every platform
 // and for every thread count. It cannot reproduce the Python reference's torch/NumPy random streams; for
 // bit-exact comparisons inject the reference's W (set_projection) and starting points (set_starting_points).
-#include <torch/torch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <memory>
@@ -32,9 +33,9 @@ class BaseSampler {
   // samplers, nothing but the row count for the others) one row at a time, so the summaries of consecutive
   // chunks, concatenated, equal the summary of all rows. `features` must be [n, D] float32 CPU with n, D >= 1;
   // std::invalid_argument otherwise.
-  virtual torch::Tensor summarize(const torch::Tensor& features) const;
+  virtual at::Tensor summarize(const at::Tensor& features) const;
   // Indices of the selected rows, in selection order, given the summary of all N rows.
-  virtual std::vector<int64_t> select_from_summary(const torch::Tensor& summary) = 0;
+  virtual std::vector<int64_t> select_from_summary(const at::Tensor& summary) = 0;
   // How many of n rows select() keeps.
   virtual int64_t selection_size(int64_t n) const = 0;
   // Peak bytes per row of D features that the summary and select_from_summary() hold together, for planning
@@ -42,14 +43,14 @@ class BaseSampler {
   virtual int64_t selection_bytes_per_row(int64_t feature_dim) const;
 
   // select_from_summary(summarize(features)).
-  std::vector<int64_t> select(const torch::Tensor& features);
+  std::vector<int64_t> select(const at::Tensor& features);
   // features.index_select(0, select(features)): the original (unprojected) rows.
-  torch::Tensor run(const torch::Tensor& features);
+  at::Tensor run(const at::Tensor& features);
 };
 
 class IdentitySampler : public BaseSampler {
  public:
-  std::vector<int64_t> select_from_summary(const torch::Tensor& summary) override;
+  std::vector<int64_t> select_from_summary(const at::Tensor& summary) override;
   int64_t selection_size(int64_t n) const override { return n; }
 };
 
@@ -59,7 +60,7 @@ class RandomSampler : public BaseSampler {
  public:
   // percentage must lie in (0, 1); std::invalid_argument otherwise.
   explicit RandomSampler(double percentage, uint64_t seed = 0);
-  std::vector<int64_t> select_from_summary(const torch::Tensor& summary) override;
+  std::vector<int64_t> select_from_summary(const at::Tensor& summary) override;
   int64_t selection_size(int64_t n) const override;
 
  private:
@@ -78,43 +79,43 @@ class GreedyCoresetSampler : public BaseSampler {
  public:
   // `device` is where the projection runs when it is not the CPU (the CPU projection uses the library's own
   // kernel so that it does not depend on the thread count); the greedy loop always runs on the CPU.
-  GreedyCoresetSampler(double percentage, torch::Device device = torch::kCPU,
+  GreedyCoresetSampler(double percentage, c10::Device device = c10::kCPU,
                        int64_t dimension_to_project_features_to = 128, uint64_t seed = 0);
 
   // Uses `weight` ([dimension_to_project_features_to, D] float32, like nn.Linear.weight) instead of a
   // random matrix; select() throws if D does not match the features. An undefined tensor clears it.
-  void set_projection(torch::Tensor weight);
+  void set_projection(at::Tensor weight);
   void set_algorithm(GreedyAlgorithm algorithm) { algorithm_ = algorithm; }
 
   // The matrix select() multiplies features with D columns by: the injected one, or a seeded draw from
   // U(-1/sqrt(D), 1/sqrt(D)) (PyTorch's nn.Linear default initialisation).
-  torch::Tensor projection_weight(int64_t feature_dim) const;
+  at::Tensor projection_weight(int64_t feature_dim) const;
   // Z, the points the loop works on: features x W^T, or the features themselves when D already equals the
   // target dimension. [N, dim] float32 contiguous CPU.
-  torch::Tensor project(const torch::Tensor& features) const;
+  at::Tensor project(const at::Tensor& features) const;
   // Score of every point before the first selection.
-  virtual std::vector<float> initial_scores(const torch::Tensor& projected);
+  virtual std::vector<float> initial_scores(const at::Tensor& projected);
 
   // The summary is project(features); select_from_summary() takes Z, [N, dimension_to_project_features_to].
-  torch::Tensor summarize(const torch::Tensor& features) const override { return project(features); }
-  std::vector<int64_t> select_from_summary(const torch::Tensor& summary) override;
+  at::Tensor summarize(const at::Tensor& features) const override { return project(features); }
+  std::vector<int64_t> select_from_summary(const at::Tensor& summary) override;
   int64_t selection_size(int64_t n) const override;
   int64_t selection_bytes_per_row(int64_t feature_dim) const override;
 
  protected:
   double percentage_;
-  torch::Device device_;
+  c10::Device device_;
   int64_t dimension_;
   uint64_t seed_;
   GreedyAlgorithm algorithm_ = GreedyAlgorithm::kFast;
-  torch::Tensor weight_;
+  at::Tensor weight_;
 };
 
 // Approximate greedy coreset (the one PatchCore uses): initial score_i = mean distance to
 // min(number_of_starting_points, N) distinct random points, which are not themselves selected.
 class ApproximateGreedyCoresetSampler : public GreedyCoresetSampler {
  public:
-  ApproximateGreedyCoresetSampler(double percentage, torch::Device device = torch::kCPU,
+  ApproximateGreedyCoresetSampler(double percentage, c10::Device device = c10::kCPU,
                                   int64_t number_of_starting_points = 10,
                                   int64_t dimension_to_project_features_to = 128, uint64_t seed = 0);
 
@@ -124,7 +125,7 @@ class ApproximateGreedyCoresetSampler : public GreedyCoresetSampler {
   // The starting points select() uses for n rows.
   std::vector<int64_t> starting_points(int64_t n) const;
 
-  std::vector<float> initial_scores(const torch::Tensor& projected) override;
+  std::vector<float> initial_scores(const at::Tensor& projected) override;
 
  private:
   int64_t number_of_starting_points_;
@@ -134,6 +135,6 @@ class ApproximateGreedyCoresetSampler : public GreedyCoresetSampler {
 // Factory used by the CLI: "identity", "random", "greedy", "approx_greedy". Throws std::invalid_argument
 // for other names and (except for identity) for a percentage outside (0, 1).
 std::unique_ptr<BaseSampler> make_sampler(const std::string& name, double percentage, uint64_t seed,
-                                          torch::Device device = torch::kCPU);
+                                          c10::Device device = c10::kCPU);
 
 }  // namespace patchcore

@@ -1,7 +1,7 @@
 #pragma once
 // common.NearestNeighbourScorer: anomaly score of a feature = mean squared L2 distance to its k nearest
 // rows of the memory bank.
-#include <torch/torch.h>
+#include <ATen/core/Tensor.h>
 
 #include <memory>
 #include <string>
@@ -13,17 +13,16 @@
 namespace patchcore {
 
 // common.ConcatMerger: each [N, ...] array flattened to [N, -1], then concatenated along features.
-torch::Tensor concat_merge(const std::vector<torch::Tensor>& features);
+at::Tensor concat_merge(const std::vector<at::Tensor>& features);
 
 class NearestNeighbourScorer {
  public:
   NearestNeighbourScorer(int64_t n_nearest_neighbours, std::shared_ptr<NearestNeighbourSearch> nn_method);
 
   // detection_features: one [N, ...] array per layer (all with the same N).
-  void fit(const std::vector<torch::Tensor>& detection_features);
+  void fit(const std::vector<at::Tensor>& detection_features);
   // → (anomaly_scores [N], query_distances [N, k], query_nns [N, k]). Thread-safe once fitted.
-  std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> predict(
-      const std::vector<torch::Tensor>& query_features) const;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> predict(const std::vector<at::Tensor>& query_features) const;
 
   // Writes {prepend}nnscorer_search_index.faiss (FAISS's format, readable by the Python reference) and,
   // with save_features_separately, the fitted bank as {prepend}nnscorer_features.npy.
@@ -40,7 +39,7 @@ class NearestNeighbourScorer {
  private:
   int64_t n_nearest_neighbours_;
   std::shared_ptr<NearestNeighbourSearch> nn_method_;
-  torch::Tensor detection_features_;  // kept only so save_features_separately can write it
+  at::Tensor detection_features_;  // kept only so save_features_separately can write it
 };
 
 }  // namespace patchcore

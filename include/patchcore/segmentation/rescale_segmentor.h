@@ -1,6 +1,7 @@
 #pragma once
 // common.RescaleSegmentor: patch scores → pixel anomaly maps.
-#include <torch/torch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <string>
 #include <vector>
@@ -10,7 +11,7 @@ namespace patchcore {
 // scipy.ndimage.gaussian_filter(image, sigma) on a 2-D float32 map with scipy's defaults: truncate 4.0
 // (radius int(4σ + 0.5), so 33 taps for σ = 4), 'reflect' borders (half-sample symmetric: d c b a | a b c d),
 // axis 0 then axis 1, each pass accumulated in double and stored as float32.
-torch::Tensor gaussian_filter(const torch::Tensor& image, double sigma, double truncate = 4.0);
+at::Tensor gaussian_filter(const at::Tensor& image, double sigma, double truncate = 4.0);
 
 class RescaleSegmentor {
  public:
@@ -18,13 +19,13 @@ class RescaleSegmentor {
 
   // patch_scores [B, h, w] (or [B, h·w] with a square grid) → B maps of [target_size, target_size]:
   // bilinear upsampling (align_corners=False), then the Gaussian above.
-  std::vector<torch::Tensor> convert_to_segmentation(const torch::Tensor& patch_scores) const;
+  std::vector<at::Tensor> convert_to_segmentation(const at::Tensor& patch_scores) const;
 
   int64_t target_size() const { return target_size_; }
   double smoothing() const { return smoothing_; }
 
  private:
-  torch::Device device_;
+  c10::Device device_;
   int64_t target_size_;
   double smoothing_;
 };

@@ -1,0 +1,146 @@
+#include "patchcore/model_dir.h"
+
+#include <zlib.h>
+
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <vector>
+
+#include "patchcore/core/file.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace patchcore {
+namespace {
+
+// An integer of the description, range-checked before it is narrowed or used for a size. Floats are refused
+// rather than converted: converting one beyond int64's range is undefined behaviour.
+int64_t bounded(const json& value, const std::string& key, int64_t low, int64_t high) {
+  // nlohmann keeps integers above INT64_MAX as unsigned; read as int64 they would wrap to negatives.
+  if (!value.is_number_integer() ||
+      (value.is_number_unsigned() && value.get<uint64_t>() > static_cast<uint64_t>(high)) ||
+      value.get<int64_t>() < low || value.get<int64_t>() > high)
+    throw std::invalid_argument(key + " must be an integer in [" + std::to_string(low) + ", " + std::to_string(high) +
+                                "], got " + value.dump());
+  return value.get<int64_t>();
+}
+
+}  // namespace
+
+FileDigest file_digest(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot open file");
+  FileDigest d;
+  uLong crc = crc32_z(0L, Z_NULL, 0);
+  std::vector<char> buffer(1 << 20);
+  while (in) {
+    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+    const auto n = in.gcount();
+    crc = crc32_z(crc, reinterpret_cast<const Bytef*>(buffer.data()), static_cast<size_t>(n));
+    d.bytes += static_cast<uint64_t>(n);
+  }
+  if (in.bad()) throw std::runtime_error(path + ": read error");
+  d.crc32 = static_cast<uint32_t>(crc);
+  return d;
+}
+
+std::string ModelDescription::path(const std::string& dir, const std::string& prepend) {
+  return (fs::path(dir) / (prepend + kParamsFile)).string();
+}
+
+std::string ModelDescription::weights_path(const std::string& dir) const {
+  return (fs::path(dir) / weights_file).string();
+}
+
+void write_model_description(const std::string& dir, const std::string& prepend, const ModelDescription& d) {
+  const PatchCoreParams& p = d.params;
+  const json j = {
+      {"format", ModelDescription::kFormat},
+      {"version", ModelDescription::kFormatVersion},
+      {"backbone.name", d.backbone},
+      {"backbone.weights", {{"file", d.weights_file}, {"bytes", d.weights.bytes}, {"crc32", d.weights.crc32}}},
+      {"layers_to_extract_from", p.layers_to_extract_from},
+      {"input_shape", p.input_shape()},
+      {"pretrain_embed_dimension", p.pretrain_embed_dimension},
+      {"target_embed_dimension", p.target_embed_dimension},
+      {"patchsize", p.patchsize},
+      {"patchstride", p.patchstride},
+      {"anomaly_scorer_num_nn", p.anomaly_scorer_num_nn},
+      {"resize", p.transform.resize},
+      {"mean", p.transform.mean},
+      {"std", p.transform.std},
+      {"nn_method", d.nn_method},
+      {"memory_bank_size", d.memory_bank_size},
+  };
+  const std::string path = ModelDescription::path(dir, prepend);
+  std::ofstream out(path);
+  out << j.dump(2) << "\n";
+  if (!out) throw std::runtime_error(path + ": cannot write");
+}
+
+ModelDescription read_model_description(const std::string& dir, const std::string& prepend) {
+  if (!fs::is_directory(dir)) throw std::runtime_error(dir + ": no such model directory");
+  const std::string params_path = ModelDescription::path(dir, prepend);
+  json j;
+  try {
+    j = json::parse(read_file(params_path));
+  } catch (const json::exception& e) {
+    throw std::runtime_error(params_path + ": malformed JSON: " + e.what());
+  }
+  try {
+    if (!j.is_object() || j.value("format", "") != ModelDescription::kFormat)
+      throw std::runtime_error(params_path + ": not a patchcore model description");
+    const int64_t version = bounded(j.at("version"), "version", 1, std::numeric_limits<int32_t>::max());
+    if (version > ModelDescription::kFormatVersion)
+      throw std::runtime_error(params_path + ": written by a newer patchcore (format version " +
+                               std::to_string(version) + ", this build reads up to " +
+                               std::to_string(ModelDescription::kFormatVersion) + ")");
+    ModelDescription d;
+    PatchCoreParams& params = d.params;
+    params.layers_to_extract_from = j.at("layers_to_extract_from").get<std::vector<std::string>>();
+    const auto field = [&](const char* key, int64_t high) { return bounded(j.at(key), key, 1, high); };
+    params.pretrain_embed_dimension = field("pretrain_embed_dimension", PatchCoreParams::kMaxEmbedDimension);
+    params.target_embed_dimension = field("target_embed_dimension", PatchCoreParams::kMaxEmbedDimension);
+    params.patchsize = field("patchsize", PatchCoreParams::kMaxPatchsize);
+    params.patchstride = field("patchstride", PatchCoreParams::kMaxPatchsize);
+    params.anomaly_scorer_num_nn = field("anomaly_scorer_num_nn", PatchCoreParams::kMaxNearestNeighbours);
+    const json& input_shape = j.at("input_shape");
+    if (!input_shape.is_array() || input_shape.size() != 3 || input_shape[1] != input_shape[2] ||
+        bounded(input_shape[0], "input_shape[0]", 3, 3) != 3)
+      throw std::runtime_error(params_path + ": input_shape must be [3, crop, crop]");
+    params.transform.crop = static_cast<int>(bounded(input_shape[1], "input_shape[1]", 1, ImageTransform::kMaxSide));
+    params.transform.resize = static_cast<int>(field("resize", ImageTransform::kMaxSide));
+    params.transform.mean = j.at("mean").get<std::array<float, 3>>();
+    params.transform.std = j.at("std").get<std::array<float, 3>>();
+    d.backbone = j.at("backbone.name").get<std::string>();
+    d.nn_method = j.at("nn_method").get<std::string>();
+    d.memory_bank_size = j.value("memory_bank_size", int64_t{0});
+
+    const json& weights = j.at("backbone.weights");
+    d.weights_file = weights.at("file").get<std::string>();
+    // Only a file of the model directory itself: the description must not send the loader elsewhere.
+    if (d.weights_file.empty() || d.weights_file == "." || d.weights_file == ".." ||
+        fs::path(d.weights_file).filename().string() != d.weights_file)
+      throw std::runtime_error(params_path +
+                               ": backbone.weights.file must name a file inside the model directory, got '" +
+                               d.weights_file + "'");
+    d.weights = {weights.at("bytes").get<uint64_t>(), weights.at("crc32").get<uint32_t>()};
+    const std::string weights_path = d.weights_path(dir);
+    if (!fs::is_regular_file(weights_path))
+      throw std::runtime_error(weights_path + ": backbone weights missing from the model");
+    if (!(file_digest(weights_path) == d.weights))
+      throw std::runtime_error(weights_path + ": backbone weights do not match the size/CRC-32 recorded in " +
+                               params_path);
+    return d;
+  } catch (const json::exception& e) {
+    throw std::runtime_error(params_path + ": bad or missing field: " + e.what());
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(params_path + ": " + e.what());
+  }
+}
+
+}  // namespace patchcore
