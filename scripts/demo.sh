@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-bash scripts/build.sh
+bash scripts/build.sh patchcore_cli
 SHARED=${PATCHCORE_SHARED:-../shared}
 DATA=${DATA:-$SHARED/data/tire}
 WEIGHTS=${WEIGHTS:-$SHARED/weights/resnet18-imagenet-stem-to-layer3.pth}

@@ -20,7 +20,7 @@ struct CliRun {
 };
 
 CliRun run_cli(const std::string& args) {
-  const std::string command = std::string(PATCHCORE_CLI) + " --threads 2 " + args + " 2>&1";
+  const std::string command = patchcore::test::cli() + " --threads 2 " + args + " 2>&1";
   CliRun r{0, ""};
   FILE* pipe = ::popen(command.c_str(), "r");
   std::array<char, 4096> buffer;

@@ -31,7 +31,7 @@ namespace {
 
 // The CLI as a child process, its stdout and stderr going to `log`. Returns the pid.
 pid_t spawn_cli(const std::vector<std::string>& args, const std::string& log) {
-  std::vector<std::string> argv_storage{PATCHCORE_CLI, "--threads", "2"};
+  std::vector<std::string> argv_storage{test::cli(), "--threads", "2"};
   argv_storage.insert(argv_storage.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& a : argv_storage) argv.push_back(a.data());
@@ -41,9 +41,9 @@ pid_t spawn_cli(const std::vector<std::string>& args, const std::string& log) {
   posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
   pid_t pid = -1;
-  const int error = posix_spawn(&pid, PATCHCORE_CLI, &actions, nullptr, argv.data(), environ);
+  const int error = posix_spawn(&pid, test::cli().c_str(), &actions, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&actions);
-  if (error != 0) throw std::runtime_error(std::string("cannot start ") + PATCHCORE_CLI + ": " + std::strerror(error));
+  if (error != 0) throw std::runtime_error("cannot start " + test::cli() + ": " + std::strerror(error));
   return pid;
 }
 

@@ -1,5 +1,7 @@
 #include "support.h"
 
+#include "test_paths.h"
+
 #include <cstdlib>
 #include <filesystem>
 #include <random>
@@ -32,6 +34,8 @@ std::string shared(const std::string& relative) {
   const fs::path p = root / relative;
   return fs::exists(p) ? p.lexically_normal().string() : std::string();
 }
+
+std::string cli() { return PATCHCORE_CLI; }
 
 std::string temp_dir() {
   std::random_device rd;

@@ -23,6 +23,8 @@ std::string error_of(F&& f) {
 std::string fixture(const std::string& relative);
 // ../shared/<relative> (or $PATCHCORE_SHARED/<relative>); empty when the shared folder is absent.
 std::string shared(const std::string& relative);
+// The patchcore command-line tool of this build.
+std::string cli();
 // A fresh empty directory under the system temp folder, removed at process exit.
 std::string temp_dir();
 // A fresh folder with symlinks to `files` (paths relative to `source`, e.g. "train/good/000.png"), so a
