@@ -31,7 +31,7 @@ PrincipalAxes principal_axes(const at::Tensor& rows, int64_t count, int64_t max_
     covariance += centred.t().mm(centred).to(at::kDouble);
   }
   // LAPACK's eigensolver makes thousands of small BLAS calls; with several threads each of them waits for
-  // the others, which on a busy machine costs 100x the work (30 s instead of 0.3 s for d = 1024).
+  // the others, which on a busy machine costs a hundred times the work.
   at::Tensor vectors;
   with_openmp_threads(1, [&] { vectors = std::get<1>(at::linalg_eigh(covariance, "L")); });
   // Eigenvectors in columns, eigenvalues ascending: the last `count`, strongest first.

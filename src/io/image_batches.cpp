@@ -43,8 +43,8 @@ void ImageBatches::start_reading() {
   reading->errors.resize(count);
   reading->reader = std::async(std::launch::async, [this, r = reading.get()] {
     // Below the compute threads: when it takes a core from one of them, every thread of that parallel region
-    // waits at the next barrier (measured: the backbone's 28 ms per image became 46 ms). At a low priority it
-    // runs in the gaps between and around parallel regions instead. Failure only costs that speed.
+    // waits at the next barrier, which slows the backbone by more than the decoding it overlaps. At a low
+    // priority it runs in the gaps between and around parallel regions instead. Failure only costs that speed.
     setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), 19);
     StageTimer::Scope scope(timer_, "decode");
     read_claimed(*r);
@@ -56,8 +56,7 @@ bool ImageBatches::next(at::Tensor& batch) {
   if (!reading_) return false;
   const std::unique_ptr<Reading> reading = std::move(reading_);
   {
-    // Nothing computes while the caller waits here, so the caller reads too (measured on tire at 2 images
-    // per batch: this wait was 6.6 ms per image, a tenth of predict, with one core reading and one idle).
+    // Nothing computes while the caller waits here, so the caller reads too rather than leave a core idle.
     StageTimer::Scope scope(timer_, "decode wait");
     read_claimed(*reading);
     reading->reader.get();

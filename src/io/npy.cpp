@@ -38,36 +38,26 @@ std::string header_value(const std::string& header, const std::string& key, cons
   return header.substr(open == '\'' || open == '(' ? pos + 1 : pos, end - pos - (open == '\'' || open == '(' ? 1 : 0));
 }
 
-template <typename Out>
-std::vector<Out> convert(const NpyArray& a) {
+// Every element, stored as Stored, converted to Out.
+template <typename Out, typename Stored>
+std::vector<Out> elements_as(const NpyArray& a) {
   std::vector<Out> out(static_cast<size_t>(a.numel()));
-  const uint8_t* p = a.data.data();
   for (size_t i = 0; i < out.size(); ++i) {
-    const uint8_t* e = p + i * a.item_size();
-    if (a.dtype == "f4") {
-      float v;
-      std::memcpy(&v, e, 4);
-      out[i] = static_cast<Out>(v);
-    } else if (a.dtype == "f8") {
-      double v;
-      std::memcpy(&v, e, 8);
-      out[i] = static_cast<Out>(v);
-    } else if (a.dtype == "i8") {
-      int64_t v;
-      std::memcpy(&v, e, 8);
-      out[i] = static_cast<Out>(v);
-    } else if (a.dtype == "i4") {
-      int32_t v;
-      std::memcpy(&v, e, 4);
-      out[i] = static_cast<Out>(v);
-    } else if (a.dtype == "u2") {
-      uint16_t v;
-      std::memcpy(&v, e, 2);
-      out[i] = static_cast<Out>(v);
-    } else
-      out[i] = static_cast<Out>(*e);
+    Stored v;
+    std::memcpy(&v, a.data.data() + i * sizeof(Stored), sizeof(Stored));
+    out[i] = static_cast<Out>(v);
   }
   return out;
+}
+
+template <typename Out>
+std::vector<Out> convert(const NpyArray& a) {
+  if (a.dtype == "f4") return elements_as<Out, float>(a);
+  if (a.dtype == "f8") return elements_as<Out, double>(a);
+  if (a.dtype == "i8") return elements_as<Out, int64_t>(a);
+  if (a.dtype == "i4") return elements_as<Out, int32_t>(a);
+  if (a.dtype == "u2") return elements_as<Out, uint16_t>(a);
+  return elements_as<Out, uint8_t>(a);  // u1, b1
 }
 
 }  // namespace
