@@ -3,7 +3,7 @@
 // 784 patches of 1024 values, and the 28 x 28 → 224 x 224 anomaly map. Argument: torch threads.
 //
 // The embedding runs both ways: PatchEmbedder (taps straight from the feature maps) and the step-by-step
-// reference path (unfold, interpolate every channel-kernel plane, pool twice); tests/test_embedding.cpp
+// reference path (unfold, interpolate every channel-kernel plane, pool twice); tests/embedding/test_patch_embedder.cpp
 // checks they agree.
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
