@@ -56,7 +56,7 @@ std::vector<std::string> split_commas(const std::string& s) {
 
 struct ModelOptions {
   std::string data, weights, out, backbone = "resnet18", layers = "layer2,layer3", sampler = "approx_greedy";
-  std::string device = "cpu", nn = "exact";
+  std::string device = "cpu", nn = "exact", batchnorm = "reference_update", reference_randomness;
   double coreset = 0.1;
   int64_t k = 1, patchsize = 3, dim = 1024;
   int resize = 256, crop = 224;
@@ -73,12 +73,16 @@ std::unique_ptr<PatchCore> make_model(const ModelOptions& o, int threads) {
   params.anomaly_scorer_num_nn = o.k;
   params.transform.resize = o.resize;
   params.transform.crop = o.crop;
+  params.batchnorm_statistics = parse_batchnorm_statistics(o.batchnorm);
   const std::map<std::string, std::string> nn_kinds{
       {"exact", "ExactPrunedNN"}, {"flat", "FaissNN"}, {"approximate", "ApproximateFaissNN"}};
+  std::shared_ptr<BaseSampler> sampler = make_sampler(o.sampler, o.coreset, o.seed, parse_device(o.device));
+  if (!o.reference_randomness.empty()) use_reference_randomness(*sampler, o.reference_randomness);
   auto model = std::make_unique<PatchCore>(o.device);
-  model->load(load_backbone(o.backbone, o.weights, params.layers_to_extract_from), params,
-              make_sampler(o.sampler, o.coreset, o.seed, parse_device(o.device)),
+  model->load(load_backbone(o.backbone, o.weights, params.layers_to_extract_from), params, sampler,
               make_nn_method(nn_kinds.at(o.nn), threads));
+  if (!model->batchnorm_note().empty())
+    spdlog::warn("keeping the checkpoint's BatchNorm statistics: {}", model->batchnorm_note());
   return model;
 }
 
@@ -214,6 +218,15 @@ int main(int argc, char** argv) {
            "--scratch-dir", o.fit.scratch_directory,
            "where the training features wait for the coreset, 4 bytes per value (default: the temporary directory)")
         ->check(CLI::ExistingDirectory);
+    cmd->add_option("--reference-randomness", o.reference_randomness,
+                    "the published code's coreset randomness from its oracle's --dump .npz (arrays projection and "
+                    "start_points), so that the coreset selects the published code's rows")
+        ->check(CLI::ExistingFile);
+    cmd->add_option("--batchnorm", o.batchnorm,
+                    "reference_update: move the BatchNorm statistics once as the published PatchCore.load does, "
+                    "which its numbers rest on; checkpoint: keep the checkpoint's, for plain eval-mode features")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"reference_update", "checkpoint"}));
     cmd->add_option("--nn", o.nn,
                     "exact (ExactPrunedNN: brute force's neighbours, pruned), flat (FaissNN: the reference's brute "
                     "force) or approximate (ApproximateFaissNN, IVF-PQ)")

@@ -10,7 +10,7 @@ packages=(
 )
 for option in "$@"; do
   case "$option" in
-    --fixtures) packages+=(python3-numpy python3-torch python3-torchvision python3-scipy python3-faiss python3-sklearn python3-pil) ;;
+    --fixtures) packages+=(python3-numpy python3-torch python3-torchvision python3-scipy python3-faiss python3-sklearn python3-pil python3-tqdm) ;;
     --fuzz) packages+=(clang-14 libclang-rt-14-dev libomp-14-dev llvm-14) ;;
     *) echo "install-deps.sh: unknown option $option (use --fixtures and/or --fuzz)" >&2; exit 2 ;;
   esac

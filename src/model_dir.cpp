@@ -73,6 +73,7 @@ void write_model_description(const std::string& dir, const std::string& prepend,
       {"resize", p.transform.resize},
       {"mean", p.transform.mean},
       {"std", p.transform.std},
+      {"batchnorm_statistics", to_string(p.batchnorm_statistics)},
       {"nn_method", d.nn_method},
       {"memory_bank_size", d.memory_bank_size},
   };
@@ -116,6 +117,9 @@ ModelDescription read_model_description(const std::string& dir, const std::strin
     params.transform.resize = static_cast<int>(field("resize", ImageTransform::kMaxSide));
     params.transform.mean = j.at("mean").get<std::array<float, 3>>();
     params.transform.std = j.at("std").get<std::array<float, 3>>();
+    params.batchnorm_statistics = version < 2
+                                      ? BatchNormStatistics::kCheckpoint
+                                      : parse_batchnorm_statistics(j.at("batchnorm_statistics").get<std::string>());
     d.backbone = j.at("backbone.name").get<std::string>();
     d.nn_method = j.at("nn_method").get<std::string>();
     d.memory_bank_size = j.value("memory_bank_size", int64_t{0});

@@ -48,6 +48,15 @@ void PatchCore::load(std::shared_ptr<Backbone> backbone, const PatchCoreParams& 
   params_ = params;
   feature_aggregator_ =
       std::make_unique<NetworkFeatureAggregator>(std::move(backbone), params.layers_to_extract_from, device_);
+  batchnorm_note_.clear();
+  if (params.batchnorm_statistics == BatchNormStatistics::kReferenceUpdate) {
+    // As the published PatchCore.load does, with the feature_dimensions probe it runs in training mode.
+    if (!feature_aggregator_->update_batchnorm_statistics(params.input_shape(), &batchnorm_note_))
+      params_.batchnorm_statistics = BatchNormStatistics::kCheckpoint;
+  } else if (feature_aggregator_->backbone()->batchnorm_statistics() != BatchNormStatistics::kCheckpoint) {
+    throw std::invalid_argument(
+        "PatchCore: the backbone's BatchNorm statistics were already updated, so the checkpoint's are not available");
+  }
   const auto feature_dimensions = feature_aggregator_->feature_dimensions(params.input_shape());
   patch_maker_ = std::make_unique<PatchMaker>(params.patchsize, params.patchstride);
   patch_embedder_ = std::make_unique<PatchEmbedder>(feature_dimensions, params.patchsize, params.patchstride,

@@ -25,10 +25,13 @@ nlohmann::json golden_json() {
   return nlohmann::json::parse(in);
 }
 
-// ResNet-18 with the shared weights and the reference's defaults, memory bank = every training patch.
+// ResNet-18 with the shared weights and the reference's defaults, memory bank = every training patch. The golden
+// pipeline (scripts/fixtures/make_patchcore.py) runs torchvision in eval mode on the checkpoint's statistics.
 std::unique_ptr<PatchCore> fitted_on_tire(const std::string& weights, const std::string& data) {
   auto model = std::make_unique<PatchCore>("cpu");
-  model->load(load_backbone("resnet18", weights, {"layer2", "layer3"}), PatchCoreParams{});
+  PatchCoreParams params;
+  params.batchnorm_statistics = BatchNormStatistics::kCheckpoint;
+  model->load(load_backbone("resnet18", weights, {"layer2", "layer3"}), params);
   std::vector<std::string> train;
   const auto golden = golden_json();
   for (const auto& name : golden["train"]) train.push_back(data + "/" + name.get<std::string>());

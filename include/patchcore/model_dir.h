@@ -25,7 +25,8 @@ FileDigest file_digest(const std::string& path);
 struct ModelDescription {
   static constexpr const char* kParamsFile = "patchcore_params.json";
   static constexpr const char* kFormat = "patchcore-model";
-  static constexpr int kFormatVersion = 1;
+  // 2: batchnorm_statistics recorded (version 1 models were fitted with the checkpoint's statistics).
+  static constexpr int kFormatVersion = 2;
 
   std::string backbone;      // Backbone::architecture(), as load_backbone takes it
   std::string weights_file;  // a file name inside the directory

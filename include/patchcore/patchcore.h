@@ -36,6 +36,8 @@ struct PatchCoreParams {
   int64_t patchstride = 1;
   int64_t anomaly_scorer_num_nn = 1;
   ImageTransform transform;  // resize/crop; input_shape is (3, crop, crop)
+  // Requested of load(); what it could apply is in PatchCore::params() afterwards.
+  BatchNormStatistics batchnorm_statistics = BatchNormStatistics::kReferenceUpdate;
   std::vector<int64_t> input_shape() const { return {3, transform.crop, transform.crop}; }
 };
 
@@ -64,7 +66,9 @@ class PatchCore {
  public:
   explicit PatchCore(const std::string& device = "cpu");
 
-  // As the reference's PatchCore.load(): wires backbone, patch maker, embedding, sampler and scorer.
+  // As the reference's PatchCore.load(): applies its BatchNorm update to the backbone (unless
+  // params.batchnorm_statistics asks for the checkpoint's), then wires backbone, patch maker, embedding, sampler
+  // and scorer.
   void load(std::shared_ptr<Backbone> backbone, const PatchCoreParams& params,
             std::shared_ptr<BaseSampler> featuresampler = std::make_shared<IdentitySampler>(),
             std::shared_ptr<NearestNeighbourSearch> nn_method = std::make_shared<FaissNN>(false, 4));
@@ -95,6 +99,9 @@ class PatchCore {
                                                    int num_workers = 4, const std::string& prepend = "");
 
   const PatchCoreParams& params() const { return params_; }
+  // Why load() kept the checkpoint's BatchNorm statistics although the reference update was requested; empty
+  // when it applied the update or was asked not to.
+  const std::string& batchnorm_note() const { return batchnorm_note_; }
   const Backbone& backbone() const { return *feature_aggregator_->backbone(); }
   const NearestNeighbourScorer& anomaly_scorer() const { return *anomaly_scorer_; }
   int64_t memory_bank_size() const { return anomaly_scorer_->nn_method().size(); }
@@ -107,6 +114,7 @@ class PatchCore {
 
   std::string device_;
   PatchCoreParams params_;
+  std::string batchnorm_note_;
   std::unique_ptr<NetworkFeatureAggregator> feature_aggregator_;
   std::unique_ptr<PatchMaker> patch_maker_;
   // The reference's patch_maker, preprocessing and preadapt_aggregator in one pass (patch_embedder.h).

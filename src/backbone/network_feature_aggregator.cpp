@@ -21,15 +21,30 @@ torch::OrderedDict<std::string, at::Tensor> NetworkFeatureAggregator::forward(co
   return backbone_->extract(images.to(device_), layers_);
 }
 
-std::vector<int64_t> NetworkFeatureAggregator::feature_dimensions(const std::vector<int64_t>& input_shape) const {
+namespace {
+
+// One all-ones image of `input_shape` (channels, height, width), as the reference probes its backbone with.
+at::Tensor ones_image(const std::vector<int64_t>& input_shape, const char* who) {
   if (input_shape.size() != 3)
-    throw std::invalid_argument("feature_dimensions: input_shape must be (channels, height, width)");
+    throw std::invalid_argument(std::string(who) + ": input_shape must be (channels, height, width)");
   std::vector<int64_t> batch_shape{1};
   batch_shape.insert(batch_shape.end(), input_shape.begin(), input_shape.end());
-  auto features = forward(at::ones(batch_shape));
+  return at::ones(batch_shape);
+}
+
+}  // namespace
+
+std::vector<int64_t> NetworkFeatureAggregator::feature_dimensions(const std::vector<int64_t>& input_shape) const {
+  auto features = forward(ones_image(input_shape, "feature_dimensions"));
   std::vector<int64_t> dims;
   for (const auto& layer : layers_) dims.push_back(features[layer].size(1));
   return dims;
+}
+
+bool NetworkFeatureAggregator::update_batchnorm_statistics(const std::vector<int64_t>& input_shape,
+                                                           std::string* why_not) {
+  return backbone_->apply_reference_batchnorm_update(ones_image(input_shape, "update_batchnorm_statistics").to(device_),
+                                                     layers_, why_not);
 }
 
 }  // namespace patchcore

@@ -23,6 +23,23 @@ TorchScriptBackbone::~TorchScriptBackbone() = default;
 
 void TorchScriptBackbone::to(const c10::Device& device) { module_->to(device); }
 
+void TorchScriptBackbone::set_training(bool training) { module_->train(training); }
+
+std::vector<at::Tensor> TorchScriptBackbone::buffers() const {
+  std::vector<at::Tensor> out;
+  for (const auto& buffer : module_->buffers(/*recurse=*/true)) out.push_back(buffer);
+  return out;
+}
+
+bool TorchScriptBackbone::has_batchnorm() const {
+  for (const auto& buffer : module_->named_buffers(/*recurse=*/true)) {
+    const std::string& name = buffer.name;
+    if (name == "running_mean" || (name.size() > 13 && name.compare(name.size() - 13, 13, ".running_mean") == 0))
+      return true;
+  }
+  return false;
+}
+
 std::vector<std::string> TorchScriptBackbone::layer_names() const {
   const std::lock_guard<std::mutex> lock(names_mutex_);
   return output_names_;

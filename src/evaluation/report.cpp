@@ -103,8 +103,9 @@ void write_prediction_report(const std::string& dir, const PatchCore& model, con
   std::vector<cv::Mat> maps;
   for (const auto& image : images) maps.push_back(image.anomaly_map);
   // One colour scale for every overlay of the run, so images can be compared with each other.
-  auto [vmin, highest] = value_range(maps);
-  if (!(vmax > 0)) vmax = highest;
+  const std::pair<float, float> range = value_range(maps);
+  const float vmin = range.first;
+  if (!(vmax > 0)) vmax = range.second;
   write_directory_atomically(dir, [&](const std::string& tmp) {
     std::map<std::string, int> used;
     std::string csv = "image,score,overlay,map\n";
@@ -147,7 +148,8 @@ void write_evaluation_report(const std::string& dir, const PatchCore& model, con
                              const std::string& metrics_json, const ProgressCallback& progress) {
   std::vector<cv::Mat> maps;
   for (const auto& image : r.images) maps.push_back(image.anomaly_map);
-  const auto [vmin, vmax] = value_range(maps);
+  const std::pair<float, float> range = value_range(maps);
+  const float vmin = range.first, vmax = range.second;
   write_directory_atomically(dir, [&](const std::string& tmp) {
     std::filesystem::create_directory(tmp + "/overlays");
     std::string csv = "image,defect_type,label,score,overlay\n";

@@ -7,6 +7,7 @@
 #include "checkpoint_formats.h"
 #include "patchcore/core/file.h"
 #include "pickle.h"
+#include "zip_archive.h"
 
 namespace patchcore {
 
@@ -29,6 +30,8 @@ StateDict load_state_dict_from_memory(const std::string& bytes, const std::strin
     fail(ctx, "not a PyTorch checkpoint (neither a zip archive nor a legacy torch.save pickle)");
   } catch (const CheckpointError&) {
     throw;
+  } catch (const zip::ZipError& e) {
+    throw CheckpointError(e.what());
   } catch (const c10::Error& e) {
     throw CheckpointError(ctx + without_backtrace(e));
   } catch (const std::bad_alloc&) {

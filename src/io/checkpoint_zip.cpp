@@ -6,11 +6,14 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <unordered_map>
 
 #include "checkpoint_formats.h"
 #include "checkpoint_storage.h"
 #include "patchcore/core/bytes.h"
+#include "zip_archive.h"
 
 namespace patchcore::checkpoint {
 namespace {
@@ -18,148 +21,43 @@ namespace {
 struct ZipRecord {
   uint64_t size;
   uint32_t crc;
-  uint64_t local_header;
 };
 using ZipRecords = std::unordered_map<std::string, ZipRecord>;  // by name inside the archive folder
 
-// The miniz inside libtorch is built without checksum checks, so a flipped bit in a record would otherwise load
-// as a silently different weight.
-void check_crc(const std::string& name, const std::string& record, const ZipRecords& records, const void* data,
-               uint64_t size) {
-  if (crc32_z(0, static_cast<const Bytef*>(data), static_cast<size_t>(size)) != records.at(record).crc) {
-    fail(name + ": ", "zip record " + quote_name(record) + " is corrupt (CRC-32 mismatch)");
-  }
-}
-
-// miniz (inside PyTorchStreamReader) allocates a record's declared uncompressed size and inflates into it,
-// so a small deflated record could claim gigabytes. torch.save only writes stored records: this scan of the
-// central directory refuses anything else and learns each record's size before the reader touches it. It
-// finds the directory the way miniz does (last end record, zip64 locator just before it).
-ZipRecords scan_zip(const std::string& name, const uint8_t* d, uint64_t n, uint64_t max_records) {
+// All records of a torch.save archive live in one folder, named by the first, which is where
+// PyTorchStreamReader looks them up: the records by their name inside it, and the folder.
+ZipRecords archive_records(const std::string& name, const std::map<std::string, zip::Record>& all,
+                           std::string& folder) {
   const std::string ctx = name + ": ";
-  constexpr uint64_t kEndSize = 22, kLocatorSize = 20, kEnd64Size = 56, kEntrySize = 46, kLocalSize = 30;
-  if (n < kEndSize) fail(ctx, "truncated: " + std::to_string(n) + " bytes is too short for a zip archive");
-  uint64_t end = n - kEndSize;
-  while (load_le32(d + end) != 0x06054b50) {
-    if (end == 0 || n - kEndSize - end >= 0xffff) {
-      fail(ctx, "truncated or corrupt zip archive: no end-of-central-directory record");
-    }
-    --end;
-  }
-  uint64_t disk = load_le16(d + end + 4), dir_disk = load_le16(d + end + 6);
-  uint64_t entries_here = load_le16(d + end + 8), entries = load_le16(d + end + 10);
-  uint64_t dir_size = load_le32(d + end + 12);
-  uint64_t dir_offset = load_le32(d + end + 16);
-  uint64_t dir_limit = end;
-  if (end >= kLocatorSize && load_le32(d + end - kLocatorSize) == 0x07064b50) {
-    const uint64_t end64 = load_le64(d + end - kLocatorSize + 8);
-    if (end64 > end - kLocatorSize || end - kLocatorSize - end64 < kEnd64Size || load_le32(d + end64) != 0x06064b50) {
-      fail(ctx, "corrupt zip archive: bad zip64 end-of-central-directory record");
-    }
-    disk = load_le32(d + end64 + 16);
-    dir_disk = load_le32(d + end64 + 20);
-    entries_here = load_le64(d + end64 + 24);
-    entries = load_le64(d + end64 + 32);
-    dir_size = load_le64(d + end64 + 40);
-    dir_offset = load_le64(d + end64 + 48);
-    dir_limit = end64;
-  }
-  // miniz accepts disk numbers 0/0 or 1/1 only.
-  if ((disk != dir_disk || disk > 1) || entries_here != entries) fail(ctx, "multi-disk zip archives are not supported");
-  uint64_t dir_end = 0;
-  if (add_overflows(dir_offset, dir_size, dir_end) || dir_end > dir_limit) {
-    fail(ctx, "truncated or corrupt zip archive: central directory lies outside the file");
-  }
-  if (entries > max_records)
-    fail(ctx, "zip archive has " + std::to_string(entries) + " records, more than the tensor limit allows");
-
   ZipRecords records;
-  std::string folder;
-  uint64_t q = dir_offset;
-  for (uint64_t k = 0; k < entries; ++k) {
-    if (dir_end - q < kEntrySize || load_le32(d + q) != 0x02014b50)
-      fail(ctx, "corrupt zip archive: bad central directory entry");
-    const uint16_t flags = load_le16(d + q + 8);
-    const uint16_t method = load_le16(d + q + 10);
-    const uint32_t crc = load_le32(d + q + 16);
-    uint64_t compressed = load_le32(d + q + 20);
-    uint64_t uncompressed = load_le32(d + q + 24);
-    const uint64_t name_len = load_le16(d + q + 28), extra_len = load_le16(d + q + 30),
-                   comment_len = load_le16(d + q + 32);
-    const uint16_t first_disk = load_le16(d + q + 34);
-    const uint32_t external_attributes = load_le32(d + q + 38);
-    uint64_t local = load_le32(d + q + 42);
-    if (dir_end - q - kEntrySize < name_len + extra_len + comment_len)
-      fail(ctx, "corrupt zip archive: bad central directory entry");
-    const std::string full(reinterpret_cast<const char*>(d + q + kEntrySize), name_len);
-    // zip64 sizes and offset replace the 0xffffffff fields, in this order.
-    const uint8_t* x = d + q + kEntrySize + name_len;
-    for (uint64_t e = 0; e + 4 <= extra_len;) {
-      const uint16_t id = load_le16(x + e), len = load_le16(x + e + 2);
-      if (e + 4 + len > extra_len) break;
-      if (id == 0x0001) {
-        uint64_t f = e + 4;
-        for (uint64_t* field : {&uncompressed, &compressed, &local}) {
-          if (*field != 0xffffffffu) continue;
-          if (f + 8 > e + 4 + len) fail(ctx, "corrupt zip archive: short zip64 field for " + quote_name(full));
-          *field = load_le64(x + f);
-          f += 8;
-        }
-      }
-      e += 4 + len;
-    }
-    if (first_disk == 0xffff || (first_disk != disk && first_disk != 1))
-      fail(ctx, "multi-disk zip archives are not supported");
-    if (flags & 1) fail(ctx, "zip record " + quote_name(full) + " is encrypted");
-    // miniz "extracts" a directory by returning success without writing the buffer.
-    if ((!full.empty() && full.back() == '/') || (external_attributes & 0x10)) {
-      fail(ctx, "zip record " + quote_name(full) + " is a directory");
-    }
-    if (method != 0) {
-      fail(ctx, "zip record " + quote_name(full) + " is compressed (method " + std::to_string(method) +
-                    "); torch.save stores records uncompressed");
-    }
-    uint64_t record_end = 0;
-    if (compressed != uncompressed || add_overflows(local, kLocalSize + name_len, record_end) ||
-        add_overflows(record_end, compressed, record_end) || record_end > dir_offset) {
-      fail(ctx, "truncated or corrupt zip archive: record " + quote_name(full) +
-                    " does not fit before the central directory");
-    }
-    // All records live in one folder, named by the first, which is where PyTorchStreamReader looks them up.
+  for (const auto& [full, record] : all) {
     const size_t slash = full.find('/');
     if (slash == std::string::npos) fail(ctx, "zip record " + quote_name(full) + " is not inside an archive folder");
-    if (k == 0) folder = full.substr(0, slash + 1);
-    if (full.compare(0, folder.size(), folder) != 0) {
+    if (folder.empty()) folder = full.substr(0, slash + 1);
+    if (full.compare(0, folder.size(), folder) != 0)
       fail(ctx, "zip record " + quote_name(full) + " is outside the archive folder " + quote_name(folder));
-    }
-    const std::string relative = full.substr(folder.size());
-    if (!records.emplace(relative, ZipRecord{uncompressed, crc, local}).second) {
-      fail(ctx, "zip archive has two records named " + quote_name(relative));
-    }
-    q += kEntrySize + name_len + extra_len + comment_len;
+    records.emplace(full.substr(folder.size()), ZipRecord{record.size, record.crc});
   }
   return records;
 }
 
+void check_crc(const std::string& name, const std::string& record, const ZipRecords& records, const void* data,
+               uint64_t size) {
+  const ZipRecord& r = records.at(record);
+  zip::check_crc(name, record, zip::Record{r.size, r.crc, 0}, data, size);
+}
+
 // PyTorchStreamReader's constructor reads and parses the version record, and when that fails it throws
 // without releasing miniz's state: a leak per damaged file. So the record is checked here first.
-void check_version_record(const std::string& name, const uint8_t* d, uint64_t n, const ZipRecords& records) {
+void check_version_record(const std::string& name, const uint8_t* d, uint64_t n,
+                          const std::map<std::string, zip::Record>& all, const std::string& folder) {
   const std::string ctx = name + ": ";
-  const std::string record = records.count(".data/version") ? ".data/version" : "version";
-  auto it = records.find(record);
-  if (it == records.end()) fail(ctx, "zip archive has no version record: not a torch.save checkpoint");
-  const ZipRecord& r = it->second;
-  constexpr uint64_t kLocalSize = 30;
-  if (n < kLocalSize || r.local_header > n - kLocalSize || load_le32(d + r.local_header) != 0x04034b50) {
-    fail(ctx, "corrupt zip archive: bad local header for " + quote_name(record));
-  }
-  const uint64_t data =
-      r.local_header + kLocalSize + load_le16(d + r.local_header + 26) + load_le16(d + r.local_header + 28);
-  if (data > n || r.size > n - data)
-    fail(ctx, "truncated or corrupt zip archive: record " + quote_name(record) + " lies outside the file");
-  if (r.size > 32) fail(ctx, "invalid zip archive version record");
-  check_crc(name, record, records, d + data, r.size);
-  const std::string text(reinterpret_cast<const char*>(d + data), r.size);
+  std::string record = folder + ".data/version";
+  if (!all.count(record)) record = folder + "version";
+  auto it = all.find(record);
+  if (it == all.end()) fail(ctx, "zip archive has no version record: not a torch.save checkpoint");
+  if (it->second.size > 32) fail(ctx, "invalid zip archive version record");
+  const std::string text(zip::record_bytes(name, d, n, record, it->second));
   const size_t digits = std::min(text.find_first_not_of("0123456789"), text.size());
   const bool ok = digits > 0 && digits <= 9 && text.find_first_not_of(" \r\n", digits) == std::string::npos;
   const uint64_t version = ok ? std::stoull(text.substr(0, digits)) : 0;
@@ -236,7 +134,10 @@ std::string without_backtrace(const c10::Error& e) { return e.what_without_backt
 StateDict load_zip(const std::string& bytes, const std::string& name, const CheckpointLimits& limits) {
   const std::string ctx = name + ": ";
   const auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
-  const ZipRecords records = scan_zip(name, data, bytes.size(), static_cast<uint64_t>(limits.max_tensors) + 64);
+  const std::map<std::string, zip::Record> all =
+      zip::stored_records(name, data, bytes.size(), static_cast<uint64_t>(limits.max_tensors) + 64);
+  std::string folder;
+  const ZipRecords records = archive_records(name, all, folder);
   auto has = [&](const std::string& r) { return records.count(r) > 0; };
   for (const auto& r : records) {
     if (r.first.compare(0, 5, "code/") == 0)
@@ -248,7 +149,7 @@ StateDict load_zip(const std::string& bytes, const std::string& name, const Chec
   if (pickle_size > max_pickle)
     fail(ctx, "data.pkl of " + std::to_string(pickle_size) + " bytes is larger than the tensor limit allows");
   if (has("byteorder") && records.at("byteorder").size > 16) fail(ctx, "invalid byteorder record");
-  check_version_record(name, data, bytes.size(), records);
+  check_version_record(name, data, bytes.size(), all, folder);
 
   std::unique_ptr<caffe2::serialize::PyTorchStreamReader> reader;
   try {

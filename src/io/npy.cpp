@@ -5,7 +5,9 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "patchcore/core/error.h"
 #include "patchcore/core/file.h"
+#include "zip_archive.h"
 
 namespace patchcore {
 namespace {
@@ -73,8 +75,10 @@ std::vector<float> NpyArray::as_float() const { return convert<float>(*this); }
 std::vector<double> NpyArray::as_double() const { return convert<double>(*this); }
 std::vector<int64_t> NpyArray::as_int64() const { return convert<int64_t>(*this); }
 
-NpyArray read_npy(const std::string& path) {
-  const std::string bytes = read_file(path);
+namespace {
+
+// One .npy file's bytes; `path` names it in messages.
+NpyArray parse_npy(std::string_view bytes, const std::string& path) {
   if (bytes.size() < 10 || std::memcmp(bytes.data(), "\x93NUMPY", 6) != 0) fail(path, "bad magic");
   const int major = static_cast<uint8_t>(bytes[6]);
   size_t header_len = 0, offset = 0;
@@ -91,7 +95,7 @@ NpyArray read_npy(const std::string& path) {
     fail(path, "unsupported format version " + std::to_string(major));
   }
   if (offset + header_len > bytes.size()) fail(path, "truncated header");
-  const std::string header = bytes.substr(offset, header_len);
+  const std::string header(bytes.substr(offset, header_len));
   offset += header_len;
 
   NpyArray a;
@@ -118,6 +122,27 @@ NpyArray read_npy(const std::string& path) {
     fail(path, "data has " + std::to_string(bytes.size() - offset) + " bytes, shape needs " + std::to_string(expected));
   a.data.assign(bytes.begin() + static_cast<std::ptrdiff_t>(offset), bytes.end());
   return a;
+}
+
+}  // namespace
+
+NpyArray read_npy(const std::string& path) { return parse_npy(read_file(path), path); }
+
+std::map<std::string, NpyArray> read_npz(const std::string& path) {
+  const std::string bytes = read_file(path);
+  const auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
+  std::map<std::string, NpyArray> arrays;
+  try {
+    for (const auto& [name, record] : zip::stored_records(path, data, bytes.size(), 4096)) {
+      if (name.size() < 5 || name.compare(name.size() - 4, 4, ".npy") != 0)
+        throw std::runtime_error(path + ": not a NumPy .npz archive: record " + quote_name(name) + " is not a .npy");
+      arrays.emplace(name.substr(0, name.size() - 4),
+                     parse_npy(zip::record_bytes(path, data, bytes.size(), name, record), path + "[" + name + "]"));
+    }
+  } catch (const zip::ZipError& e) {
+    throw std::runtime_error(e.what());
+  }
+  return arrays;
 }
 
 void write_npy(const std::string& path, const NpyArray& a) {

@@ -527,21 +527,6 @@ std::string hex_byte(uint8_t b) {
   return std::string("0x") + digits[b >> 4] + digits[b & 15];
 }
 
-// Names come from the file: cut and escape them so a message stays one readable line.
-std::string quote_name(const std::string& s) {
-  std::string out = "'";
-  for (size_t i = 0; i < s.size() && i < 200; ++i) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    if (c >= 0x20 && c < 0x7f && c != '\\') {
-      out += static_cast<char>(c);
-    } else {
-      out += "\\x" + hex_byte(c).substr(2);
-    }
-  }
-  if (s.size() > 200) out += "...";
-  return out + "'";
-}
-
 std::string dtype_label(c10::ScalarType dtype) {
   std::string s = c10::toString(dtype);
   for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));

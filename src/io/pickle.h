@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "patchcore/core/error.h"
 #include "patchcore/io/checkpoint.h"
 
 namespace patchcore::checkpoint {
@@ -20,8 +21,6 @@ namespace patchcore::checkpoint {
 // Throws CheckpointError(context + what).
 [[noreturn]] void fail(const std::string& context, const std::string& what);
 std::string hex_byte(uint8_t b);
-// Names come from the file: cut and escape them so a message stays one readable line.
-std::string quote_name(const std::string& s);
 // "float", "long", ...: a dtype as messages name it.
 std::string dtype_label(c10::ScalarType dtype);
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <random>
 #include <sstream>
 #include <stdexcept>
@@ -12,6 +13,7 @@
 #include "coreset_points.h"
 #include "patchcore/core/parallel.h"
 #include "patchcore/core/tensor_checks.h"
+#include "patchcore/io/npy.h"
 #include "patchcore/memory_bank/greedy_coreset.h"
 
 namespace patchcore {
@@ -229,6 +231,39 @@ std::vector<int64_t> ApproximateGreedyCoresetSampler::starting_points(int64_t n)
 
 std::vector<float> ApproximateGreedyCoresetSampler::initial_scores(const at::Tensor& projected) {
   return mean_distance_to_points(projected, starting_points(projected.size(0)));
+}
+
+void use_reference_randomness(BaseSampler& sampler, const std::string& npz_path) {
+  auto* greedy = dynamic_cast<GreedyCoresetSampler*>(&sampler);
+  if (!greedy)
+    throw std::invalid_argument("--reference-randomness needs a greedy coreset sampler (greedy or approx_greedy)");
+  const std::map<std::string, NpyArray> arrays = read_npz(npz_path);
+  const auto array = [&](const char* key) -> const NpyArray& {
+    const auto it = arrays.find(key);
+    if (it == arrays.end()) throw std::runtime_error(npz_path + ": has no array '" + key + "'");
+    return it->second;
+  };
+  const NpyArray& projection = array("projection");
+  if (projection.dtype != "f4" || projection.shape.size() != 2)
+    throw std::runtime_error(npz_path + ": 'projection' must be a float32 matrix");
+  const std::vector<float> weights = projection.as_float();
+  try {
+    greedy->set_projection(
+        at::from_blob(const_cast<float*>(weights.data()), {projection.shape[0], projection.shape[1]}, at::kFloat)
+            .clone());
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(npz_path + ": 'projection' does not fit the sampler: " + e.what());
+  }
+  if (auto* approximate = dynamic_cast<ApproximateGreedyCoresetSampler*>(&sampler)) {
+    const NpyArray& starts = array("start_points");
+    if (starts.dtype != "i8" && starts.dtype != "i4")
+      throw std::runtime_error(npz_path + ": 'start_points' must hold integers");
+    try {
+      approximate->set_starting_points(starts.as_int64());
+    } catch (const std::invalid_argument& e) {
+      throw std::runtime_error(npz_path + ": " + e.what());
+    }
+  }
 }
 
 std::unique_ptr<BaseSampler> make_sampler(const std::string& name, double percentage, uint64_t seed,

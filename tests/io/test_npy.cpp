@@ -39,3 +39,29 @@ TEST(Npy, TruncatedFileIsAnErrorNamingTheFile) {
     EXPECT_NE(std::string(e.what()).find("cut.npy"), std::string::npos) << e.what();
   }
 }
+
+TEST(Npz, ReadsAnArchiveWrittenByNumpy) {
+  const auto arrays = read_npz(test::fixture("npy/arrays.npz"));
+  ASSERT_EQ(arrays.size(), 3u);
+  EXPECT_EQ(arrays.at("weights").shape, (std::vector<int64_t>{3, 2}));
+  EXPECT_EQ(arrays.at("weights").as_float(), (std::vector<float>{0.f, 0.25f, 0.5f, 0.75f, 1.f, 1.25f}));
+  EXPECT_EQ(arrays.at("indices").as_int64(), (std::vector<int64_t>{7, 3, 5}));
+  EXPECT_EQ(arrays.at("flags").dtype, "b1");
+}
+
+TEST(Npz, DamagedArchivesAreErrorsNamingTheFile) {
+  const std::string dir = test::temp_dir();
+  std::ifstream in(test::fixture("npy/arrays.npz"), std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), {});
+  const auto expect_error = [&](const std::string& name, const std::string& contents, const std::string& needle) {
+    std::ofstream(dir + "/" + name, std::ios::binary) << contents;
+    const std::string message = test::error_of([&] { read_npz(dir + "/" + name); });
+    EXPECT_EQ(message.rfind(dir + "/" + name + ": ", 0), 0u) << message;
+    EXPECT_NE(message.find(needle), std::string::npos) << message;
+  };
+  expect_error("cut.npz", bytes.substr(0, bytes.size() - 30), "zip archive");
+  std::string flipped = bytes;
+  flipped[bytes.find("NUMPY") + 100] ^= 1;  // inside the first array's data
+  expect_error("flipped.npz", flipped, "CRC-32 mismatch");
+  expect_error("not_zip.npz", "just text", "zip");
+}

@@ -11,6 +11,17 @@
 
 namespace patchcore {
 
+// The BatchNorm statistics a backbone's layers normalise with.
+enum class BatchNormStatistics {
+  // Moved once by the published PatchCore.load (reference spec 1.1a): what the published numbers rest on.
+  kReferenceUpdate,
+  kCheckpoint,  // the checkpoint's running statistics as stored: plain eval-mode features
+};
+// "reference_update" / "checkpoint", as the CLI and the model directory name them; parse throws
+// std::invalid_argument for any other name.
+const char* to_string(BatchNormStatistics statistics);
+BatchNormStatistics parse_batchnorm_statistics(const std::string& name);
+
 class Backbone {
  public:
   virtual ~Backbone() = default;
@@ -31,8 +42,25 @@ class Backbone {
   // The checkpoint or TorchScript file the weights came from; empty when set in memory.
   const std::string& weights_path() const { return weights_path_; }
 
+  // The published PatchCore.load's BatchNorm update: one forward of `images` (there, one all-ones image of the
+  // input shape) in training mode, as far as the deepest of `layers`, moves the running statistics of every
+  // BatchNorm that runs (momentum 0.1, unbiased variance), and the network returns to eval mode. Applied once
+  // per backbone. Returns false and changes nothing when the network has no BatchNorm or fails in training mode,
+  // with the reason in *why_not.
+  bool apply_reference_batchnorm_update(const at::Tensor& images, const std::vector<std::string>& layers,
+                                        std::string* why_not);
+  BatchNormStatistics batchnorm_statistics() const { return batchnorm_statistics_; }
+
  protected:
+  virtual void set_training(bool training) = 0;
+  // The running statistics and any other buffers of the network, to restore after a failed update.
+  virtual std::vector<at::Tensor> buffers() const = 0;
+  virtual bool has_batchnorm() const = 0;
+
   std::string weights_path_;
+
+ private:
+  BatchNormStatistics batchnorm_statistics_ = BatchNormStatistics::kCheckpoint;
 };
 
 // "resnet18" etc. with a torchvision checkpoint, or "torchscript" with a TorchScript file.

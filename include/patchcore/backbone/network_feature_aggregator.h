@@ -22,6 +22,9 @@ class NetworkFeatureAggregator {
 
   // Channel count of each requested layer for images of `input_shape` (channels, height, width).
   std::vector<int64_t> feature_dimensions(const std::vector<int64_t>& input_shape) const;
+  // The published PatchCore.load's BatchNorm update (Backbone::apply_reference_batchnorm_update) with its input,
+  // one all-ones image of `input_shape` on this aggregator's device, as far as the last requested layer.
+  bool update_batchnorm_statistics(const std::vector<int64_t>& input_shape, std::string* why_not);
 
   const std::vector<std::string>& layers_to_extract_from() const { return layers_; }
   const c10::Device& device() const { return device_; }

@@ -85,6 +85,11 @@ class ResNetBackbone : public Backbone {
   void load_state_dict(const std::vector<std::pair<std::string, at::Tensor>>& state, const std::string& source);
   ResNet module() const { return resnet_; }
 
+ protected:
+  void set_training(bool training) override { resnet_->train(training); }
+  std::vector<at::Tensor> buffers() const override { return resnet_->buffers(); }
+  bool has_batchnorm() const override { return true; }
+
  private:
   // The network for inference on the CPU: each convolution with its BatchNorm folded in and its weights
   // reordered once into oneDNN's blocked layout, activations kept in that layout between layers. It halves

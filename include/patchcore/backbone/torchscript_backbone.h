@@ -29,6 +29,13 @@ class TorchScriptBackbone : public Backbone {
   torch::OrderedDict<std::string, at::Tensor> extract(const at::Tensor& images,
                                                       const std::vector<std::string>& layers) const override;
   void to(const c10::Device& device) override;
+  const torch::jit::Module& module() const { return *module_; }
+
+ protected:
+  void set_training(bool training) override;
+  std::vector<at::Tensor> buffers() const override;
+  // Whether any submodule has a buffer named running_mean.
+  bool has_batchnorm() const override;
 
  private:
   std::string path_;

@@ -2,6 +2,7 @@
 // NumPy .npy files (format 1.0/2.0, little-endian, C order): the exchange format for golden
 // fixtures written by python3-numpy and for the raw anomaly maps that `patchcore predict` writes.
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,9 @@ struct NpyArray {
 // Throws std::runtime_error naming the file and the problem (bad magic, unsupported dtype,
 // Fortran order, size that does not match the header).
 NpyArray read_npy(const std::string& path);
+// The arrays of a NumPy .npz archive as np.savez writes it (stored records <key>.npy), by key. Throws
+// std::runtime_error naming the file, and the record, when the archive or an array is damaged.
+std::map<std::string, NpyArray> read_npz(const std::string& path);
 
 // Written to a temporary file in the same folder and renamed, so a reader never sees half a file.
 void write_npy(const std::string& path, const float* data, const std::vector<int64_t>& shape);

@@ -132,6 +132,14 @@ class ApproximateGreedyCoresetSampler : public GreedyCoresetSampler {
   std::vector<int64_t> starting_points_;
 };
 
+// Injects the published code's randomness, as the oracle (run_reference.py --dump) writes it, into `sampler`:
+// an .npz archive whose array `projection` (float32 [dimension_to_project_features_to, D], the nn.Linear weight)
+// becomes the projection, and whose `start_points` (integer [n]) become the starting points of an
+// ApproximateGreedyCoresetSampler. Other arrays of the file are ignored. With the same features the sampler then
+// selects the published code's rows. Throws std::runtime_error naming the file when an array is missing or does
+// not fit, and std::invalid_argument when the sampler draws no such randomness (identity, random).
+void use_reference_randomness(BaseSampler& sampler, const std::string& npz_path);
+
 // Factory used by the CLI: "identity", "random", "greedy", "approx_greedy". Throws std::invalid_argument
 // for other names and (except for identity) for a percentage outside (0, 1).
 std::unique_ptr<BaseSampler> make_sampler(const std::string& name, double percentage, uint64_t seed,
