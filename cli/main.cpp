@@ -20,6 +20,7 @@
 #include "patchcore/io/image_batches.h"
 #include "patchcore/io/npy.h"
 #include "patchcore/patchcore.h"
+#include "patchcore/published_model.h"
 
 namespace fs = std::filesystem;
 using namespace patchcore;
@@ -128,39 +129,53 @@ std::vector<std::string> collect_images(const std::vector<std::string>& inputs) 
   return images;
 }
 
-int run_predict(const std::string& model_dir, const std::vector<std::string>& inputs, const std::string& out,
-                double vmax, int64_t batch_size, int threads) {
-  const auto model = PatchCore::load_from_path(model_dir, "cpu", threads);
+// A model directory of this build's, or one the published PatchCore saved, whose backbone weights come from `weights`.
+PatchCoreEnsemble load_model(const std::string& model_dir, const std::string& weights, int threads) {
+  PublishedModelOptions options;
+  options.num_workers = threads;
+  PatchCoreEnsemble model = load_model_directory(model_dir, weights, options);
+  for (const auto& member : model.members())
+    if (!member->batchnorm_note().empty())
+      spdlog::warn("keeping the checkpoint's BatchNorm statistics: {}", member->batchnorm_note());
+  return model;
+}
+
+int run_predict(const std::string& model_dir, const std::string& weights, const std::vector<std::string>& inputs,
+                const std::string& out, double vmax, int64_t batch_size, int threads) {
+  const PatchCoreEnsemble model = load_model(model_dir, weights, threads);
   const auto paths = collect_images(inputs);
-  const auto& transform = model->params().transform;
+  const auto& transform = model.params().transform;
   std::vector<PredictedImage> images;
   auto progress = progress_bar();
   const auto start = std::chrono::steady_clock::now();
   ImageBatches batches(paths, transform, batch_size);
   for (at::Tensor batch; batches.next(batch);) {
-    const auto result = model->predict(batch);
+    const auto result = model.predict(batch);
     for (size_t i = 0; i < result.scores.size(); ++i)
       images.push_back({paths[images.size()], result.scores[i], to_mat(result.masks[i])});
     progress("predicting", batches.done(), paths.size());
   }
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() /
                     static_cast<double>(paths.size());
-  write_prediction_report(out, *model, images, static_cast<float>(vmax), ms, model_dir);
+  write_prediction_report(out, transform, images, static_cast<float>(vmax), ms, model_dir);
   for (const auto& image : images) std::printf("%s\t%.6f\n", image.image_path.c_str(), image.score);
   spdlog::info("{} images, {:.1f} ms per image; results in {}", images.size(), ms, out);
   return 0;
 }
 
-int run_evaluate(const std::string& model_dir, const std::string& data, const std::string& out,
-                 const std::string& json_path, const std::string& mask_rule, int64_t batch_size, int threads) {
-  const auto model = PatchCore::load_from_path(model_dir, "cpu", threads);
+int run_evaluate(const std::string& model_dir, const std::string& weights, const std::string& data,
+                 const std::string& out, const std::string& json_path, const std::string& mask_rule, int64_t batch_size,
+                 int threads) {
+  const PatchCoreEnsemble model = load_model(model_dir, weights, threads);
+  std::vector<const PatchCore*> members;
+  for (const auto& member : model.members()) members.push_back(member.get());
   const auto test = MVTecDataset::test(data);
   EvaluationOptions options;
   options.batch_size = batch_size;
   options.mask_rule = mask_rule == "reference" ? MaskRule::kReference : MaskRule::kHalf;
-  const EvaluationResult r = evaluate(*model, test, options, progress_bar());
+  const EvaluationResult r = evaluate(members, test, options, progress_bar());
   const std::string metrics = evaluation_metrics_json(r, model_dir, data, mask_rule);
-  if (!out.empty()) write_evaluation_report(out, *model, r, metrics, progress_bar());
+  if (!out.empty()) write_evaluation_report(out, model.params().transform, r, metrics, progress_bar());
   if (!json_path.empty()) write_file_atomically(json_path, metrics);
   std::printf(
       "image_auroc %.4f\npixel_auroc %.4f\npixel_auroc_defective %.4f\naupro %.4f\nimages %zu\nms_per_image %.1f\n",
@@ -244,7 +259,11 @@ int main(int argc, char** argv) {
   double vmax = 0;
   int64_t batch_size = 2;
   auto* predict_cmd = app.add_subcommand("predict", "score images and write heatmaps");
-  predict_cmd->add_option("--model", model_dir, "model directory from fit")->required()->check(CLI::ExistingDirectory);
+  std::string model_weights;
+  const char* model_help = "model directory from fit, or one the published PatchCore saved (then with --weights)";
+  const char* weights_help = "the backbone's weights, for a model the published PatchCore saved";
+  predict_cmd->add_option("--model", model_dir, model_help)->required()->check(CLI::ExistingDirectory);
+  predict_cmd->add_option("--weights", model_weights, weights_help)->check(CLI::ExistingFile);
   predict_cmd->add_option("inputs", inputs, "images or directories of images")->required();
   predict_cmd->add_option("--out", out, "output directory")->required();
   predict_cmd->add_option("--vmax", vmax, "score shown as full red in overlays (default: the highest in this run)");
@@ -253,7 +272,8 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
 
   auto* evaluate_cmd = app.add_subcommand("evaluate", "MVTec-style metrics on the test split of a data set");
-  evaluate_cmd->add_option("--model", model_dir, "model directory from fit")->required()->check(CLI::ExistingDirectory);
+  evaluate_cmd->add_option("--model", model_dir, model_help)->required()->check(CLI::ExistingDirectory);
+  evaluate_cmd->add_option("--weights", model_weights, weights_help)->check(CLI::ExistingFile);
   evaluate_cmd->add_option("--data", data, "data set root with test/ and ground_truth/")
       ->required()
       ->check(CLI::ExistingDirectory);
@@ -291,8 +311,8 @@ int main(int argc, char** argv) {
       bench_options.fit = bench_model.fit;
       return run_bench(bench_model, bench_options, json_path, threads);
     }
-    if (predict_cmd->parsed()) return run_predict(model_dir, inputs, out, vmax, batch_size, threads);
-    return run_evaluate(model_dir, data, out, json_path, mask_rule, batch_size, threads);
+    if (predict_cmd->parsed()) return run_predict(model_dir, model_weights, inputs, out, vmax, batch_size, threads);
+    return run_evaluate(model_dir, model_weights, data, out, json_path, mask_rule, batch_size, threads);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "patchcore: error: %s\n", e.what());
     return 1;

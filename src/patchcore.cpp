@@ -214,12 +214,18 @@ std::unique_ptr<PatchCore> PatchCore::load_from_path(const std::string& load_pat
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error(ModelDescription::path(load_path, prepend) + ": " + e.what());
   }
-  model->anomaly_scorer_->load(load_path, prepend);
-  if (nn->dimension() != d.params.target_embed_dimension)
-    throw std::runtime_error(NearestNeighbourScorer::index_filename(load_path, prepend) + ": index has dimension " +
-                             std::to_string(nn->dimension()) + ", the model's embedding has " +
-                             std::to_string(d.params.target_embed_dimension));
+  model->load_index(load_path, prepend);
   return model;
+}
+
+void PatchCore::load_index(const std::string& dir, const std::string& prepend) {
+  require_loaded("load_index");
+  anomaly_scorer_->load(dir, prepend);
+  const int64_t dimension = anomaly_scorer_->nn_method().dimension();
+  if (dimension != params_.target_embed_dimension)
+    throw std::runtime_error(NearestNeighbourScorer::index_filename(dir, prepend) + ": index has dimension " +
+                             std::to_string(dimension) + ", the model's embedding has " +
+                             std::to_string(params_.target_embed_dimension));
 }
 
 }  // namespace patchcore

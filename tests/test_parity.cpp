@@ -11,10 +11,13 @@
 #include "patchcore/backbone/resnet.h"
 #include "patchcore/backbone/torchscript_backbone.h"
 #include "patchcore/core/parallel.h"
+#include "patchcore/evaluation/evaluation.h"
+#include "patchcore/io/dataset.h"
 #include "patchcore/io/image_batches.h"
 #include "patchcore/io/npy.h"
 #include "patchcore/memory_bank/sampler.h"
 #include "patchcore/patchcore.h"
+#include "patchcore/published_model.h"
 
 using namespace patchcore;
 
@@ -173,4 +176,91 @@ TEST(Parity, TorchScriptBackboneWithoutBatchNormKeepsItsStatisticsAndSaysWhy) {
   model.load(backbone, params);
   EXPECT_EQ(model.params().batchnorm_statistics, BatchNormStatistics::kCheckpoint);
   EXPECT_NE(model.batchnorm_note().find("has no BatchNorm layers"), std::string::npos) << model.batchnorm_note();
+}
+
+namespace {
+
+struct PublishedGolden {
+  std::vector<std::string> test;
+  std::map<std::string, NpyArray> arrays;
+};
+
+PublishedGolden published_golden(const std::string& tire) {
+  std::ifstream in(test::fixture("parity/published.json"));
+  const nlohmann::json j = nlohmann::json::parse(in);
+  PublishedGolden g;
+  for (const auto& f : j["test"]) g.test.push_back(tire + "/" + f.get<std::string>());
+  g.arrays = read_npz(test::fixture("parity/published_scores.npz"));
+  return g;
+}
+
+torch::Tensor images_of(const std::vector<std::string>& files, const ImageTransform& transform) {
+  std::vector<torch::Tensor> images;
+  for (const auto& f : files) images.push_back(transform.load(f));
+  return torch::stack(images);
+}
+
+}  // namespace
+
+TEST(PublishedModel, SingleModelScoresAsThePublishedCodeScores) {
+  PATCHCORE_REQUIRE_SHARED(weights, "weights/resnet18-imagenet-stem-to-layer3.pth");
+  PATCHCORE_REQUIRE_SHARED(tire, "data/tire");
+  set_num_threads(2);
+  const PublishedGolden golden = published_golden(tire);
+  const std::string dir = test::fixture("parity/published/single");
+  ASSERT_TRUE(is_published_model(dir));
+  auto members = load_published_model(dir, weights);
+  ASSERT_EQ(members.size(), 1u);
+  const PatchCore& model = *members[0];
+  EXPECT_EQ(model.params().target_embed_dimension, 64);
+  EXPECT_EQ(model.params().batchnorm_statistics, BatchNormStatistics::kReferenceUpdate);
+  const PredictResult r = model.predict(images_of(golden.test, model.params().transform));
+  EXPECT_LT(max_relative_difference(torch::tensor(r.scores), as_tensor(golden.arrays.at("single"))), 1e-4);
+  const torch::Tensor golden_maps = as_tensor(golden.arrays.at("maps"));
+  const torch::Tensor scale = golden_maps.flatten(1).abs().amax(1).view({-1, 1, 1});
+  EXPECT_LT(((torch::stack(r.masks) - golden_maps).abs() / scale).max().item<double>(), 1e-3);
+  // The same through the CLI's loader, which refuses to guess the weights.
+  EXPECT_NE(test::error_of([&] { load_model_directory(dir, ""); }).find("give them with --weights"), std::string::npos);
+  EXPECT_EQ(load_model_directory(dir, weights).members().size(), 1u);
+}
+
+TEST(PublishedModel, EnsembleMembersScoreAsThePublishedOnesAndCombineAsItsEvaluation) {
+  PATCHCORE_REQUIRE_SHARED(weights, "weights/resnet18-imagenet-stem-to-layer3.pth");
+  PATCHCORE_REQUIRE_SHARED(tire, "data/tire");
+  set_num_threads(2);
+  const PublishedGolden golden = published_golden(tire);
+  PatchCoreEnsemble ensemble(load_published_model(test::fixture("parity/published/ensemble"), weights));
+  ASSERT_EQ(ensemble.members().size(), 2u);
+  EXPECT_EQ(ensemble.members()[1]->params().layers_to_extract_from, (std::vector<std::string>{"layer3"}));
+  const torch::Tensor images = images_of(golden.test, ensemble.params().transform);
+  std::vector<torch::Tensor> member_scores;
+  for (size_t m = 0; m < 2; ++m) {
+    member_scores.push_back(torch::tensor(ensemble.members()[m]->predict(images).scores));
+    EXPECT_LT(max_relative_difference(member_scores[m], as_tensor(golden.arrays.at("member" + std::to_string(m + 1)))),
+              1e-4)
+        << "member " << m + 1;
+  }
+  // predict: each member's scores over its bank scale, averaged.
+  ASSERT_EQ(ensemble.scales().size(), 2u);
+  const torch::Tensor combined = torch::tensor(ensemble.predict(images).scores);
+  const torch::Tensor expected =
+      (member_scores[0] / ensemble.scales()[0] + member_scores[1] / ensemble.scales()[1]) / 2;
+  EXPECT_LT(max_relative_difference(combined, expected), 1e-5);
+
+  // evaluate: the published min-max combination over the test set.
+  const std::string data =
+      test::linked_data_set(tire, {"test/good/000.png", "test/cut/000.png", "ground_truth/cut/000_mask.png"});
+  std::vector<const PatchCore*> members{ensemble.members()[0].get(), ensemble.members()[1].get()};
+  const auto test_set = MVTecDataset::test(data);
+  const EvaluationResult r = evaluate(members, test_set);
+  std::vector<torch::Tensor> normalised;
+  for (size_t m = 0; m < 2; ++m) {
+    torch::Tensor s = torch::tensor(
+        members[m]
+            ->predict(images_of({test_set[0].image_path, test_set[1].image_path}, ensemble.params().transform))
+            .scores);
+    normalised.push_back((s - s.min()) / (s.max() - s.min()));
+  }
+  const torch::Tensor published = (normalised[0] + normalised[1]) / 2;
+  for (size_t i = 0; i < 2; ++i) EXPECT_NEAR(r.images[i].score, published[i].item<float>(), 1e-6);
 }

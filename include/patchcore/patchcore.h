@@ -98,6 +98,13 @@ class PatchCore {
   static std::unique_ptr<PatchCore> load_from_path(const std::string& load_path, const std::string& device = "cpu",
                                                    int num_workers = 4, const std::string& prepend = "");
 
+  // Loads the memory bank's index, {prepend}nnscorer_search_index.faiss in `dir`, into the loaded model (what
+  // load_from_path does after load(), and what a model saved by the published code needs). Throws naming the file
+  // when it is damaged or does not fit the model's embedding.
+  void load_index(const std::string& dir, const std::string& prepend = "");
+  // The memory bank's rows, [memory_bank_size(), target_embed_dimension] float32.
+  at::Tensor memory_bank() const { return anomaly_scorer_->nn_method().rows(); }
+
   const PatchCoreParams& params() const { return params_; }
   // Why load() kept the checkpoint's BatchNorm statistics although the reference update was requested; empty
   // when it applied the update or was asked not to.

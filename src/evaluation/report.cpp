@@ -68,18 +68,6 @@ void write_png(const std::string& path, const cv::Mat& image) {
   write_file_atomically(path, std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
 }
 
-std::pair<float, float> value_range(const std::vector<cv::Mat>& anomaly_maps) {
-  if (anomaly_maps.empty()) throw std::invalid_argument("value_range: no maps");
-  double lo = std::numeric_limits<double>::max(), hi = std::numeric_limits<double>::lowest();
-  for (const auto& m : anomaly_maps) {
-    double a, b;
-    cv::minMaxLoc(m, &a, &b);
-    lo = std::min(lo, a);
-    hi = std::max(hi, b);
-  }
-  return {static_cast<float>(lo), static_cast<float>(hi)};
-}
-
 cv::Mat to_uint16(const cv::Mat& anomaly_map, float vmin, float vmax) {
   cv::Mat out;
   const double range = vmax > vmin ? vmax - vmin : 1.0;
@@ -94,11 +82,11 @@ std::string csv_field(const std::string& s) {
   return quoted + "\"";
 }
 
-cv::Mat model_view(const PatchCore& model, const std::string& image_path) {
-  return model.params().transform.resize_and_crop(load_image_rgb(image_path));
+cv::Mat model_view(const ImageTransform& transform, const std::string& image_path) {
+  return transform.resize_and_crop(load_image_rgb(image_path));
 }
 
-void write_prediction_report(const std::string& dir, const PatchCore& model, const std::vector<PredictedImage>& images,
+void write_prediction_report(const std::string& dir, const ImageTransform& transform, const std::vector<PredictedImage>& images,
                              float vmax, double ms_per_image, const std::string& model_dir) {
   std::vector<cv::Mat> maps;
   for (const auto& image : images) maps.push_back(image.anomaly_map);
@@ -119,7 +107,7 @@ void write_prediction_report(const std::string& dir, const PatchCore& model, con
       if (used[stem]++) stem += "_" + std::to_string(used[stem] - 1);
       const std::string overlay = stem + "_overlay.png", raw = stem + "_map.npy";
       write_png(tmp + "/" + overlay,
-                heatmap_overlay(model_view(model, image.image_path), image.anomaly_map, vmin, vmax));
+                heatmap_overlay(model_view(transform, image.image_path), image.anomaly_map, vmin, vmax));
       write_npy(tmp + "/" + raw, image.anomaly_map.ptr<float>(), {image.anomaly_map.rows, image.anomaly_map.cols});
       csv += csv_field(image.image_path) + "," + std::to_string(image.score) + "," + overlay + "," + raw + "\n";
       summary["images"].push_back(
@@ -144,7 +132,7 @@ std::string evaluation_metrics_json(const EvaluationResult& r, const std::string
   return metrics.dump(2) + "\n";
 }
 
-void write_evaluation_report(const std::string& dir, const PatchCore& model, const EvaluationResult& r,
+void write_evaluation_report(const std::string& dir, const ImageTransform& transform, const EvaluationResult& r,
                              const std::string& metrics_json, const ProgressCallback& progress) {
   std::vector<cv::Mat> maps;
   for (const auto& image : r.images) maps.push_back(image.anomaly_map);
@@ -157,7 +145,7 @@ void write_evaluation_report(const std::string& dir, const PatchCore& model, con
       const auto& image = r.images[i];
       const std::string overlay = "overlays/" + image.sample.defect_type + "_" +
                                   std::filesystem::path(image.sample.image_path).stem().string() + ".png";
-      cv::Mat picture = heatmap_overlay(model_view(model, image.sample.image_path), image.anomaly_map, vmin, vmax);
+      cv::Mat picture = heatmap_overlay(model_view(transform, image.sample.image_path), image.anomaly_map, vmin, vmax);
       // The ground-truth outline on top, so misses and false alarms are visible at a glance.
       std::vector<std::vector<cv::Point>> contours;
       cv::findContours(image.mask, contours, cv::RETR_EXTERNAL, cv::CHAIN_APPROX_SIMPLE);

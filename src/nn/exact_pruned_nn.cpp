@@ -1,5 +1,6 @@
 #include "patchcore/nn/exact_pruned_nn.h"
 
+#include <ATen/ATen.h>
 #include <faiss/IndexFlat.h>
 
 #include <stdexcept>
@@ -75,6 +76,12 @@ void ExactPrunedNN::load(const std::string& filename) {
 }
 
 void ExactPrunedNN::reset_index() { bank_.reset(); }
+
+at::Tensor ExactPrunedNN::rows() const {
+  if (!bank_) throw std::logic_error("ExactPrunedNN: rows() before fit() or load()");
+  return at::from_blob(const_cast<float*>(bank_->flat->get_xb()), {bank_->flat->ntotal, bank_->flat->d}, at::kFloat)
+      .clone();
+}
 
 int64_t ExactPrunedNN::size() const { return bank_ ? bank_->flat->ntotal : 0; }
 int64_t ExactPrunedNN::dimension() const { return bank_ ? bank_->flat->d : 0; }

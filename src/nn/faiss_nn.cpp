@@ -148,6 +148,12 @@ void FaissNN::load(const std::string& filename) {
 
 void FaissNN::reset_index() { search_index_.reset(); }
 
+at::Tensor FaissNN::rows() const {
+  const auto* flat = dynamic_cast<const faiss::IndexFlat*>(search_index_.get());
+  if (!flat) throw std::logic_error(std::string(kind()) + ": the index keeps no rows to read back");
+  return at::from_blob(const_cast<float*>(flat->get_xb()), {flat->ntotal, flat->d}, at::kFloat).clone();
+}
+
 int64_t FaissNN::size() const { return search_index_ ? search_index_->ntotal : 0; }
 int64_t FaissNN::dimension() const { return search_index_ ? search_index_->d : 0; }
 

@@ -93,6 +93,29 @@ TEST(Cli, FitPredictEvaluateEndToEnd) {
   EXPECT_NEAR(std::stof(predicted[1][1]), std::stof(rows[1][3]), 1e-5 * std::stof(rows[1][3]));  // test/cut/000.png
 }
 
+TEST(Cli, PredictsAndEvaluatesWithAModelThePublishedCodeSaved) {
+  PATCHCORE_REQUIRE_SHARED(weights, "weights/resnet18-imagenet-stem-to-layer3.pth");
+  PATCHCORE_REQUIRE_SHARED(tire, "data/tire");
+  const std::string data = tiny_tire(tire);
+  const std::string work = patchcore::test::temp_dir();
+  for (const char* kind : {"single", "ensemble"}) {
+    const std::string model = patchcore::test::fixture(std::string("parity/published/") + kind);
+    const CliRun predict = run_cli("predict --model " + model + " --weights " + weights + " " + data +
+                                   "/test/good --out " + work + "/pred_" + kind);
+    ASSERT_EQ(predict.status, 0) << predict.output;
+    EXPECT_EQ(read_csv(work + "/pred_" + kind + "/scores.csv").size(), 3u) << kind;
+    const CliRun evaluate =
+        run_cli("evaluate --model " + model + " --weights " + weights + " --data " + data + " --json " + work +
+                "/metrics_" + kind + ".json");
+    ASSERT_EQ(evaluate.status, 0) << evaluate.output;
+    EXPECT_NE(evaluate.output.find("image_auroc"), std::string::npos) << evaluate.output;
+  }
+  const CliRun without_weights = run_cli("predict --model " + patchcore::test::fixture("parity/published/single") +
+                                         " " + data + "/test/good --out " + work + "/none");
+  EXPECT_NE(without_weights.status, 0);
+  EXPECT_NE(without_weights.output.find("give them with --weights"), std::string::npos) << without_weights.output;
+}
+
 TEST(Cli, BadInputGivesOneLineErrorAndNonZeroExit) {
   PATCHCORE_REQUIRE_SHARED(weights, "weights/resnet18-imagenet-stem-to-layer3.pth");
   PATCHCORE_REQUIRE_SHARED(tire, "data/tire");

@@ -63,6 +63,10 @@ class Backbone {
   BatchNormStatistics batchnorm_statistics_ = BatchNormStatistics::kCheckpoint;
 };
 
+// The torchvision ResNet architectures load_backbone knows: resnet18/34/50/101/152, wide_resnet50_2,
+// wide_resnet101_2, resnext50_32x4d, resnext101_32x8d.
+std::vector<std::string> resnet_names();
+
 // "resnet18" etc. with a torchvision checkpoint, or "torchscript" with a TorchScript file.
 std::shared_ptr<Backbone> load_backbone(const std::string& architecture, const std::string& weights_path,
                                         const std::vector<std::string>& layers);

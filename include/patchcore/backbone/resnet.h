@@ -49,7 +49,6 @@ struct ResNetConfig {
 // Known architectures: resnet18/34/50/101/152, wide_resnet50_2, wide_resnet101_2, resnext50_32x4d,
 // resnext101_32x8d. Throws std::invalid_argument for anything else, listing the known names.
 ResNetConfig resnet_config(const std::string& name);
-std::vector<std::string> resnet_names();
 
 // torchvision.models.ResNet up to `num_stages` of layer1..layer4, the last of them cut after
 // `last_stage_blocks` blocks (all when -1). The pooling head and fc are never needed for patch features,

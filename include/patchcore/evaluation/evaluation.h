@@ -3,6 +3,7 @@
 #include <opencv2/core.hpp>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "patchcore/evaluation/metrics.h"
@@ -42,8 +43,16 @@ struct EvaluationResult {
 
 // A float32 [h, w] anomaly map (PredictResult::masks) as a CV_32F matrix of its own.
 cv::Mat to_mat(const at::Tensor& map);
+// Lowest and highest value over all maps: one colour scale for a whole run, so images compare.
+std::pair<float, float> value_range(const std::vector<cv::Mat>& anomaly_maps);
 
 EvaluationResult evaluate(const PatchCore& model, const std::vector<Sample>& test_set,
+                          const EvaluationOptions& options = {}, const ProgressCallback& progress = {});
+// An ensemble (a published model's members, which share their image transform) combined as the published
+// load_and_evaluate_patchcore.py combines them: each member's image scores min-max normalised over the test set,
+// its maps by their lowest and highest value over all test maps, then the mean over members. One member is
+// evaluated on its raw scores, which give the same metrics.
+EvaluationResult evaluate(const std::vector<const PatchCore*>& members, const std::vector<Sample>& test_set,
                           const EvaluationOptions& options = {}, const ProgressCallback& progress = {});
 
 }  // namespace patchcore

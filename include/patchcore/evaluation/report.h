@@ -20,14 +20,12 @@ cv::Mat heatmap_overlay(const cv::Mat& rgb, const cv::Mat& anomaly_map, float vm
 cv::Mat plot_roc(const RocCurve& roc, double auroc, const std::string& title, int size = 480);
 // Encodes to PNG (8-bit BGR/gray or 16-bit gray) and writes it atomically; throws naming the path.
 void write_png(const std::string& path, const cv::Mat& image);
-// Lowest and highest value over all maps: one colour scale for a whole run, so images compare.
-std::pair<float, float> value_range(const std::vector<cv::Mat>& anomaly_maps);
 // The map scaled from [vmin, vmax] to 0..65535, for tools that read raw maps as 16-bit PNG.
 cv::Mat to_uint16(const cv::Mat& anomaly_map, float vmin, float vmax);
 // A CSV field, quoted when it holds a comma, a quote or a line break.
 std::string csv_field(const std::string& s);
-// The crop of the image file that the model sees, as RGB, for overlays.
-cv::Mat model_view(const PatchCore& model, const std::string& image_path);
+// The crop of the image file that a model with this transform sees, as RGB, for overlays.
+cv::Mat model_view(const ImageTransform& transform, const std::string& image_path);
 
 struct PredictedImage {
   std::string image_path;
@@ -39,7 +37,8 @@ struct PredictedImage {
 // <stem>_overlay.png (heatmap over the view the model saw) and <stem>_map.npy (float32, squared-L2 units), and
 // scores.csv and summary.json for all. Overlays share one colour scale from the lowest map value to the highest,
 // or to `vmax` when it is positive.
-void write_prediction_report(const std::string& dir, const PatchCore& model, const std::vector<PredictedImage>& images,
+void write_prediction_report(const std::string& dir, const ImageTransform& transform,
+                             const std::vector<PredictedImage>& images,
                              float vmax, double ms_per_image, const std::string& model_dir);
 
 // The metrics of an evaluation as JSON text, with what they were computed from.
@@ -48,7 +47,7 @@ std::string evaluation_metrics_json(const EvaluationResult& result, const std::s
 // An evaluation report in the directory `dir`, written whole or not at all: overlays/ (heatmap with the ground
 // truth's outline, one colour scale for all), scores.csv, roc_image.png, roc_pixel.png and metrics.json
 // (`metrics_json`).
-void write_evaluation_report(const std::string& dir, const PatchCore& model, const EvaluationResult& result,
+void write_evaluation_report(const std::string& dir, const ImageTransform& transform, const EvaluationResult& result,
                              const std::string& metrics_json, const ProgressCallback& progress = {});
 
 }  // namespace patchcore

@@ -32,6 +32,7 @@ class ExactPrunedNN : public NearestNeighbourSearch {
   void load(const std::string& filename) override;
   void reset_index() override;
 
+  at::Tensor rows() const override;
   bool is_fitted() const override { return bank_ != nullptr; }
   int64_t size() const override;
   int64_t dimension() const override;

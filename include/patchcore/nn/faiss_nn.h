@@ -31,6 +31,7 @@ class FaissNN : public NearestNeighbourSearch {
   void load(const std::string& filename) override;
   void reset_index() override;
 
+  at::Tensor rows() const override;
   bool is_fitted() const override { return search_index_ != nullptr; }
   int64_t size() const override;
   int64_t dimension() const override;

@@ -32,6 +32,9 @@ class NearestNeighbourSearch {
   // Frees the bank.
   virtual void reset_index() = 0;
 
+  // The bank's rows, [size(), dimension()] float32. Throws std::logic_error for indexes that keep no rows (IVF-PQ).
+  virtual at::Tensor rows() const = 0;
+
   virtual bool is_fitted() const = 0;
   virtual int64_t size() const = 0;       // rows in the bank
   virtual int64_t dimension() const = 0;  // feature length
