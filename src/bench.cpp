@@ -93,6 +93,7 @@ std::string format_bench(const BenchResult& r) {
 
 std::string bench_json(const BenchResult& r) {
   const nlohmann::json j = {
+      {"written_by", std::string("patchcore ") + version()},
       {"train_images", r.train_images},
       {"test_images", r.test_images},
       {"memory_bank_size", r.memory_bank_size},

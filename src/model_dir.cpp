@@ -2,6 +2,7 @@
 
 #include <zlib.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -76,6 +77,14 @@ void write_model_description(const std::string& dir, const std::string& prepend,
       {"batchnorm_statistics", to_string(p.batchnorm_statistics)},
       {"nn_method", d.nn_method},
       {"memory_bank_size", d.memory_bank_size},
+      {"normal_patch_scores",
+       {{"max", d.normal_scores.max}, {"p99", d.normal_scores.p99}, {"patches", d.normal_scores.patches}}},
+      {"provenance",
+       {{"tool", d.provenance.tool},
+        {"created", d.provenance.created},
+        {"data", d.provenance.data},
+        {"train_images", d.provenance.train_images},
+        {"options", json(d.provenance.options)}}},
   };
   const std::string path = ModelDescription::path(dir, prepend);
   std::ofstream out(path);
@@ -123,6 +132,21 @@ ModelDescription read_model_description(const std::string& dir, const std::strin
     d.backbone = j.at("backbone.name").get<std::string>();
     d.nn_method = j.at("nn_method").get<std::string>();
     d.memory_bank_size = j.value("memory_bank_size", int64_t{0});
+    if (j.contains("normal_patch_scores")) {
+      const json& s = j.at("normal_patch_scores");
+      d.normal_scores = {s.at("max").get<float>(), s.at("p99").get<float>(), s.at("patches").get<int64_t>()};
+      if (!std::isfinite(d.normal_scores.max) || !std::isfinite(d.normal_scores.p99) || d.normal_scores.patches < 0)
+        throw std::runtime_error(params_path + ": normal_patch_scores must be finite");
+    }
+    if (j.contains("provenance")) {
+      const json& p = j.at("provenance");
+      d.provenance.tool = p.value("tool", "");
+      d.provenance.created = p.value("created", "");
+      d.provenance.data = p.value("data", "");
+      d.provenance.train_images = p.value("train_images", int64_t{0});
+      if (p.contains("options"))
+        d.provenance.options = p.at("options").get<std::vector<std::pair<std::string, std::string>>>();
+    }
 
     const json& weights = j.at("backbone.weights");
     d.weights_file = weights.at("file").get<std::string>();

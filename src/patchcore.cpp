@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -37,7 +38,18 @@ void check_params(const PatchCoreParams& p) {
   p.transform.validate();
 }
 
+std::string utc_now() {
+  const std::time_t now = std::time(nullptr);
+  std::tm utc{};
+  gmtime_r(&now, &utc);
+  char text[32];
+  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &utc);
+  return text;
+}
+
 }  // namespace
+
+const char* version() { return PATCHCORE_VERSION; }
 
 PatchCore::PatchCore(const std::string& device) : device_(device) { parse_device(device); }
 
@@ -89,6 +101,9 @@ void PatchCore::fit(const std::vector<std::string>& image_paths, const FitOption
   if (image_paths.empty()) throw std::invalid_argument("PatchCore::fit: no training images");
   if (options.batch_size < 1) throw std::invalid_argument("PatchCore::fit: batch size must be at least 1");
   if (options.memory_budget_bytes < 0) throw std::invalid_argument("PatchCore::fit: the memory budget must be >= 0");
+  provenance_.tool = std::string("patchcore ") + version();
+  provenance_.created = utc_now();
+  provenance_.train_images = static_cast<int64_t>(image_paths.size());
   std::unique_ptr<FeatureStore> store;
   at::Tensor summary;  // of all rows, allocated once: growing it chunk by chunk would hold it twice
   ImageBatches batches(image_paths, params_.transform, options.batch_size, timer);
@@ -127,9 +142,10 @@ void PatchCore::fit(const std::vector<std::string>& image_paths, const FitOption
   {
     StageTimer::Scope scope(timer, "store");
     bank = store->gather(selected);
-    store.reset();
   }
   fit_memory_bank(bank, timer);
+  StageTimer::Scope scope(timer, "normal scores");
+  measure_normal_scores(store->rows(), [&](const std::vector<int64_t>& rows) { return store->gather(rows); });
 }
 
 void PatchCore::fit_features(const at::Tensor& features, StageTimer* timer) {
@@ -140,6 +156,23 @@ void PatchCore::fit_features(const at::Tensor& features, StageTimer* timer) {
     sampled = featuresampler_->run(features);
   }
   fit_memory_bank(sampled, timer);
+  StageTimer::Scope scope(timer, "normal scores");
+  measure_normal_scores(features.size(0), [&](const std::vector<int64_t>& rows) {
+    return features.index_select(0, at::tensor(rows, at::kLong));
+  });
+}
+
+void PatchCore::measure_normal_scores(int64_t patches,
+                                      const std::function<at::Tensor(const std::vector<int64_t>&)>& rows) {
+  // Enough evenly spaced patches for a stable 99th percentile, at the cost of a few images' search.
+  constexpr int64_t kSamples = 20000;
+  const int64_t samples = std::min(patches, kSamples);
+  std::vector<int64_t> sample(static_cast<size_t>(samples));
+  for (int64_t i = 0; i < samples; ++i) sample[i] = i * patches / samples;
+  const at::Tensor scores = std::get<0>(std::get<0>(anomaly_scorer_->predict({rows(sample)})).sort());
+  normal_scores_.patches = samples;
+  normal_scores_.max = scores[samples - 1].item<float>();
+  normal_scores_.p99 = scores[std::min(samples - 1, samples * 99 / 100)].item<float>();
 }
 
 void PatchCore::fit_memory_bank(const at::Tensor& bank, StageTimer* timer) {
@@ -195,6 +228,8 @@ void PatchCore::save_to_path(const std::string& save_path, const std::string& pr
   description.params = params_;
   description.nn_method = anomaly_scorer_->nn_method().kind();
   description.memory_bank_size = memory_bank_size();
+  description.normal_scores = normal_scores_;
+  description.provenance = provenance_;
   write_directory_atomically(save_path, [&](const std::string& dir) {
     anomaly_scorer_->save(dir, false, prepend);
     fs::copy_file(net.weights_path(), description.weights_path(dir));
@@ -215,6 +250,8 @@ std::unique_ptr<PatchCore> PatchCore::load_from_path(const std::string& load_pat
     throw std::runtime_error(ModelDescription::path(load_path, prepend) + ": " + e.what());
   }
   model->load_index(load_path, prepend);
+  model->normal_scores_ = d.normal_scores;
+  model->provenance_ = d.provenance;
   return model;
 }
 

@@ -119,13 +119,28 @@ TEST(ImageBatches, ABadFileFailsItsBatchByName) {
   torch::Tensor batch;
   EXPECT_TRUE(batches.next(batch));
   EXPECT_NE(error_of([&] { batches.next(batch); }).find("missing.png"), std::string::npos);
-  // The batches after it are still read.
+  // The batches after it are still read; done() counts the failed batch's images too.
   EXPECT_TRUE(batches.next(batch));
-  EXPECT_EQ(batches.done(), 2u);
+  EXPECT_EQ(batches.done(), 3u);
   EXPECT_FALSE(batches.next(batch));
   // Within a batch, whichever thread read them, the first bad file in order is named.
   ImageBatches three({good, root + "/train/good/first-missing.png", missing}, small_params().transform, 3);
   EXPECT_NE(error_of([&] { three.next(batch); }).find("first-missing.png"), std::string::npos);
+  // Per image: a bad file costs only itself, and the batch's other images come with their positions.
+  ImageBatches per_image({missing, good, root + "/train/good/first-missing.png", good}, small_params().transform, 3);
+  ImageBatch first;
+  ASSERT_TRUE(per_image.next(first));
+  EXPECT_EQ(first.indices, (std::vector<size_t>{1}));
+  ASSERT_EQ(first.failures.size(), 2u);
+  EXPECT_EQ(first.failures[0].first, 0u);
+  EXPECT_NE(error_of([&] { std::rethrow_exception(first.failures[1].second); }).find("first-missing.png"),
+            std::string::npos);
+  EXPECT_TRUE(torch::equal(first.images[0], small_params().transform.load(good)));
+  ImageBatch second;
+  ASSERT_TRUE(per_image.next(second));
+  EXPECT_EQ(second.indices, (std::vector<size_t>{3}));
+  EXPECT_TRUE(second.failures.empty());
+  EXPECT_FALSE(per_image.next(second));
   // Dropping batches with a read still in flight waits for it.
   ImageBatches abandoned({good, good, good}, small_params().transform, 1);
   EXPECT_THROW(ImageBatches({good}, small_params().transform, 0), std::invalid_argument);
@@ -153,8 +168,8 @@ TEST(Bench, ReportsEveryStageOfFitAndPredict) {
     predict_stages.push_back(stage);
     EXPECT_GT(ms, 0) << stage;
   }
-  EXPECT_EQ(fit_stages,
-            (std::vector<std::string>{"backbone", "coreset", "decode", "decode wait", "embedding", "index", "store"}));
+  EXPECT_EQ(fit_stages, (std::vector<std::string>{"backbone", "coreset", "decode", "decode wait", "embedding", "index",
+                                                  "normal scores", "store"}));
   EXPECT_EQ(predict_stages,
             (std::vector<std::string>{"backbone", "decode", "decode wait", "embedding", "search", "segmentation"}));
   EXPECT_GT(r.predict_ms_per_image, 0);

@@ -4,6 +4,7 @@
 //                                        backbone's architecture and weights file with its size and CRC-32
 //   {prepend}nnscorer_search_index.faiss FAISS's own index format (faiss.read_index in Python opens it)
 //   {prepend}backbone.pth / backbone.pt  a copy of the backbone's weights
+// Models also record how their training patches score (NormalScores) and where they came from (Provenance).
 // Every field is checked when read: integers against their ranges before they size anything, the weights file
 // against its recorded size and CRC-32, and file names against leaving the directory.
 #include <cstdint>
@@ -34,6 +35,8 @@ struct ModelDescription {
   PatchCoreParams params;
   std::string nn_method;  // NearestNeighbourSearch::kind()
   int64_t memory_bank_size = 0;
+  NormalScores normal_scores;  // optional: patches 0 where not recorded
+  Provenance provenance;       // optional
 
   // The description file of a model directory.
   static std::string path(const std::string& dir, const std::string& prepend = "");

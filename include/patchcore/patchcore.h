@@ -46,6 +46,27 @@ struct PredictResult {
   std::vector<at::Tensor> masks;  // one [crop, crop] float32 map per image
 };
 
+// How the training patches score against the memory bank, measured by fit on up to 20,000 evenly spaced ones.
+// The coreset leaves most training patches out of the bank, so these are the scores of normal patches: a scale
+// known from the model alone (all zero when every patch is in the bank).
+struct NormalScores {
+  float max = 0;
+  float p99 = 0;
+  int64_t patches = 0;  // how many were scored; 0 when not measured (a model loaded from an older directory)
+};
+
+// Where a fitted model came from, recorded in its model directory.
+struct Provenance {
+  std::string tool;     // "patchcore <version>"
+  std::string created;  // UTC, ISO 8601
+  std::string data;     // the training data's folder, where the caller says
+  int64_t train_images = 0;
+  std::vector<std::pair<std::string, std::string>> options;  // as the caller gave them (the CLI: its flags)
+};
+
+// This build's version, e.g. "0.2.0".
+const char* version();
+
 // How fit holds the training features.
 struct FitOptions {
   int64_t batch_size = 2;  // images per forward pass
@@ -106,6 +127,11 @@ class PatchCore {
   at::Tensor memory_bank() const { return anomaly_scorer_->nn_method().rows(); }
 
   const PatchCoreParams& params() const { return params_; }
+  const NormalScores& normal_scores() const { return normal_scores_; }
+  // Set by fit (tool, date, image count); the caller adds the data folder and options before save_to_path.
+  Provenance& provenance() { return provenance_; }
+  const Provenance& provenance() const { return provenance_; }
+  void set_normal_scores(const NormalScores& scores) { normal_scores_ = scores; }
   // Why load() kept the checkpoint's BatchNorm statistics although the reference update was requested; empty
   // when it applied the update or was asked not to.
   const std::string& batchnorm_note() const { return batchnorm_note_; }
@@ -116,12 +142,16 @@ class PatchCore {
  private:
   void require_loaded(const char* what) const;
   void fit_memory_bank(const at::Tensor& bank, StageTimer* timer);
+  // Scores a sample of the `patches` training patches, read by `rows`, against the fitted bank.
+  void measure_normal_scores(int64_t patches, const std::function<at::Tensor(const std::vector<int64_t>&)>& rows);
   // Throws when fitting `rows` patches of `dim` features would exceed the budget (0: no budget).
   void check_fit_memory(int64_t rows, int64_t dim, int64_t budget_bytes) const;
 
   std::string device_;
   PatchCoreParams params_;
   std::string batchnorm_note_;
+  NormalScores normal_scores_;
+  Provenance provenance_;
   std::unique_ptr<NetworkFeatureAggregator> feature_aggregator_;
   std::unique_ptr<PatchMaker> patch_maker_;
   // The reference's patch_maker, preprocessing and preadapt_aggregator in one pass (patch_embedder.h).

@@ -12,7 +12,7 @@ the oracle's 224x224 maps; image and pixel AUROC of the oracle are sklearn's. Th
 own `evaluate` (tests/evaluation checks them against sklearn and a brute-force AUPRO). Masks are resized and
 cropped like the images and binarised at 0.5, as run_reference.py does.
 
-usage: /usr/bin/python3 scripts/parity/compare.py DATA [--seeds 0 1 2] [--threads 2] [--out DIR]
+usage: [PATCHCORE_CLI=build/patchcore] /usr/bin/python3 scripts/parity/compare.py DATA [--seeds 0 1 2] [--threads 2] [--out DIR]
 Needs Debian's python3-torch, -torchvision, -faiss, -sklearn, -scipy, -pil, -tqdm and a built build/patchcore.
 Prints a Markdown table; --out keeps the dumps, models and metrics.
 """
@@ -32,7 +32,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SHARED = os.environ.get("PATCHCORE_SHARED", os.path.join(ROOT, "..", "shared"))
 REFERENCE = os.path.join(SHARED, "reference", "run_reference.py")
 WEIGHTS = os.path.join(SHARED, "weights", "resnet18-imagenet-stem-to-layer3.pth")
-CLI = os.path.join(ROOT, "build", "patchcore")
+CLI = os.environ.get("PATCHCORE_CLI", os.path.join(ROOT, "build", "patchcore"))
 
 
 def aupro(maps, masks, limit=0.3):

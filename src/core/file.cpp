@@ -1,5 +1,7 @@
 #include "patchcore/core/file.h"
 
+#include "patchcore/core/output_dir.h"
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -85,6 +87,7 @@ void write_directory_atomically(const std::string& dir, const std::function<void
     if (!target.parent_path().empty()) fs::create_directories(target.parent_path());
     fs::create_directory(tmp);
     write(tmp.string());
+    OutputDirectory::write_manifest(tmp.string());
     if (fs::exists(target)) {
       if (!fs::is_directory(target)) throw std::runtime_error(dir + ": exists and is not a directory");
       // One atomic swap where the file system supports it, so that a process killed at any moment leaves

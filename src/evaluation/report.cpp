@@ -3,7 +3,9 @@
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
 
+#include <ATen/ATen.h>
 #include <cstdio>
+
 #include <filesystem>
 #include <limits>
 #include <map>
@@ -86,41 +88,55 @@ cv::Mat model_view(const ImageTransform& transform, const std::string& image_pat
   return transform.resize_and_crop(load_image_rgb(image_path));
 }
 
-void write_prediction_report(const std::string& dir, const ImageTransform& transform, const std::vector<PredictedImage>& images,
-                             float vmax, double ms_per_image, const std::string& model_dir) {
-  std::vector<cv::Mat> maps;
-  for (const auto& image : images) maps.push_back(image.anomaly_map);
-  // One colour scale for every overlay of the run, so images can be compared with each other.
-  const std::pair<float, float> range = value_range(maps);
-  const float vmin = range.first;
-  if (!(vmax > 0)) vmax = range.second;
-  write_directory_atomically(dir, [&](const std::string& tmp) {
-    std::map<std::string, int> used;
-    std::string csv = "image,score,overlay,map\n";
-    nlohmann::json summary = {{"model", model_dir},
-                              {"ms_per_image", ms_per_image},
-                              {"vmin", vmin},
-                              {"vmax", vmax},
-                              {"images", nlohmann::json::array()}};
-    for (const auto& image : images) {
-      std::string stem = std::filesystem::path(image.image_path).stem().string();
-      if (used[stem]++) stem += "_" + std::to_string(used[stem] - 1);
-      const std::string overlay = stem + "_overlay.png", raw = stem + "_map.npy";
-      write_png(tmp + "/" + overlay,
-                heatmap_overlay(model_view(transform, image.image_path), image.anomaly_map, vmin, vmax));
-      write_npy(tmp + "/" + raw, image.anomaly_map.ptr<float>(), {image.anomaly_map.rows, image.anomaly_map.cols});
-      csv += csv_field(image.image_path) + "," + std::to_string(image.score) + "," + overlay + "," + raw + "\n";
-      summary["images"].push_back(
-          {{"image", image.image_path}, {"score", image.score}, {"overlay", overlay}, {"map", raw}});
-    }
-    write_file_atomically(tmp + "/scores.csv", csv);
-    write_file_atomically(tmp + "/summary.json", summary.dump(2) + "\n");
-  });
+PredictionWriter::PredictionWriter(OutputDirectory& out, const ImageTransform& transform, float vmax)
+    : out_(out), transform_(transform), vmax_(vmax) {
+  if (!(vmax > 0)) throw std::invalid_argument("PredictionWriter: the colour scale's top must be positive");
+  const std::string path = out_.claim("scores.csv");
+  csv_.open(path, std::ios::trunc);
+  if (!csv_) throw std::runtime_error(path + ": cannot write");
+  append_row("image,score,overlay,map,error");
+}
+
+std::string PredictionWriter::unique_stem(const std::string& image_path) {
+  std::string stem = std::filesystem::path(image_path).stem().string();
+  const int seen = stems_[stem]++;
+  return seen ? stem + "_" + std::to_string(seen) : stem;
+}
+
+void PredictionWriter::append_row(const std::string& row) {
+  // One write per row, flushed: a stopped run leaves whole rows.
+  csv_ << row + "\n" << std::flush;
+  if (!csv_) throw std::runtime_error(out_.dir() + "/scores.csv: write failed");
+}
+
+void PredictionWriter::add(const std::string& image_path, float score, const at::Tensor& anomaly_map) {
+  const std::string stem = unique_stem(image_path);
+  const std::string overlay = stem + "_overlay.png", raw = stem + "_map.npy";
+  const cv::Mat map = to_mat(anomaly_map);
+  write_png(out_.claim(overlay), heatmap_overlay(model_view(transform_, image_path), map, 0.f, vmax_));
+  write_npy(out_.claim(raw), map.ptr<float>(), {map.rows, map.cols});
+  char score_text[32];
+  std::snprintf(score_text, sizeof score_text, "%.6f", score);
+  append_row(csv_field(image_path) + "," + score_text + "," + overlay + "," + raw + ",");
+  ++scored_;
+}
+
+void PredictionWriter::add_failure(const std::string& image_path, const std::string& error) {
+  append_row(csv_field(image_path) + ",,,," + csv_field(error));
+  ++failed_;
+}
+
+void PredictionWriter::finish(double ms_per_image, const std::string& model_dir) {
+  const nlohmann::json summary = {
+      {"model", model_dir}, {"images", scored_ + failed_}, {"scored", scored_}, {"failed", failed_}, {"vmin", 0.0},
+      {"vmax", vmax_},      {"ms_per_image", ms_per_image}};
+  write_file_atomically(out_.claim("summary.json"), summary.dump(2) + "\n");
 }
 
 std::string evaluation_metrics_json(const EvaluationResult& r, const std::string& model_dir, const std::string& data,
                                     const std::string& mask_rule) {
-  const nlohmann::json metrics = {{"image_auroc", r.image_auroc},
+  const nlohmann::json metrics = {{"written_by", std::string("patchcore ") + version()},
+                                  {"image_auroc", r.image_auroc},
                                   {"pixel_auroc", r.pixel_auroc},
                                   {"pixel_auroc_defective", r.pixel_auroc_defective},
                                   {"aupro", r.aupro},

@@ -52,7 +52,8 @@ void ImageBatches::start_reading() {
   reading_ = std::move(reading);
 }
 
-bool ImageBatches::next(at::Tensor& batch) {
+bool ImageBatches::next(ImageBatch& batch) {
+  batch = ImageBatch{};
   if (!reading_) return false;
   const std::unique_ptr<Reading> reading = std::move(reading_);
   {
@@ -62,10 +63,25 @@ bool ImageBatches::next(at::Tensor& batch) {
     reading->reader.get();
   }
   start_reading();
-  for (const std::exception_ptr& error : reading->errors)
-    if (error) std::rethrow_exception(error);
-  batch = at::stack(reading->images);
+  std::vector<at::Tensor> images;
+  for (size_t i = 0; i < reading->images.size(); ++i) {
+    if (reading->errors[i]) {
+      batch.failures.emplace_back(reading->begin + i, reading->errors[i]);
+    } else {
+      images.push_back(std::move(reading->images[i]));
+      batch.indices.push_back(reading->begin + i);
+    }
+  }
+  if (!images.empty()) batch.images = at::stack(images);
   done_ += reading->images.size();
+  return true;
+}
+
+bool ImageBatches::next(at::Tensor& images) {
+  ImageBatch batch;
+  if (!next(batch)) return false;
+  if (!batch.failures.empty()) std::rethrow_exception(batch.failures.front().second);
+  images = batch.images;
   return true;
 }
 

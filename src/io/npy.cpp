@@ -1,5 +1,6 @@
 #include "patchcore/io/npy.h"
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -128,7 +129,7 @@ NpyArray parse_npy(std::string_view bytes, const std::string& path) {
 
 NpyArray read_npy(const std::string& path) { return parse_npy(read_file(path), path); }
 
-std::map<std::string, NpyArray> read_npz(const std::string& path) {
+std::map<std::string, NpyArray> read_npz(const std::string& path, const std::vector<std::string>& keys) {
   const std::string bytes = read_file(path);
   const auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
   std::map<std::string, NpyArray> arrays;
@@ -136,9 +137,12 @@ std::map<std::string, NpyArray> read_npz(const std::string& path) {
     for (const auto& [name, record] : zip::stored_records(path, data, bytes.size(), 4096)) {
       if (name.size() < 5 || name.compare(name.size() - 4, 4, ".npy") != 0)
         throw std::runtime_error(path + ": not a NumPy .npz archive: record " + quote_name(name) + " is not a .npy");
-      arrays.emplace(name.substr(0, name.size() - 4),
-                     parse_npy(zip::record_bytes(path, data, bytes.size(), name, record), path + "[" + name + "]"));
+      const std::string key = name.substr(0, name.size() - 4);
+      if (!keys.empty() && std::find(keys.begin(), keys.end(), key) == keys.end()) continue;
+      arrays.emplace(key, parse_npy(zip::record_bytes(path, data, bytes.size(), name, record), path + "[" + name + "]"));
     }
+    for (const std::string& key : keys)
+      if (!arrays.count(key)) throw std::runtime_error(path + ": has no array '" + key + "'");
   } catch (const zip::ZipError& e) {
     throw std::runtime_error(e.what());
   }

@@ -237,13 +237,11 @@ void use_reference_randomness(BaseSampler& sampler, const std::string& npz_path)
   auto* greedy = dynamic_cast<GreedyCoresetSampler*>(&sampler);
   if (!greedy)
     throw std::invalid_argument("--reference-randomness needs a greedy coreset sampler (greedy or approx_greedy)");
-  const std::map<std::string, NpyArray> arrays = read_npz(npz_path);
-  const auto array = [&](const char* key) -> const NpyArray& {
-    const auto it = arrays.find(key);
-    if (it == arrays.end()) throw std::runtime_error(npz_path + ": has no array '" + key + "'");
-    return it->second;
-  };
-  const NpyArray& projection = array("projection");
+  const bool approximate = dynamic_cast<ApproximateGreedyCoresetSampler*>(&sampler) != nullptr;
+  std::map<std::string, NpyArray> arrays =
+      read_npz(npz_path, approximate ? std::vector<std::string>{"projection", "start_points"}
+                                     : std::vector<std::string>{"projection"});
+  const NpyArray& projection = arrays.at("projection");
   if (projection.dtype != "f4" || projection.shape.size() != 2)
     throw std::runtime_error(npz_path + ": 'projection' must be a float32 matrix");
   const std::vector<float> weights = projection.as_float();
@@ -254,12 +252,12 @@ void use_reference_randomness(BaseSampler& sampler, const std::string& npz_path)
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error(npz_path + ": 'projection' does not fit the sampler: " + e.what());
   }
-  if (auto* approximate = dynamic_cast<ApproximateGreedyCoresetSampler*>(&sampler)) {
-    const NpyArray& starts = array("start_points");
+  if (approximate) {
+    const NpyArray& starts = arrays.at("start_points");
     if (starts.dtype != "i8" && starts.dtype != "i4")
       throw std::runtime_error(npz_path + ": 'start_points' must hold integers");
     try {
-      approximate->set_starting_points(starts.as_int64());
+      static_cast<ApproximateGreedyCoresetSampler&>(sampler).set_starting_points(starts.as_int64());
     } catch (const std::invalid_argument& e) {
       throw std::runtime_error(npz_path + ": " + e.what());
     }

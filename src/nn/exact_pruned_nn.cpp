@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <faiss/IndexFlat.h>
 
+#include <filesystem>
 #include <stdexcept>
 
 #include "faiss_index_file.h"
@@ -23,11 +24,21 @@ ExactPrunedNN::ExactPrunedNN(int num_workers) : num_workers_(num_workers) {
 
 ExactPrunedNN::~ExactPrunedNN() = default;
 
-void ExactPrunedNN::install(std::unique_ptr<Bank> bank) {
+void ExactPrunedNN::install(std::unique_ptr<Bank> bank, const std::string& pruning_file) {
   // The new bank replaces the old one even when it cannot be searched: never a half-fitted object.
   bank_.reset();
-  bank->pruning = pruning::build_pruning_index(bank->flat->get_xb(), bank->flat->ntotal, bank->flat->d);
+  const float* rows = bank->flat->get_xb();
+  bank->pruning = pruning_file.empty()
+                      ? pruning::build_pruning_index(rows, bank->flat->ntotal, bank->flat->d)
+                      : pruning::read_pruning_index(pruning_file, rows, bank->flat->ntotal, bank->flat->d);
   bank_ = std::move(bank);
+}
+
+std::string ExactPrunedNN::pruning_filename(const std::string& index_filename) {
+  const std::string extension = ".faiss";
+  const bool faiss = index_filename.size() > extension.size() &&
+                     index_filename.compare(index_filename.size() - extension.size(), extension.size(), extension) == 0;
+  return (faiss ? index_filename.substr(0, index_filename.size() - extension.size()) : index_filename) + ".pruning";
 }
 
 void ExactPrunedNN::fit(const at::Tensor& features) {
@@ -35,7 +46,7 @@ void ExactPrunedNN::fit(const at::Tensor& features) {
   auto bank = std::make_unique<Bank>();
   bank->flat = std::make_unique<faiss::IndexFlatL2>(rows.size(1));
   bank->flat->add(rows.size(0), rows.data_ptr<float>());
-  install(std::move(bank));
+  install(std::move(bank), "");
 }
 
 std::pair<at::Tensor, at::Tensor> ExactPrunedNN::run(int64_t k, const at::Tensor& query_features,
@@ -63,6 +74,7 @@ std::pair<at::Tensor, at::Tensor> ExactPrunedNN::search(int64_t k, const at::Ten
 void ExactPrunedNN::save(const std::string& filename) const {
   if (!bank_) throw std::logic_error("ExactPrunedNN: save() before fit()");
   write_index_file(*bank_->flat, filename);
+  pruning::write_pruning_index(*bank_->pruning, pruning_filename(filename));
 }
 
 void ExactPrunedNN::load(const std::string& filename) {
@@ -72,7 +84,9 @@ void ExactPrunedNN::load(const std::string& filename) {
   if (!bank->flat)
     throw std::runtime_error(filename + ": holds a FAISS index of another kind than ExactPrunedNN expects");
   index.release();
-  install(std::move(bank));
+  std::error_code ec;
+  const std::string pruning_file = pruning_filename(filename);
+  install(std::move(bank), std::filesystem::exists(pruning_file, ec) ? pruning_file : "");
 }
 
 void ExactPrunedNN::reset_index() { bank_.reset(); }

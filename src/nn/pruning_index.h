@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -66,6 +67,16 @@ struct PruningIndex {
 
 // The pruning structure of the bank `rows` ([n, d] float32, finite, kept alive by the caller).
 std::shared_ptr<const PruningIndex> build_pruning_index(const float* rows, int64_t n, int64_t d);
+
+// The structure as a file, so that loading a model does not derive it again (its principal axes and rotation take
+// most of a load): the fields in order, native little-endian, the CRC-32 of the bank it was built for, and the
+// CRC-32 of everything before it last. Written whole or not at all.
+void write_pruning_index(const PruningIndex& index, const std::string& path);
+// The structure in `path` for the bank `rows` ([n, d]). Throws std::runtime_error naming the file when it is
+// damaged, was built for another bank, or any count, index or value is out of place: every slot, cell and box the
+// search reads is checked.
+std::shared_ptr<const PruningIndex> read_pruning_index(const std::string& path, const float* rows, int64_t n,
+                                                       int64_t d);
 
 // How much work a search did.
 struct SearchCounts {

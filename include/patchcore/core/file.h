@@ -19,7 +19,8 @@ void write_file_atomically(const std::string& path, const std::function<void(con
 void write_file_atomically(const std::string& path, std::string_view contents);
 
 // Same for a whole directory: write(tmp_dir) fills a fresh temporary directory `<dir>.tmp-<pid>-<hex>`
-// beside `dir`, which then replaces `dir`. An existing `dir` is exchanged with it in one renameat2(2), so
+// beside `dir`, which, with its manifest (output_dir.h), then replaces `dir`. Callers check `dir` with
+// OutputDirectory::check before the work. An existing `dir` is exchanged with it in one renameat2(2), so
 // a process killed at any moment leaves the old or the new directory whole; only on file systems
 // without RENAME_EXCHANGE is the old one moved aside first. A killed writer can leave its temporary
 // directory behind, which is safe to delete.

@@ -3,10 +3,14 @@
 // scores as CSV and JSON.
 #include <opencv2/core.hpp>
 
+#include <fstream>
+#include <map>
+
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "patchcore/core/output_dir.h"
 #include "patchcore/evaluation/evaluation.h"
 #include "patchcore/evaluation/metrics.h"
 #include "patchcore/patchcore.h"
@@ -27,19 +31,34 @@ std::string csv_field(const std::string& s);
 // The crop of the image file that a model with this transform sees, as RGB, for overlays.
 cv::Mat model_view(const ImageTransform& transform, const std::string& image_path);
 
-struct PredictedImage {
-  std::string image_path;
-  float score = 0;
-  cv::Mat anomaly_map;  // CV_32F crop x crop
-};
+// What predict leaves in its output directory, written as each image is scored, so that memory stays flat however
+// many images there are and a stopped run keeps what it finished:
+//   <stem>_overlay.png  the heatmap over the view the model saw, coloured from 0 to vmax
+//   <stem>_map.npy      the raw map, float32, squared-L2 units
+//   scores.csv          image,score,overlay,map,error: a row per image, appended and flushed when it is scored;
+//                       an unreadable file gets its error and empty other fields
+//   summary.json        counts, the colour scale and the time per image, at the end
+// Images with the same file name get _1, _2, ... after their stem.
+class PredictionWriter {
+ public:
+  PredictionWriter(OutputDirectory& out, const ImageTransform& transform, float vmax);
+  void add(const std::string& image_path, float score, const at::Tensor& anomaly_map);
+  void add_failure(const std::string& image_path, const std::string& error);
+  void finish(double ms_per_image, const std::string& model_dir);
+  size_t scored() const { return scored_; }
+  size_t failed() const { return failed_; }
 
-// The results of predicting `images` into the directory `dir`, written whole or not at all: per image
-// <stem>_overlay.png (heatmap over the view the model saw) and <stem>_map.npy (float32, squared-L2 units), and
-// scores.csv and summary.json for all. Overlays share one colour scale from the lowest map value to the highest,
-// or to `vmax` when it is positive.
-void write_prediction_report(const std::string& dir, const ImageTransform& transform,
-                             const std::vector<PredictedImage>& images,
-                             float vmax, double ms_per_image, const std::string& model_dir);
+ private:
+  std::string unique_stem(const std::string& image_path);
+  void append_row(const std::string& row);
+
+  OutputDirectory& out_;
+  ImageTransform transform_;
+  float vmax_;
+  std::ofstream csv_;
+  std::map<std::string, int> stems_;
+  size_t scored_ = 0, failed_ = 0;
+};
 
 // The metrics of an evaluation as JSON text, with what they were computed from.
 std::string evaluation_metrics_json(const EvaluationResult& result, const std::string& model_dir,

@@ -15,6 +15,13 @@
 
 namespace patchcore {
 
+// One batch: the images that could be read, and the files that could not, with why.
+struct ImageBatch {
+  at::Tensor images;            // [b, 3, crop, crop]; b = indices.size(), undefined when b = 0
+  std::vector<size_t> indices;  // the images' positions in the path list
+  std::vector<std::pair<size_t, std::exception_ptr>> failures;  // the unreadable files' positions and errors
+};
+
 class ImageBatches {
  public:
   // Reading starts at once. `timer` (optional) receives the background thread's reading time under stage
@@ -28,10 +35,12 @@ class ImageBatches {
   ImageBatches& operator=(const ImageBatches&) = delete;
 
   // The next batch into `batch`; false after the last one. Images of the batch that the background thread
-  // has not started yet are read by the caller, so both cores decode while the compute waits. A file that
-  // cannot be read throws here, for the batch it belongs to, with the file named (the first such file of
-  // the batch); the batches after it can still be read.
-  bool next(at::Tensor& batch);
+  // has not started yet are read by the caller, so both cores decode while the compute waits. A file that cannot
+  // be read costs only itself: it is listed in batch.failures.
+  bool next(ImageBatch& batch);
+  // The same where every file must be readable: a failure throws here, naming the batch's first unreadable file;
+  // the batches after it can still be read.
+  bool next(at::Tensor& images);
   // Images in the batches returned so far.
   size_t done() const { return done_; }
   size_t size() const { return paths_.size(); }

@@ -24,9 +24,10 @@ struct NpyArray {
 // Throws std::runtime_error naming the file and the problem (bad magic, unsupported dtype,
 // Fortran order, size that does not match the header).
 NpyArray read_npy(const std::string& path);
-// The arrays of a NumPy .npz archive as np.savez writes it (stored records <key>.npy), by key. Throws
-// std::runtime_error naming the file, and the record, when the archive or an array is damaged.
-std::map<std::string, NpyArray> read_npz(const std::string& path);
+// The arrays of a NumPy .npz archive as np.savez writes it (stored records <key>.npy), by key: those named in
+// `keys`, or every array when `keys` is empty. Throws std::runtime_error naming the file, and the record, when the
+// archive or a requested array is damaged or a requested key is missing.
+std::map<std::string, NpyArray> read_npz(const std::string& path, const std::vector<std::string>& keys = {});
 
 // Written to a temporary file in the same folder and renamed, so a reader never sees half a file.
 void write_npy(const std::string& path, const float* data, const std::vector<int64_t>& shape);

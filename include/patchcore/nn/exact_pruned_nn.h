@@ -27,9 +27,13 @@ class ExactPrunedNN : public NearestNeighbourSearch {
   // brute force (FaissNN), as a pruning structure for one call would cost more than it saves.
   std::pair<at::Tensor, at::Tensor> run(int64_t n_nearest_neighbours, const at::Tensor& query_features,
                                         const at::Tensor& index_features = {}) const override;
+  // The FAISS index, and beside it the pruning structure (pruning_filename), so that load need not derive it.
   void save(const std::string& filename) const override;
-  // Accepts flat FAISS indexes only.
+  // Accepts flat FAISS indexes only. Reads the pruning structure beside the index when there is one (checked
+  // against the index), and derives it otherwise.
   void load(const std::string& filename) override;
+  // The pruning structure's file for an index file: its name with .pruning for .faiss.
+  static std::string pruning_filename(const std::string& index_filename);
   void reset_index() override;
 
   at::Tensor rows() const override;
@@ -51,7 +55,8 @@ class ExactPrunedNN : public NearestNeighbourSearch {
 
  private:
   struct Bank;  // the flat index and the pruning structure derived from it
-  void install(std::unique_ptr<Bank> bank);
+  // Makes `bank` the searched one, with its pruning structure read from `pruning_file`, or derived when empty.
+  void install(std::unique_ptr<Bank> bank, const std::string& pruning_file);
 
   int num_workers_;
   std::shared_ptr<const Bank> bank_;
