@@ -2,9 +2,9 @@
 // PatchCore::load_from_path and, when that succeeds, used for one prediction.
 //
 // Input layout: patchcore_params.json, kSeparator, nnscorer_search_index.faiss[, kSeparator,
-// nnscorer_features.npy]. The backbone is a small TorchScript feature extractor
-// (fuzz/model_dir_backbone.pt, written by scripts/fuzz/make_corpus.py) copied into the directory once, so
-// the seeds' size and CRC-32 match it and the fuzzer spends its time on the JSON, the index and the bank.
+// nnscorer_features.npy[, kSeparator, nnscorer_search_index.pruning]]. The backbone is a small TorchScript feature
+// extractor (fuzz/model_dir_backbone.pt, written by scripts/fuzz/make_corpus.py) copied into the directory once, so the
+// seeds' size and CRC-32 match it and the fuzzer spends its time on the JSON, the index and the bank.
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -15,7 +15,10 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "patchcore/nn/exact_pruned_nn.h"
 #include "patchcore/patchcore.h"
 
 namespace fs = std::filesystem;
@@ -52,18 +55,26 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string input(reinterpret_cast<const char*>(data), size);
   const std::string separator(kSeparator);
-  const size_t first = input.find(separator);
-  const size_t second = first == std::string::npos ? first : input.find(separator, first + separator.size());
+  std::vector<std::string> parts;  // params, index, features, pruning structure
+  for (size_t begin = 0;;) {
+    const size_t end = input.find(separator, begin);
+    parts.push_back(input.substr(begin, end == std::string::npos ? std::string::npos : end - begin));
+    if (end == std::string::npos) break;
+    begin = end + separator.size();
+  }
+  parts.resize(std::max<size_t>(parts.size(), 2));
   const fs::path dir = model_dir();
-  write(dir / "patchcore_params.json", input.substr(0, first));
-  write(patchcore::NearestNeighbourScorer::index_filename(dir, ""),
-        first == std::string::npos ? std::string()
-                                   : input.substr(first + separator.size(), second - first - separator.size()));
-  const fs::path features = patchcore::NearestNeighbourScorer::features_filename(dir, "");
-  if (second == std::string::npos)
-    fs::remove(features);
-  else
-    write(features, input.substr(second + separator.size()));
+  write(dir / "patchcore_params.json", parts[0]);
+  const std::string index = patchcore::NearestNeighbourScorer::index_filename(dir, "");
+  write(index, parts[1]);
+  const std::pair<std::string, size_t> optional[] = {{patchcore::NearestNeighbourScorer::features_filename(dir, ""), 2},
+                                                     {patchcore::ExactPrunedNN::pruning_filename(index), 3}};
+  for (const auto& [path, part] : optional) {
+    if (parts.size() > part)
+      write(path, parts[part]);
+    else
+      fs::remove(path);
+  }
 
   std::unique_ptr<patchcore::PatchCore> model;
   try {

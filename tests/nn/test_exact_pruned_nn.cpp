@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include "common_fixtures.h"
@@ -167,6 +168,53 @@ TEST(ExactPrunedNN, DuplicateRowsComeInIndexOrder) {
   auto [cd, ci] = constant.run(20, torch::full({2, 33}, -0.5f));
   EXPECT_TRUE(torch::equal(ci, torch::arange(20).expand({2, 20})));
   EXPECT_TRUE(torch::equal(cd, torch::full({2, 20}, 4.0f * 33)));
+}
+
+TEST(ExactPrunedNN, ItsPruningStructureIsSavedBesideTheIndexAndCheckedWhenLoaded) {
+  const std::string dir = test::temp_dir();
+  const torch::Tensor bank = clustered(900, 64, 10, 11);
+  const torch::Tensor queries = clustered(120, 64, 10, 12);
+  ExactPrunedNN nn(2);
+  nn.fit(bank);
+  nn.save(dir + "/bank.faiss");
+  const std::string pruning = dir + "/bank.pruning";
+  ASSERT_EQ(ExactPrunedNN::pruning_filename(dir + "/bank.faiss"), pruning);
+  ASSERT_TRUE(std::filesystem::exists(pruning));
+  const auto expected = nn.run(3, queries);
+
+  // Read back rather than derived: the same neighbours, with the same work.
+  ExactPrunedNN loaded(2), derived(2);
+  loaded.load(dir + "/bank.faiss");
+  derived.fit(bank);
+  ExactPrunedNN::Stats read_stats, derived_stats;
+  const auto result = loaded.search(3, queries, &read_stats);
+  derived.search(3, queries, &derived_stats);
+  EXPECT_TRUE(torch::equal(result.first, expected.first));
+  EXPECT_TRUE(torch::equal(result.second, expected.second));
+  EXPECT_EQ(read_stats.refined, derived_stats.refined);
+  EXPECT_EQ(read_stats.exact, derived_stats.exact);
+
+  // A damaged structure, or one built for another bank, is refused by name.
+  std::ifstream in(pruning, std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), {});
+  std::string flipped = bytes;
+  flipped[bytes.size() / 2] ^= 4;
+  std::ofstream(pruning, std::ios::binary) << flipped;
+  EXPECT_NE(error_of([&] {
+              ExactPrunedNN(1).load(dir + "/bank.faiss");
+            }).find(pruning + ": not a usable pruning structure: CRC-32"),
+            std::string::npos);
+  ExactPrunedNN other(2);
+  other.fit(clustered(900, 64, 10, 13));
+  other.save(dir + "/other.faiss");
+  std::filesystem::copy_file(dir + "/other.pruning", pruning, std::filesystem::copy_options::overwrite_existing);
+  EXPECT_NE(error_of([&] { ExactPrunedNN(1).load(dir + "/bank.faiss"); }).find("built for another memory bank"),
+            std::string::npos);
+  // Without the file the structure is derived again.
+  std::filesystem::remove(pruning);
+  ExactPrunedNN rebuilt(2);
+  rebuilt.load(dir + "/bank.faiss");
+  EXPECT_TRUE(torch::equal(rebuilt.run(3, queries).second, expected.second));
 }
 
 TEST(ExactPrunedNN, SavedIndexIsAFlatFaissIndex) {
