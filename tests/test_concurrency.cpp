@@ -13,7 +13,7 @@
 #include "patchcore/core/parallel.h"
 #include "patchcore/io/dataset.h"
 #include "patchcore/patchcore.h"
-#include "support.h"
+#include "common_fixtures.h"
 
 using namespace patchcore;
 
@@ -77,10 +77,7 @@ TEST(Concurrency, TorchScriptPredictionsEqualSerialOnesBitForBit) {
   set_num_threads(2);
   // torchvision's create_feature_extractor over a two-convolution net, scripted (scripts/fixtures/make_common.py).
   auto backbone = std::make_shared<TorchScriptBackbone>(test::fixture("common/tiny_feature_extractor.pt"));
-  PatchCoreParams params;
-  params.layers_to_extract_from = {"low", "high"};
-  params.pretrain_embed_dimension = params.target_embed_dimension = 16;
-  params.transform.resize = params.transform.crop = 32;
+  const PatchCoreParams params = test::tiny_extractor_params();
   PatchCore model;
   model.load(backbone, params, std::make_shared<RandomSampler>(0.25, 0));
   torch::manual_seed(3);

@@ -147,10 +147,7 @@ TEST(Parity, TorchScriptBackboneGetsTheSameTrainingModeForward) {
   // after one training-mode forward of an all-ones 3x32x32 image.
   auto backbone = std::make_shared<TorchScriptBackbone>(test::fixture("parity/tiny_bn_extractor.pt"));
   const auto golden = read_npz(test::fixture("parity/tiny_bn_after_update.npz"));
-  PatchCoreParams params;
-  params.layers_to_extract_from = {"low", "high"};
-  params.pretrain_embed_dimension = params.target_embed_dimension = 16;
-  params.transform.resize = params.transform.crop = 32;
+  const PatchCoreParams params = test::tiny_extractor_params();
   PatchCore model;
   model.load(backbone, params);
   EXPECT_EQ(model.params().batchnorm_statistics, BatchNormStatistics::kReferenceUpdate);
@@ -168,10 +165,7 @@ TEST(Parity, TorchScriptBackboneGetsTheSameTrainingModeForward) {
 
 TEST(Parity, TorchScriptBackboneWithoutBatchNormKeepsItsStatisticsAndSaysWhy) {
   auto backbone = std::make_shared<TorchScriptBackbone>(test::fixture("common/tiny_feature_extractor.pt"));
-  PatchCoreParams params;
-  params.layers_to_extract_from = {"low", "high"};
-  params.pretrain_embed_dimension = params.target_embed_dimension = 16;
-  params.transform.resize = params.transform.crop = 32;
+  const PatchCoreParams params = test::tiny_extractor_params();
   PatchCore model;
   model.load(backbone, params);
   EXPECT_EQ(model.params().batchnorm_statistics, BatchNormStatistics::kCheckpoint);
