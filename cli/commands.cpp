@@ -18,10 +18,12 @@
 #include "patchcore/core/device.h"
 #include "patchcore/core/file.h"
 #include "patchcore/core/output_dir.h"
+#include "patchcore/evaluation/calibration.h"
 #include "patchcore/evaluation/evaluation.h"
 #include "patchcore/evaluation/report.h"
 #include "patchcore/io/dataset.h"
 #include "patchcore/io/image_batches.h"
+#include "patchcore/model_dir.h"
 #include "patchcore/published_model.h"
 
 namespace fs = std::filesystem;
@@ -97,15 +99,6 @@ PatchCoreEnsemble load_model(const std::string& model_dir, const std::string& we
   return model;
 }
 
-// The top of the overlays' colour scale that the model itself gives: twice the highest score of its training
-// patches, so that what looks like the training data stays in the cold half; none for models that did not record it.
-std::optional<float> model_colour_scale(const PatchCoreEnsemble& model) {
-  if (model.members().size() != 1) return std::nullopt;
-  const NormalScores& normal = model.members().front()->normal_scores();
-  if (normal.patches == 0 || !(normal.max > 0)) return std::nullopt;
-  return 2.0f * normal.max;
-}
-
 // Image files from the inputs: files as given (a missing one is that image's failure, not the run's), directories'
 // image files in sorted order.
 std::vector<std::string> collect_images(const std::vector<std::string>& inputs) {
@@ -134,16 +127,23 @@ std::string message_of(const std::exception_ptr& error) {
   }
 }
 
-// What predict prints per image: a line on stdout (tab-separated image and score, or a JSON object), and for an
-// image that failed, also one line on stderr.
+// What predict prints per image: a line on stdout (tab-separated image, score and, for a calibrated model,
+// normalised score and OK/NG; or a JSON object), and for an image that failed, also one line on stderr.
 class ResultLines {
  public:
-  explicit ResultLines(bool json) : json_(json) {}
+  ResultLines(bool json, std::optional<Threshold> threshold) : json_(json), threshold_(std::move(threshold)) {}
   void scored(const std::string& image, float score, double ms) {
-    if (json_)
-      print(nlohmann::json{{"image", image}, {"score", score}, {"ms", ms}}.dump());
-    else
-      print(image + "\t" + std::to_string(score));
+    nlohmann::json j{{"image", image}, {"score", score}};
+    std::string line = image + "\t" + std::to_string(score);
+    if (threshold_) {
+      const double normalized = threshold_->normalize(score);
+      const char* label = threshold_->is_anomalous(score) ? "NG" : "OK";
+      j["normalized_score"] = normalized;
+      j["label"] = label;
+      line += "\t" + std::to_string(normalized) + "\t" + label;
+    }
+    j["ms"] = ms;
+    print(json_ ? j.dump() : line);
   }
   void failed(const std::string& image, const std::string& error) {
     std::fprintf(stderr, "patchcore: %s\n", error.c_str());
@@ -156,7 +156,13 @@ class ResultLines {
     std::fflush(stdout);
   }
   bool json_;
+  std::optional<Threshold> threshold_;
 };
+
+// The calibration predict decides with: a single model's own (an ensemble's combined scores have no threshold).
+Calibration calibration_of(const PatchCoreEnsemble& model) {
+  return model.members().size() == 1 ? model.members().front()->calibration() : Calibration{};
+}
 
 // Scores `batch` and hands out each image's result; the writer starts with the first scored batch when the colour
 // scale comes from it.
@@ -164,7 +170,7 @@ struct PredictRun {
   const PatchCoreEnsemble& model;
   std::optional<OutputDirectory> out;
   std::unique_ptr<PredictionWriter> writer;
-  std::optional<float> vmax;
+  std::optional<ColourScale> scale;
   ResultLines lines;
 
   void failure(const std::string& image, const std::string& error) {
@@ -172,19 +178,22 @@ struct PredictRun {
     if (writer) writer->add_failure(image, error);
     failures.emplace_back(image, error);
   }
+  void start_writer(float fallback_vmax) {
+    if (!scale) {
+      scale = ColourScale{0.f, fallback_vmax > 0 ? fallback_vmax : 1.0f};
+      spdlog::info(
+          "the model records no scale of its scores: overlays are coloured up to {:.4g}, the highest map value of "
+          "the first images (set one with --vmax)",
+          scale->vmax);
+    }
+    writer = std::make_unique<PredictionWriter>(*out, model.params().transform, calibration_of(model), *scale);
+    for (const auto& [image, error] : failures) writer->add_failure(image, error);
+  }
   void scored(const std::vector<std::string>& images, const PredictResult& result, double ms_per_image) {
     if (out && !writer) {
-      if (!vmax) {
-        float highest = 0.f;
-        for (const auto& m : result.masks) highest = std::max(highest, m.max().item<float>());
-        vmax = highest > 0 ? highest : 1.0f;
-        spdlog::info(
-            "the model records no scale of its scores: overlays are coloured up to {:.4g}, the highest map "
-            "value of the first images (set one with --vmax)",
-            *vmax);
-      }
-      writer = std::make_unique<PredictionWriter>(*out, model.params().transform, *vmax);
-      for (const auto& [image, error] : failures) writer->add_failure(image, error);
+      float highest = 0.f;
+      for (const auto& m : result.masks) highest = std::max(highest, m.max().item<float>());
+      start_writer(highest);
     }
     for (size_t i = 0; i < images.size(); ++i) {
       if (writer) writer->add(images[i], result.scores[i], result.masks[i]);
@@ -214,6 +223,40 @@ int fit(const ModelOptions& o, int threads) {
   return kExitSuccess;
 }
 
+int calibrate(const CalibrateOptions& o, int threads) {
+  if (is_published_model(o.model))
+    throw std::runtime_error(o.model + ": a model the published PatchCore saved has no place for thresholds; fit one "
+                             "with patchcore fit to calibrate it");
+  // Labelled validation images where the folder has a test split; good images only otherwise.
+  const bool labelled = fs::is_directory(fs::path(o.data) / "test");
+  const std::vector<Sample> samples = labelled ? MVTecDataset::test(o.data) : MVTecDataset::train(o.data);
+  const auto model = PatchCore::load_from_path(o.model, "cpu", threads);
+  const std::string data = fs::absolute(o.data).lexically_normal().string();
+  if (!model->provenance().data.empty() && !labelled && data == model->provenance().data)
+    spdlog::warn("calibrating on the images the model was fitted on: their scores are lower than new good images' "
+                 "will be, so the threshold is too; prefer good images the model has not seen");
+  CalibrationOptions options;
+  options.quantile = o.quantile;
+  options.scoring.batch_size = o.batch_size;
+  options.scoring.mask_rule = o.mask_rule == "reference" ? MaskRule::kReference : MaskRule::kHalf;
+  spdlog::info("calibrating on {} {} images from {}", samples.size(), labelled ? "labelled" : "good", o.data);
+  const Calibration c = patchcore::calibrate(*model, samples, data, options, progress_bar());
+  write_model_calibration(o.model, c);
+  for (const auto& [name, t] : {std::pair{"image", c.image}, std::pair{"pixel", c.pixel}}) {
+    if (!t) continue;
+    std::printf("%s_threshold %.6g (%s", name, t->value, to_string(t->method));
+    if (t->method == Threshold::Method::kF1Max)
+      std::printf(", F1 %.4f over %lld good and %lld defective images", t->f1, static_cast<long long>(t->good_images),
+                  static_cast<long long>(t->defective_images));
+    else
+      std::printf(" %.4g of %lld good images' %s", t->quantile, static_cast<long long>(t->good_images),
+                  std::string(name) == "image" ? "scores" : "highest map values");
+    std::printf(")\n");
+  }
+  spdlog::info("thresholds written to {}", ModelDescription::path(o.model));
+  return kExitSuccess;
+}
+
 int predict(const PredictOptions& o, int threads) {
   std::vector<std::string> inputs{o.model, o.weights};
   inputs.insert(inputs.end(), o.inputs.begin(), o.inputs.end());
@@ -221,9 +264,12 @@ int predict(const PredictOptions& o, int threads) {
   const auto load_start = Clock::now();
   const PatchCoreEnsemble model = load_model(o.model, o.weights, threads);
   spdlog::info("model {} loaded in {:.0f} ms", o.model, ms_since(load_start));
-  const std::optional<float> model_scale = model_colour_scale(model);
-  PredictRun run{model, std::nullopt, nullptr, o.vmax > 0 ? std::optional<float>(o.vmax) : model_scale,
-                 ResultLines(o.json || o.from_stdin)};
+  std::optional<ColourScale> scale;
+  if (o.vmax > 0)
+    scale = ColourScale{0.f, static_cast<float>(o.vmax)};
+  else if (model.members().size() == 1)
+    scale = model_colour_scale(*model.members().front());
+  PredictRun run{model, std::nullopt, nullptr, scale, ResultLines(o.json || o.from_stdin, calibration_of(model).image)};
   if (!o.out.empty()) run.out.emplace(o.out, inputs);
   const ImageTransform& transform = model.params().transform;
   size_t images = 0;
@@ -262,11 +308,7 @@ int predict(const PredictOptions& o, int threads) {
     }
   }
   const double ms = images ? ms_since(start) / static_cast<double>(images) : 0.0;
-  if (run.out && !run.writer) {  // nothing scored: the failures still get their rows
-    run.vmax = run.vmax.value_or(1.0f);
-    run.writer = std::make_unique<PredictionWriter>(*run.out, transform, *run.vmax);
-    for (const auto& [image, error] : run.failures) run.writer->add_failure(image, error);
-  }
+  if (run.out && !run.writer) run.start_writer(1.0f);  // nothing scored: the failures still get their rows
   if (run.writer) run.writer->finish(ms, o.model);
   const size_t failed = run.failures.size();
   spdlog::info("{} images, {} failed, {:.1f} ms per image{}", images, failed, ms,
@@ -278,20 +320,32 @@ int evaluate(const EvaluateOptions& o, int threads) {
   const std::vector<std::string> inputs{o.model, o.weights, o.data};
   if (!o.out.empty()) OutputDirectory::check(o.out, inputs);
   if (!o.json_path.empty()) OutputDirectory::check_file(o.json_path, inputs);
+  const auto test = MVTecDataset::test(o.data);
+  require_both_classes(test, (fs::path(o.data) / "test").string());
   const PatchCoreEnsemble model = load_model(o.model, o.weights, threads);
   std::vector<const PatchCore*> members;
   for (const auto& member : model.members()) members.push_back(member.get());
-  const auto test = MVTecDataset::test(o.data);
   EvaluationOptions options;
   options.batch_size = o.batch_size;
   options.mask_rule = o.mask_rule == "reference" ? MaskRule::kReference : MaskRule::kHalf;
   const EvaluationResult r = patchcore::evaluate(members, test, options, progress_bar());
   const std::string metrics = evaluation_metrics_json(r, o.model, o.data, o.mask_rule);
-  if (!o.out.empty()) write_evaluation_report(o.out, model.params().transform, r, metrics, progress_bar());
+  if (!o.out.empty()) write_evaluation_report(o.out, members, r, metrics, progress_bar());
   if (!o.json_path.empty()) write_file_atomically(o.json_path, metrics);
-  std::printf(
-      "image_auroc %.4f\npixel_auroc %.4f\npixel_auroc_defective %.4f\naupro %.4f\nimages %zu\nms_per_image %.1f\n",
-      r.image_auroc, r.pixel_auroc, r.pixel_auroc_defective, r.aupro, r.images.size(), r.ms_per_image);
+  std::printf("image_auroc %.4f\nimage_aupr %.4f\nimage_f1_max %.4f\n", r.image.auroc, r.image.aupr,
+              r.image.f1_max.f1);
+  if (r.pixel_metrics)
+    std::printf("pixel_auroc %.4f\npixel_auroc_defective %.4f\npixel_aupr %.4f\npixel_f1_max %.4f\naupro %.4f\n",
+                r.pixel.auroc, r.pixel_auroc_defective, r.pixel.aupr, r.pixel.f1_max.f1, r.pro.aupro);
+  else
+    std::printf("pixel metrics: none (%s)\n", r.pixel_note.c_str());
+  if (r.image_confusion)
+    std::printf("at the model's threshold %.4g: %lld of %lld defective images NG, %lld of %lld good images NG\n",
+                r.image_confusion->threshold, static_cast<long long>(r.image_confusion->true_positives),
+                static_cast<long long>(r.image_confusion->true_positives + r.image_confusion->false_negatives),
+                static_cast<long long>(r.image_confusion->false_positives),
+                static_cast<long long>(r.image_confusion->false_positives + r.image_confusion->true_negatives));
+  std::printf("images %zu\nms_per_image %.1f\n", r.images.size(), r.ms_per_image);
   return kExitSuccess;
 }
 

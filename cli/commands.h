@@ -31,7 +31,7 @@ struct PredictOptions {
   std::vector<std::string> inputs;
   bool from_stdin = false;  // image paths from standard input, a JSON line answered per image
   bool json = false;        // JSON lines on stdout instead of tab-separated ones
-  double vmax = 0;          // top of the overlays' colour scale; 0: the model's
+  double vmax = 0;          // top of the overlays' colour scale (from 0); 0: the model's
   int64_t batch_size = 2;
 };
 
@@ -40,7 +40,14 @@ struct EvaluateOptions {
   int64_t batch_size = 2;
 };
 
+struct CalibrateOptions {
+  std::string model, data, mask_rule = "half";
+  double quantile = 0.995;
+  int64_t batch_size = 2;
+};
+
 int fit(const ModelOptions& options, int threads);
+int calibrate(const CalibrateOptions& options, int threads);
 int predict(const PredictOptions& options, int threads);
 int evaluate(const EvaluateOptions& options, int threads);
 int bench(const ModelOptions& model, const BenchOptions& options, const std::string& json_path, int threads);

@@ -123,9 +123,35 @@ int main(int argc, char** argv) {
   predict_cmd->add_option("--out", predict_options.out,
                           "directory for overlays, maps and scores.csv: new, empty, or one predict wrote");
   predict_cmd->add_option("--vmax", predict_options.vmax,
-                          "score shown as full red in overlays (default: the model's, twice its training patches' "
-                          "highest score)");
+                          "score shown as full red in overlays, from 0 (default: the model's: its calibrated pixel "
+                          "threshold in the middle of the scale, or twice its training patches' highest score)");
   predict_cmd->add_option("--batch-size", predict_options.batch_size, "images per forward pass")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+
+  CalibrateOptions calibrate_options;
+  auto* calibrate_cmd = app.add_subcommand(
+      "calibrate", "store decision thresholds in a model: F1-optimal from labelled images, or a quantile of good ones");
+  calibrate_cmd->add_option("--model", calibrate_options.model, "model directory from fit; its thresholds are replaced")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  calibrate_cmd
+      ->add_option("--data", calibrate_options.data,
+                   "validation folder in the MVTec layout: test/<defect> (labelled) or, without test/, train/good "
+                   "(good images only; use images the model was not fitted on)")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  calibrate_cmd
+      ->add_option("--quantile", calibrate_options.quantile,
+                   "for good images only: the quantile of their scores taken as the threshold")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
+  calibrate_cmd
+      ->add_option("--mask-rule", calibrate_options.mask_rule,
+                   "half: resampled mask >= 0.5; reference: == 255 as the Python code")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"half", "reference"}));
+  calibrate_cmd->add_option("--batch-size", calibrate_options.batch_size, "images per forward pass")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
 
@@ -133,7 +159,7 @@ int main(int argc, char** argv) {
   auto* evaluate_cmd = app.add_subcommand("evaluate", "MVTec-style metrics on the test split of a data set");
   evaluate_cmd->add_option("--model", evaluate_options.model, model_help)->required()->check(CLI::ExistingDirectory);
   evaluate_cmd->add_option("--weights", evaluate_options.weights, weights_help)->check(CLI::ExistingFile);
-  evaluate_cmd->add_option("--data", evaluate_options.data, "data set root with test/ and ground_truth/")
+  evaluate_cmd->add_option("--data", evaluate_options.data, "data set root with test/ and, for pixel metrics, ground_truth/")
       ->required()
       ->check(CLI::ExistingDirectory);
   evaluate_cmd->add_option("--out", evaluate_options.out,
@@ -183,6 +209,7 @@ int main(int argc, char** argv) {
       return bench(bench_model, bench_options, bench_json_path, threads);
     }
     if (predict_cmd->parsed()) return predict(predict_options, threads);
+    if (calibrate_cmd->parsed()) return calibrate(calibrate_options, threads);
     return evaluate(evaluate_options, threads);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "patchcore: error: %s\n", e.what());

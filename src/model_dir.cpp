@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <vector>
@@ -28,6 +29,44 @@ int64_t bounded(const json& value, const std::string& key, int64_t low, int64_t 
     throw std::invalid_argument(key + " must be an integer in [" + std::to_string(low) + ", " + std::to_string(high) +
                                 "], got " + value.dump());
   return value.get<int64_t>();
+}
+
+json threshold_json(const Threshold& t) {
+  return {{"value", t.value},
+          {"method", to_string(t.method)},
+          {"quantile", t.quantile},
+          {"f1", t.f1},
+          {"good_images", t.good_images},
+          {"defective_images", t.defective_images},
+          {"scores", t.scores},
+          {"min", t.min},
+          {"max", t.max}};
+}
+
+double finite(const json& value, const std::string& key) {
+  const double v = value.get<double>();
+  if (!std::isfinite(v)) throw std::invalid_argument(key + " must be finite");
+  return v;
+}
+
+std::optional<Threshold> read_threshold(const json& calibration, const std::string& which) {
+  if (!calibration.contains(which) || calibration.at(which).is_null()) return std::nullopt;
+  const json& j = calibration.at(which);
+  const std::string key = "calibration." + which;
+  Threshold t;
+  t.value = finite(j.at("value"), key + ".value");
+  t.method = parse_threshold_method(j.at("method").get<std::string>());
+  t.quantile = finite(j.at("quantile"), key + ".quantile");
+  t.f1 = finite(j.at("f1"), key + ".f1");
+  const int64_t kMax = std::numeric_limits<int64_t>::max();
+  t.good_images = bounded(j.at("good_images"), key + ".good_images", 0, kMax);
+  t.defective_images = bounded(j.at("defective_images"), key + ".defective_images", 0, kMax);
+  t.scores = bounded(j.at("scores"), key + ".scores", 1, kMax);
+  t.min = finite(j.at("min"), key + ".min");
+  t.max = finite(j.at("max"), key + ".max");
+  if (t.min > t.max) throw std::invalid_argument(key + ": min is above max");
+  if (t.quantile < 0 || t.quantile > 1) throw std::invalid_argument(key + ".quantile must be in [0, 1]");
+  return t;
 }
 
 }  // namespace
@@ -59,7 +98,7 @@ std::string ModelDescription::weights_path(const std::string& dir) const {
 
 void write_model_description(const std::string& dir, const std::string& prepend, const ModelDescription& d) {
   const PatchCoreParams& p = d.params;
-  const json j = {
+  json j = {
       {"format", ModelDescription::kFormat},
       {"version", ModelDescription::kFormatVersion},
       {"backbone.name", d.backbone},
@@ -86,10 +125,19 @@ void write_model_description(const std::string& dir, const std::string& prepend,
         {"train_images", d.provenance.train_images},
         {"options", json(d.provenance.options)}}},
   };
-  const std::string path = ModelDescription::path(dir, prepend);
-  std::ofstream out(path);
-  out << j.dump(2) << "\n";
-  if (!out) throw std::runtime_error(path + ": cannot write");
+  const Calibration& c = d.calibration;
+  if (c.image || c.pixel)
+    j["calibration"] = {{"data", c.data},
+                        {"created", c.created},
+                        {"image", c.image ? threshold_json(*c.image) : json()},
+                        {"pixel", c.pixel ? threshold_json(*c.pixel) : json()}};
+  write_file_atomically(ModelDescription::path(dir, prepend), j.dump(2) + "\n");
+}
+
+void write_model_calibration(const std::string& dir, const Calibration& calibration, const std::string& prepend) {
+  ModelDescription d = read_model_description(dir, prepend);
+  d.calibration = calibration;
+  write_model_description(dir, prepend, d);
 }
 
 ModelDescription read_model_description(const std::string& dir, const std::string& prepend) {
@@ -146,6 +194,13 @@ ModelDescription read_model_description(const std::string& dir, const std::strin
       d.provenance.train_images = p.value("train_images", int64_t{0});
       if (p.contains("options"))
         d.provenance.options = p.at("options").get<std::vector<std::pair<std::string, std::string>>>();
+    }
+    if (j.contains("calibration")) {
+      const json& c = j.at("calibration");
+      d.calibration.data = c.value("data", "");
+      d.calibration.created = c.value("created", "");
+      d.calibration.image = read_threshold(c, "image");
+      d.calibration.pixel = read_threshold(c, "pixel");
     }
 
     const json& weights = j.at("backbone.weights");

@@ -38,6 +38,8 @@ void check_params(const PatchCoreParams& p) {
   p.transform.validate();
 }
 
+}  // namespace
+
 std::string utc_now() {
   const std::time_t now = std::time(nullptr);
   std::tm utc{};
@@ -46,8 +48,6 @@ std::string utc_now() {
   std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &utc);
   return text;
 }
-
-}  // namespace
 
 const char* version() { return PATCHCORE_VERSION; }
 
@@ -230,6 +230,7 @@ void PatchCore::save_to_path(const std::string& save_path, const std::string& pr
   description.memory_bank_size = memory_bank_size();
   description.normal_scores = normal_scores_;
   description.provenance = provenance_;
+  description.calibration = calibration_;
   write_directory_atomically(save_path, [&](const std::string& dir) {
     anomaly_scorer_->save(dir, false, prepend);
     fs::copy_file(net.weights_path(), description.weights_path(dir));
@@ -252,6 +253,7 @@ std::unique_ptr<PatchCore> PatchCore::load_from_path(const std::string& load_pat
   model->load_index(load_path, prepend);
   model->normal_scores_ = d.normal_scores;
   model->provenance_ = d.provenance;
+  model->calibration_ = d.calibration;
   return model;
 }
 

@@ -93,8 +93,8 @@ TEST(Evaluation, MetricsOnARealSubsetMatchSklearnOnTheIndependentPipeline) {
   options.batch_size = 4;  // batches of 4 and 2: results must not depend on batching
   const EvaluationResult r = evaluate(*model, subset, options);
   ASSERT_EQ(r.images.size(), subset.size());
-  EXPECT_NEAR(r.image_auroc, golden["image_auroc"].get<double>(), 1e-9);
-  EXPECT_NEAR(r.pixel_auroc, golden["pixel_auroc"].get<double>(), 1e-4);
+  EXPECT_NEAR(r.image.auroc, golden["image_auroc"].get<double>(), 1e-9);
+  EXPECT_NEAR(r.pixel.auroc, golden["pixel_auroc"].get<double>(), 1e-4);
   EXPECT_NEAR(r.pixel_auroc_defective, golden["pixel_auroc_defective"].get<double>(), 1e-4);
   const auto expected_scores = golden["image_scores"].get<std::vector<double>>();
   for (size_t i = 0; i < subset.size(); ++i)
@@ -102,7 +102,7 @@ TEST(Evaluation, MetricsOnARealSubsetMatchSklearnOnTheIndependentPipeline) {
   // AUPRO of the same maps and masks, as the metrics module computes it.
   std::vector<cv::Mat> maps, masks;
   for (const auto& image : r.images) maps.push_back(image.anomaly_map), masks.push_back(image.mask);
-  EXPECT_DOUBLE_EQ(r.aupro, aupro(maps, masks, 0.3));
+  EXPECT_DOUBLE_EQ(r.pro.aupro, aupro(maps, masks, 0.3));
 }
 
 TEST(PatchCore, ModelDirectoryRoundTripNeedsNoOtherFlags) {

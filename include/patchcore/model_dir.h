@@ -4,7 +4,8 @@
 //                                        backbone's architecture and weights file with its size and CRC-32
 //   {prepend}nnscorer_search_index.faiss FAISS's own index format (faiss.read_index in Python opens it)
 //   {prepend}backbone.pth / backbone.pt  a copy of the backbone's weights
-// Models also record how their training patches score (NormalScores) and where they came from (Provenance).
+// Models also record how their training patches score (NormalScores), where they came from (Provenance) and,
+// once calibrated, their decision thresholds (Calibration).
 // Every field is checked when read: integers against their ranges before they size anything, the weights file
 // against its recorded size and CRC-32, and file names against leaving the directory.
 #include <cstdint>
@@ -37,6 +38,7 @@ struct ModelDescription {
   int64_t memory_bank_size = 0;
   NormalScores normal_scores;  // optional: patches 0 where not recorded
   Provenance provenance;       // optional
+  Calibration calibration;     // optional: thresholds from calibrate
 
   // The description file of a model directory.
   static std::string path(const std::string& dir, const std::string& prepend = "");
@@ -44,8 +46,11 @@ struct ModelDescription {
   std::string weights_path(const std::string& dir) const;
 };
 
-// Writes the description file into `dir`.
+// Writes the description file into `dir`, atomically.
 void write_model_description(const std::string& dir, const std::string& prepend, const ModelDescription& description);
+// Replaces the calibration recorded in the model directory `dir` (checked as read_model_description checks it) by
+// rewriting its description file atomically; the other files stay as they are.
+void write_model_calibration(const std::string& dir, const Calibration& calibration, const std::string& prepend = "");
 // Reads and checks the description file of `dir`, and the weights file it names against its digest. Throws
 // std::runtime_error naming the file and the field or problem.
 ModelDescription read_model_description(const std::string& dir, const std::string& prepend = "");

@@ -11,6 +11,7 @@
 #include "patchcore/backbone/backbone.h"
 #include "patchcore/backbone/network_feature_aggregator.h"
 #include "patchcore/core/stage_timer.h"
+#include "patchcore/decision/threshold.h"
 #include "patchcore/embedding/patch_embedder.h"
 #include "patchcore/embedding/patch_maker.h"
 #include "patchcore/io/image.h"
@@ -66,6 +67,8 @@ struct Provenance {
 
 // This build's version, e.g. "0.2.0".
 const char* version();
+// The current time as models record it: UTC, ISO 8601.
+std::string utc_now();
 
 // How fit holds the training features.
 struct FitOptions {
@@ -132,6 +135,9 @@ class PatchCore {
   Provenance& provenance() { return provenance_; }
   const Provenance& provenance() const { return provenance_; }
   void set_normal_scores(const NormalScores& scores) { normal_scores_ = scores; }
+  // The decision thresholds calibrate found, saved with the model; none until then.
+  const Calibration& calibration() const { return calibration_; }
+  void set_calibration(const Calibration& calibration) { calibration_ = calibration; }
   // Why load() kept the checkpoint's BatchNorm statistics although the reference update was requested; empty
   // when it applied the update or was asked not to.
   const std::string& batchnorm_note() const { return batchnorm_note_; }
@@ -152,6 +158,7 @@ class PatchCore {
   std::string batchnorm_note_;
   NormalScores normal_scores_;
   Provenance provenance_;
+  Calibration calibration_;
   std::unique_ptr<NetworkFeatureAggregator> feature_aggregator_;
   std::unique_ptr<PatchMaker> patch_maker_;
   // The reference's patch_maker, preprocessing and preadapt_aggregator in one pass (patch_embedder.h).

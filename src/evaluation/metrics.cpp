@@ -1,5 +1,6 @@
 #include "patchcore/evaluation/metrics.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
@@ -82,7 +83,7 @@ SortedLabels sort_labelled(const float* scores, const uint8_t* labels, size_t n,
   s.negatives = n - s.positives;
   if (s.positives == 0 || s.negatives == 0)
     throw std::invalid_argument(std::string(function) +
-                                ": only one class present in labels; ROC AUC is not defined in that case");
+                                ": only one class present in labels; the metric is not defined in that case");
   sort_by_key(s.packed);
   return s;
 }
@@ -166,7 +167,7 @@ RocCurve roc_curve(const float* scores, const uint8_t* labels, size_t n) {
   return curve;
 }
 
-double aupro(const std::vector<cv::Mat>& anomaly_maps, const std::vector<cv::Mat>& masks, double fpr_limit) {
+ProCurve pro_curve(const std::vector<cv::Mat>& anomaly_maps, const std::vector<cv::Mat>& masks, double fpr_limit) {
   if (!(fpr_limit > 0.0 && fpr_limit <= 1.0))
     throw std::invalid_argument("aupro: fpr_limit must be in (0, 1], got " + std::to_string(fpr_limit));
   if (anomaly_maps.size() != masks.size())
@@ -218,6 +219,9 @@ double aupro(const std::vector<cv::Mat>& anomaly_maps, const std::vector<cv::Mat
 
   // Sweep thresholds from the highest score down, integrating each new segment and stopping at the
   // segment that crosses fpr_limit. The final point is always (1, 1), so that segment exists.
+  ProCurve curve;
+  curve.fpr.push_back(0.0);
+  curve.pro.push_back(0.0);
   long double pro_sum = 0.0L;  // sum over regions of covered fractions, accumulated pixel by pixel
   uint64_t false_positives = 0;
   double prev_fpr = 0.0, prev_pro = 0.0, area = 0.0;
@@ -237,13 +241,80 @@ double aupro(const std::vector<cv::Mat>& anomaly_maps, const std::vector<cv::Mat
     if (fpr > fpr_limit) {
       const double pro_at_limit = prev_pro + (pro - prev_pro) * (fpr_limit - prev_fpr) / (fpr - prev_fpr);
       area += (fpr_limit - prev_fpr) * (pro_at_limit + prev_pro) / 2.0;
+      curve.fpr.push_back(fpr_limit);
+      curve.pro.push_back(pro_at_limit);
       break;
     }
     area += (fpr - prev_fpr) * (pro + prev_pro) / 2.0;
+    curve.fpr.push_back(fpr);
+    curve.pro.push_back(pro);
     prev_fpr = fpr;
     prev_pro = pro;
   }
-  return area / fpr_limit;
+  curve.aupro = area / fpr_limit;
+  return curve;
+}
+
+double aupro(const std::vector<cv::Mat>& anomaly_maps, const std::vector<cv::Mat>& masks, double fpr_limit) {
+  return pro_curve(anomaly_maps, masks, fpr_limit).aupro;
+}
+
+PrCurve precision_recall_curve(const float* scores, const uint8_t* labels, size_t n) {
+  const SortedLabels s = sort_labelled(scores, labels, n, "precision_recall_curve");
+  // A point per distinct score, from the highest down.
+  std::vector<uint64_t> tps, fps;
+  std::vector<uint32_t> keys;
+  for_each_threshold(s.packed, [&](uint64_t tp, uint64_t fp, uint32_t key) {
+    tps.push_back(tp);
+    fps.push_back(fp);
+    keys.push_back(key);
+  });
+  PrCurve curve;
+  for (size_t i = tps.size(); i-- > 0;) {
+    curve.precision.push_back(static_cast<double>(tps[i]) / static_cast<double>(tps[i] + fps[i]));
+    curve.recall.push_back(static_cast<double>(tps[i]) / static_cast<double>(s.positives));
+    curve.thresholds.push_back(static_cast<double>(key_score(keys[i])));
+  }
+  curve.precision.push_back(1.0);
+  curve.recall.push_back(0.0);
+  return curve;
+}
+
+double average_precision(const PrCurve& curve) {
+  double sum = 0.0;
+  for (size_t i = 0; i + 1 < curve.recall.size(); ++i)
+    sum += (curve.recall[i] - curve.recall[i + 1]) * curve.precision[i];
+  return sum;
+}
+
+F1Max f1_max(const PrCurve& curve) {
+  if (curve.thresholds.empty()) throw std::invalid_argument("f1_max: empty precision-recall curve");
+  F1Max best;
+  best.f1 = -1.0;
+  for (size_t i = 0; i < curve.thresholds.size(); ++i) {
+    const double p = curve.precision[i], r = curve.recall[i];
+    const double f1 = 2.0 * p * r / (p + r + 1e-10);
+    if (f1 > best.f1) best = {f1, p, r, curve.thresholds[i]};
+  }
+  return best;
+}
+
+double quantile(std::vector<float> values, double q) {
+  if (values.empty()) throw std::invalid_argument("quantile: no values");
+  if (!(q >= 0.0 && q <= 1.0)) throw std::invalid_argument("quantile: q must be in [0, 1], got " + std::to_string(q));
+  for (float v : values)
+    if (!std::isfinite(v)) throw std::invalid_argument("quantile: values must be finite");
+  const double position = q * static_cast<double>(values.size() - 1);
+  const size_t below = static_cast<size_t>(position);
+  std::nth_element(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(below), values.end());
+  const float low = values[below];
+  if (below + 1 >= values.size()) return low;
+  const float high = *std::min_element(values.begin() + static_cast<std::ptrdiff_t>(below) + 1, values.end());
+  // numpy's _lerp on float32 values: the difference in float32, then a + diff * t, or b - diff * (1 - t) from
+  // t = 0.5 on.
+  const double t = position - static_cast<double>(below);
+  const double diff = high - low;
+  return t >= 0.5 ? high - diff * (1.0 - t) : low + diff * t;
 }
 
 }  // namespace patchcore

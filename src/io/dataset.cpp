@@ -78,9 +78,11 @@ std::vector<Sample> MVTecDataset::test(const std::string& root) {
   for (const std::string& defect : defects) {
     const bool anomalous = defect != "good";
     const fs::path mask_dir = fs::path(root) / "ground_truth" / defect;
+    std::error_code ec;
+    const bool masked = anomalous && fs::is_directory(mask_dir, ec);
     for (const std::string& name : image_names(test_dir / defect)) {
       Sample s{(test_dir / defect / name).string(), "", defect, anomalous};
-      if (anomalous) {
+      if (masked) {
         const fs::path mask = mask_dir / (fs::path(name).stem().string() + "_mask.png");
         std::error_code ec;
         if (!fs::is_regular_file(mask, ec)) fail(s.image_path, "defective test image has no mask " + mask.string());

@@ -14,20 +14,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct CliRun {
-  int status;
-  std::string output;  // stdout and stderr together
-};
-
-CliRun run_cli(const std::string& args) {
-  const std::string command = patchcore::test::cli() + " --threads 2 " + args + " 2>&1";
-  CliRun r{0, ""};
-  FILE* pipe = ::popen(command.c_str(), "r");
-  std::array<char, 4096> buffer;
-  while (size_t n = std::fread(buffer.data(), 1, buffer.size(), pipe)) r.output.append(buffer.data(), n);
-  r.status = ::pclose(pipe);
-  return r;
-}
+using patchcore::test::CliRun;
+using patchcore::test::run_cli_line;
 
 // A small MVTec-layout folder of links to real tire images: 3 good training images, 2 good and
 // 2 cut test images with their masks.
@@ -58,19 +46,19 @@ TEST(Cli, FitPredictEvaluateEndToEnd) {
   const std::string work = patchcore::test::temp_dir();
 
   CliRun fit =
-      run_cli("fit --data " + data + " --weights " + weights + " --out " + work + "/model --coreset 0.25 --seed 3");
-  ASSERT_EQ(fit.status, 0) << fit.output;
-  EXPECT_NE(fit.output.find("memory bank of 588 patches"), std::string::npos) << fit.output;  // int(3·784·0.25)
+      run_cli_line("fit --data " + data + " --weights " + weights + " --out " + work + "/model --coreset 0.25 --seed 3");
+  ASSERT_EQ(fit.status, 0) << fit.output();
+  EXPECT_NE(fit.output().find("memory bank of 588 patches"), std::string::npos) << fit.output();  // int(3·784·0.25)
 
-  CliRun predict = run_cli("predict --model " + work + "/model " + data + "/test/cut " + data +
+  CliRun predict = run_cli_line("predict --model " + work + "/model " + data + "/test/cut " + data +
                            "/test/good/000.png --out " + work + "/pred");
-  ASSERT_EQ(predict.status, 0) << predict.output;
+  ASSERT_EQ(predict.status, 0) << predict.output();
   for (const char* f : {"scores.csv", "summary.json", "000_overlay.png", "000_map.npy", "001_map.npy", "000_1_map.npy"})
     EXPECT_TRUE(fs::exists(work + "/pred/" + f)) << f;
 
-  CliRun evaluate = run_cli("evaluate --model " + work + "/model --data " + data + " --out " + work +
+  CliRun evaluate = run_cli_line("evaluate --model " + work + "/model --data " + data + " --out " + work +
                             "/report --json " + work + "/metrics.json");
-  ASSERT_EQ(evaluate.status, 0) << evaluate.output;
+  ASSERT_EQ(evaluate.status, 0) << evaluate.output();
   std::ifstream json_file(work + "/metrics.json");
   const auto metrics = nlohmann::json::parse(json_file);
   for (const char* key : {"image_auroc", "pixel_auroc", "pixel_auroc_defective", "aupro", "images", "ms_per_image"})
@@ -100,20 +88,20 @@ TEST(Cli, PredictsAndEvaluatesWithAModelThePublishedCodeSaved) {
   const std::string work = patchcore::test::temp_dir();
   for (const char* kind : {"single", "ensemble"}) {
     const std::string model = patchcore::test::fixture(std::string("parity/published/") + kind);
-    const CliRun predict = run_cli("predict --model " + model + " --weights " + weights + " " + data +
+    const CliRun predict = run_cli_line("predict --model " + model + " --weights " + weights + " " + data +
                                    "/test/good --out " + work + "/pred_" + kind);
-    ASSERT_EQ(predict.status, 0) << predict.output;
+    ASSERT_EQ(predict.status, 0) << predict.output();
     EXPECT_EQ(read_csv(work + "/pred_" + kind + "/scores.csv").size(), 3u) << kind;
     const CliRun evaluate =
-        run_cli("evaluate --model " + model + " --weights " + weights + " --data " + data + " --json " + work +
+        run_cli_line("evaluate --model " + model + " --weights " + weights + " --data " + data + " --json " + work +
                 "/metrics_" + kind + ".json");
-    ASSERT_EQ(evaluate.status, 0) << evaluate.output;
-    EXPECT_NE(evaluate.output.find("image_auroc"), std::string::npos) << evaluate.output;
+    ASSERT_EQ(evaluate.status, 0) << evaluate.output();
+    EXPECT_NE(evaluate.output().find("image_auroc"), std::string::npos) << evaluate.output();
   }
-  const CliRun without_weights = run_cli("predict --model " + patchcore::test::fixture("parity/published/single") +
+  const CliRun without_weights = run_cli_line("predict --model " + patchcore::test::fixture("parity/published/single") +
                                          " " + data + "/test/good --out " + work + "/none");
   EXPECT_NE(without_weights.status, 0);
-  EXPECT_NE(without_weights.output.find("give them with --weights"), std::string::npos) << without_weights.output;
+  EXPECT_NE(without_weights.output().find("give them with --weights"), std::string::npos) << without_weights.output();
 }
 
 TEST(Cli, BadInputGivesOneLineErrorAndNonZeroExit) {
@@ -140,10 +128,10 @@ TEST(Cli, BadInputGivesOneLineErrorAndNonZeroExit) {
       {"frobnicate", "subcommand is required"},
   };
   for (const auto& c : cases) {
-    const CliRun r = run_cli(c.args);
+    const CliRun r = run_cli_line(c.args);
     EXPECT_NE(r.status, 0) << c.args;
-    EXPECT_NE(r.output.find(c.expected), std::string::npos) << c.args << "\n" << r.output;
+    EXPECT_NE(r.output().find(c.expected), std::string::npos) << c.args << "\n" << r.output();
     EXPECT_FALSE(fs::exists(out)) << "a failed run left a model behind: " << c.args;
   }
-  EXPECT_EQ(run_cli("fit --help").status, 0);
+  EXPECT_EQ(run_cli_line("fit --help").status, 0);
 }

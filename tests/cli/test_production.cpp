@@ -26,26 +26,9 @@ using patchcore::OutputDirectory;
 
 namespace {
 
-struct CliRun {
-  int status = -1;  // exit status, or -1 when killed
-  std::string out, err;
-};
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), {});
-}
-
-// The CLI with `args`, stdin from `input`, stdout and stderr captured apart.
-CliRun run_cli(const std::vector<std::string>& args, const std::string& input = "") {
-  const std::string dir = patchcore::test::temp_dir();
-  std::ofstream(dir + "/in") << input;
-  std::string command = patchcore::test::cli();
-  for (const auto& a : args) command += " '" + a + "'";
-  command += " < " + dir + "/in > " + dir + "/out 2> " + dir + "/err";
-  const int status = std::system(command.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir + "/out"), slurp(dir + "/err")};
-}
+using patchcore::test::CliRun;
+using patchcore::test::run_cli;
+using patchcore::test::slurp;
 
 std::vector<std::string> lines_of(const std::string& text) {
   std::vector<std::string> lines;

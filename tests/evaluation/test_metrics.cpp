@@ -61,6 +61,29 @@ void expect_matches_sklearn(const std::string& name, const std::vector<float>& s
     EXPECT_DOUBLE_EQ(curve.tpr[i], tpr[k]) << "point " << i;
     EXPECT_EQ(curve.thresholds[i], static_cast<double>(thresholds[k])) << "point " << i;
   }
+
+  // The precision-recall curve, average precision and the F1-optimal threshold from the same data.
+  const std::vector<int64_t> pr_index = read_npy(metrics_fixture(name + "_pr_index")).as_int64();
+  const std::vector<double> precision = read_npy(metrics_fixture(name + "_pr_precision")).as_double();
+  const std::vector<double> recall = read_npy(metrics_fixture(name + "_pr_recall")).as_double();
+  const std::vector<double> pr_thresholds = read_npy(metrics_fixture(name + "_pr_thresholds")).as_double();
+  const std::vector<double> summary = read_npy(metrics_fixture(name + "_pr_summary")).as_double();
+  const PrCurve pr = precision_recall_curve(scores.data(), labels.data(), scores.size());
+  ASSERT_EQ(pr.thresholds.size(), static_cast<size_t>(pr_index.at(0)));
+  ASSERT_EQ(pr.precision.size(), pr.thresholds.size() + 1);
+  ASSERT_EQ(pr.recall.size(), pr.thresholds.size() + 1);
+  for (size_t k = 0; k < precision.size(); ++k) {
+    const size_t i = static_cast<size_t>(pr_index[k + 1]);
+    EXPECT_DOUBLE_EQ(pr.precision[i], precision[k]) << "PR point " << i;
+    EXPECT_DOUBLE_EQ(pr.recall[i], recall[k]) << "PR point " << i;
+    EXPECT_EQ(pr.thresholds[i], pr_thresholds[k]) << "PR point " << i;
+  }
+  EXPECT_EQ(pr.precision.back(), 1.0);
+  EXPECT_EQ(pr.recall.back(), 0.0);
+  EXPECT_NEAR(average_precision(pr), summary[0], 1e-12);
+  const F1Max best = f1_max(pr);
+  EXPECT_NEAR(best.f1, summary[1], 1e-12);
+  EXPECT_EQ(best.threshold, summary[2]);
 }
 
 void expect_fixture_case(const std::string& name) {
@@ -306,6 +329,29 @@ AuproCase random_case(std::mt19937& rng) {
 
 }  // namespace
 
+TEST(Quantile, MatchesNumpyLinearInterpolation) {
+  const std::vector<double> qs = read_npy(metrics_fixture("quantile_qs")).as_double();
+  for (const char* name : {"normal", "ties", "single", "two"}) {
+    SCOPED_TRACE(name);
+    const std::vector<float> values = read_npy(metrics_fixture(std::string("quantile_") + name + "_values")).as_float();
+    const std::vector<double> expected =
+        read_npy(metrics_fixture(std::string("quantile_") + name + "_expected")).as_double();
+    for (size_t i = 0; i < qs.size(); ++i)
+      EXPECT_NEAR(quantile(values, qs[i]), expected[i], 1e-6 * std::abs(expected[i])) << "q " << qs[i];
+  }
+  expect_invalid_argument([] { quantile({}, 0.5); }, "no values");
+  expect_invalid_argument([] { quantile({1.f}, 1.5); }, "q must be in [0, 1]");
+  expect_invalid_argument([] { quantile({std::nanf("")}, 0.5); }, "finite");
+}
+
+TEST(F1Max, ThresholdSeparatesPerfectlyWhenTheClassesDoNotOverlap) {
+  const std::vector<float> scores{0.1f, 0.4f, 0.35f, 0.8f, 0.9f, 0.7f};
+  const std::vector<uint8_t> labels{0, 0, 0, 1, 1, 1};
+  const F1Max best = f1_max(precision_recall_curve(scores.data(), labels.data(), scores.size()));
+  EXPECT_NEAR(best.f1, 1.0, 1e-9);
+  EXPECT_EQ(best.threshold, 0.7f);  // the lowest positive: every positive found, no negative
+}
+
 TEST(Aupro, MatchesPythonBruteForceOnHandPlacedRegions) {
   const AuproCase c = load_aupro_case("aupro_a");
   const std::vector<double> limits = read_npy(metrics_fixture("aupro_a/limits")).as_double();
@@ -327,6 +373,23 @@ TEST(Aupro, MatchesPythonBruteForceOnIrregularBlobsWithCoarseScores) {
 TEST(Aupro, DefaultLimitIsPointThree) {
   const AuproCase c = load_aupro_case("aupro_a");
   EXPECT_EQ(aupro(c.maps, c.masks), aupro(c.maps, c.masks, 0.3));
+}
+
+TEST(ProCurve, TrapezoidAreaUpToTheLimitIsTheAupro) {
+  const AuproCase c = load_aupro_case("aupro_b");
+  for (double limit : {0.05, 0.3, 1.0}) {
+    const ProCurve curve = pro_curve(c.maps, c.masks, limit);
+    ASSERT_EQ(curve.fpr.size(), curve.pro.size());
+    EXPECT_EQ(curve.fpr.front(), 0.0);
+    EXPECT_DOUBLE_EQ(curve.fpr.back(), limit);
+    double area = 0;
+    for (size_t i = 1; i < curve.fpr.size(); ++i) {
+      EXPECT_GE(curve.fpr[i], curve.fpr[i - 1]);
+      EXPECT_GE(curve.pro[i], curve.pro[i - 1]);
+      area += (curve.fpr[i] - curve.fpr[i - 1]) * (curve.pro[i] + curve.pro[i - 1]) / 2;
+    }
+    EXPECT_NEAR(area / limit, aupro(c.maps, c.masks, limit), 1e-12) << limit;
+  }
 }
 
 TEST(Aupro, MatchesCppBruteForceOnRandomInputs) {

@@ -103,6 +103,24 @@ TEST(Dataset, MissingMaskIsAnErrorNamingTheImage) {
                        "11_mask.png");
 }
 
+TEST(Dataset, DefectTypeWithoutGroundTruthFolderIsLabelledByImageOnly) {
+  const fs::path root = make_tree();
+  touch(root / "test" / "scratch" / "a.png");
+  touch(root / "test" / "scratch" / "b.png");
+  const std::vector<Sample> test = MVTecDataset::test(root.string());
+  int scratches = 0;
+  for (const auto& s : test) {
+    if (s.defect_type == "scratch") {
+      ++scratches;
+      EXPECT_TRUE(s.is_anomalous);
+      EXPECT_TRUE(s.mask_path.empty()) << s.image_path;
+    } else if (s.is_anomalous) {
+      EXPECT_FALSE(s.mask_path.empty()) << s.image_path;  // the other types keep their masks
+    }
+  }
+  EXPECT_EQ(scratches, 2);
+}
+
 TEST(Dataset, MissingOrEmptyFoldersAreErrorsNamingThePath) {
   const fs::path root = test::temp_dir();
   expect_dataset_error([&] { MVTecDataset::train((root / "absent").string()); }, (root / "absent").string(),

@@ -2,7 +2,11 @@
 
 #include "test_paths.h"
 
+#include <sys/wait.h>
+
 #include <cstdlib>
+#include <fstream>
+#include <sstream>
 #include <filesystem>
 #include <random>
 #include <vector>
@@ -52,6 +56,28 @@ std::string linked_data_set(const std::string& source, const std::vector<std::st
     fs::create_symlink(fs::absolute(fs::path(source) / f), root / f);
   }
   return root.string();
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), {});
+}
+
+CliRun run_cli(const std::vector<std::string>& args, const std::string& input) {
+  const std::string dir = temp_dir();
+  std::ofstream(dir + "/in") << input;
+  std::string command = cli();
+  for (const auto& a : args) command += " '" + a + "'";
+  command += " < " + dir + "/in > " + dir + "/out 2> " + dir + "/err";
+  const int status = std::system(command.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir + "/out"), slurp(dir + "/err")};
+}
+
+CliRun run_cli_line(const std::string& args) {
+  std::vector<std::string> split;
+  std::stringstream in(args);
+  for (std::string a; in >> a;) split.push_back(a);
+  return run_cli(split);
 }
 
 }  // namespace patchcore::test

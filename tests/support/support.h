@@ -31,6 +31,20 @@ std::string temp_dir();
 // test runs on a few images of a shared data set in its MVTec layout.
 std::string linked_data_set(const std::string& source, const std::vector<std::string>& files);
 
+// A whole file's bytes; empty when it cannot be read.
+std::string slurp(const std::string& path);
+
+// What a run of the command-line tool gave.
+struct CliRun {
+  int status = -1;  // exit status, or -1 when killed by a signal
+  std::string out, err;
+  std::string output() const { return out + err; }
+};
+// The tool with `args`, each one argument, standard input from `input`, stdout and stderr captured apart.
+CliRun run_cli(const std::vector<std::string>& args, const std::string& input = "");
+// The same with the arguments split at spaces (test paths have none).
+CliRun run_cli_line(const std::string& args);
+
 }  // namespace patchcore::test
 
 // Skips the current test with a message when ../shared/<relative> is not there.

@@ -1,11 +1,11 @@
 #pragma once
-// What predict and evaluate leave for people and scripts: heatmap overlays and ROC plots as PNG, raw maps as .npy,
-// scores as CSV and JSON.
+// What predict and evaluate leave for people and scripts: overlays and defect masks on the original images, raw
+// maps as .npy, curves as PNG, scores as CSV and JSON, and evaluate's self-contained report.html.
 #include <opencv2/core.hpp>
 
 #include <fstream>
 #include <map>
-
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -17,31 +17,52 @@
 
 namespace patchcore {
 
-// The anomaly map (CV_32F) scaled from [vmin, vmax] to a JET colour map and blended over the RGB image
-// (CV_8UC3, same size). Returns BGR for writing.
-cv::Mat heatmap_overlay(const cv::Mat& rgb, const cv::Mat& anomaly_map, float vmin, float vmax, double alpha = 0.5);
-// A ROC curve with its diagonal, axes and the AUROC in the title.
-cv::Mat plot_roc(const RocCurve& roc, double auroc, const std::string& title, int size = 480);
+// Map values shown from cold (vmin) to hot (vmax).
+struct ColourScale {
+  float vmin = 0, vmax = 1;
+};
+
+// The colour scale a model gives its maps, so that the same value looks the same in every run: with a pixel
+// threshold, anomalib's normalised range (the threshold in the middle of the scale); otherwise 0 to twice the
+// highest score of its training patches, so that what looks like the training data stays in the cold half; none
+// when the model records neither (a model the published code saved).
+std::optional<ColourScale> model_colour_scale(const PatchCore& model);
+
+// The anomaly map (CV_32F) coloured with JET over `scale` and blended over the RGB image (CV_8UC3, same size).
+// Returns BGR for writing.
+cv::Mat heatmap_overlay(const cv::Mat& rgb, const cv::Mat& anomaly_map, ColourScale scale, double alpha = 0.5);
+// The same on the original image from a map in the model's view (view_map.h): the part the model never saw is
+// dimmed and the view outlined.
+cv::Mat original_overlay(const cv::Mat& rgb_original, const cv::Mat& view_map, const ImageTransform& transform,
+                         ColourScale scale);
+
+// A curve in a square plot: axes from 0 to x_max and 0 to 1, optionally the diagonal, the title above.
+struct Plot {
+  std::string title, x_label, y_label;
+  double x_max = 1.0;
+  bool diagonal = false;
+};
+cv::Mat plot_curve(const std::vector<double>& x, const std::vector<double>& y, const Plot& plot, int size = 480);
+
 // Encodes to PNG (8-bit BGR/gray or 16-bit gray) and writes it atomically; throws naming the path.
 void write_png(const std::string& path, const cv::Mat& image);
-// The map scaled from [vmin, vmax] to 0..65535, for tools that read raw maps as 16-bit PNG.
-cv::Mat to_uint16(const cv::Mat& anomaly_map, float vmin, float vmax);
 // A CSV field, quoted when it holds a comma, a quote or a line break.
 std::string csv_field(const std::string& s);
-// The crop of the image file that a model with this transform sees, as RGB, for overlays.
-cv::Mat model_view(const ImageTransform& transform, const std::string& image_path);
 
 // What predict leaves in its output directory, written as each image is scored, so that memory stays flat however
-// many images there are and a stopped run keeps what it finished:
-//   <stem>_overlay.png  the heatmap over the view the model saw, coloured from 0 to vmax
-//   <stem>_map.npy      the raw map, float32, squared-L2 units
-//   scores.csv          image,score,overlay,map,error: a row per image, appended and flushed when it is scored;
-//                       an unreadable file gets its error and empty other fields
-//   summary.json        counts, the colour scale and the time per image, at the end
+// many images there are and a stopped run keeps what it finished. Everything is in the original image's pixels:
+//   <stem>_overlay.png  the heatmap over the image, coloured by the scale given
+//   <stem>_mask.png     the defect mask (255 = defect) at the model's pixel threshold, where it has one
+//   <stem>_map.npy      the raw map, float32, squared-L2 units; outside the model's view, the map's lowest value
+//   scores.csv          image,score,normalized_score,label,overlay,mask,map,error: a row per image, appended and
+//                       flushed when it is scored; normalized_score and label (OK or NG) where the model has an
+//                       image threshold; an unreadable file gets its error and empty other fields
+//   summary.json        counts, thresholds, the colour scale and the time per image, at the end
 // Images with the same file name get _1, _2, ... after their stem.
 class PredictionWriter {
  public:
-  PredictionWriter(OutputDirectory& out, const ImageTransform& transform, float vmax);
+  PredictionWriter(OutputDirectory& out, const ImageTransform& transform, const Calibration& calibration,
+                   ColourScale scale);
   void add(const std::string& image_path, float score, const at::Tensor& anomaly_map);
   void add_failure(const std::string& image_path, const std::string& error);
   void finish(double ms_per_image, const std::string& model_dir);
@@ -54,19 +75,25 @@ class PredictionWriter {
 
   OutputDirectory& out_;
   ImageTransform transform_;
-  float vmax_;
+  Calibration calibration_;
+  ColourScale scale_;
   std::ofstream csv_;
   std::map<std::string, int> stems_;
-  size_t scored_ = 0, failed_ = 0;
+  size_t scored_ = 0, failed_ = 0, flagged_ = 0;
 };
 
 // The metrics of an evaluation as JSON text, with what they were computed from.
 std::string evaluation_metrics_json(const EvaluationResult& result, const std::string& model_dir,
                                     const std::string& data, const std::string& mask_rule);
-// An evaluation report in the directory `dir`, written whole or not at all: overlays/ (heatmap with the ground
-// truth's outline, one colour scale for all), scores.csv, roc_image.png, roc_pixel.png and metrics.json
-// (`metrics_json`).
-void write_evaluation_report(const std::string& dir, const ImageTransform& transform, const EvaluationResult& result,
-                             const std::string& metrics_json, const ProgressCallback& progress = {});
+// An evaluation report in the directory `dir`, written whole or not at all:
+//   report.html         one self-contained page: metrics, per-defect table, confusion matrix, curves, and the worst
+//                       false positives and false negatives with their overlays
+//   overlays/           every test image's heatmap with the ground truth outlined, on the original image
+//   scores.csv, per_defect.csv, metrics.json (`metrics_json`)
+//   roc_image.png, pr_image.png, and where pixel metrics exist roc_pixel.png, pr_pixel.png, pro.png
+// `model` gives the colour scale and thresholds: a single member's own, or for an ensemble the run's range.
+void write_evaluation_report(const std::string& dir, const std::vector<const PatchCore*>& members,
+                             const EvaluationResult& result, const std::string& metrics_json,
+                             const ProgressCallback& progress = {});
 
 }  // namespace patchcore

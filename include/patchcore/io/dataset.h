@@ -28,10 +28,11 @@ struct Sample {
 struct MVTecDataset {
   // root/train/good, sorted. Throws DatasetError if root or train/good is missing or has no image.
   static std::vector<Sample> train(const std::string& root);
-  // Defect folders sorted, files sorted; "good" gets label 0 and no mask, every other folder label 1
-  // and the mask ground_truth/<defect>/<stem>_mask.png, which must exist. (The reference pairs masks
-  // with images by sorted position; matching by name gives the same pairs whenever the layout is
-  // complete, and reports a missing mask instead of shifting every later pair.)
+  // Defect folders sorted, files sorted; "good" gets label 0 and no mask, every other folder label 1 and,
+  // where ground_truth/<defect> exists, the mask ground_truth/<defect>/<stem>_mask.png, which must then exist.
+  // A defect type without a ground_truth folder is labelled by image only (empty mask_path). (The reference
+  // pairs masks with images by sorted position; matching by name gives the same pairs whenever the layout
+  // is complete, and reports a missing mask instead of shifting every later pair.)
   static std::vector<Sample> test(const std::string& root);
 };
 

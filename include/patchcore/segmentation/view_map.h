@@ -1,0 +1,18 @@
+#pragma once
+// Anomaly maps live in the model's view: the crop x crop window of the image resized by ImageTransform. These
+// functions put a map back onto the original image, so that masks and overlays come in its coordinates.
+#include <opencv2/core.hpp>
+
+#include "patchcore/io/image.h"
+
+namespace patchcore {
+
+// The view's window in the original image's pixel coordinates (x, y, width, height; fractional where the resize
+// does not divide evenly), for an image of size `original`.
+cv::Rect2d view_in_original(const ImageTransform& transform, cv::Size original);
+
+// The view's CV_32F map resampled bilinearly onto the original image's pixel grid (pixel centres aligned, as the
+// resize aligns them); pixels outside the view, which the model never saw, get `outside`.
+cv::Mat map_to_original(const cv::Mat& view_map, const ImageTransform& transform, cv::Size original, float outside);
+
+}  // namespace patchcore
