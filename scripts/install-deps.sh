@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config zlib1g-dev
   libtorch-dev libfaiss-dev libopencv-dev libopenblas0-openmp libopenblas-openmp-dev
-  nlohmann-json3-dev libcli11-dev libspdlog-dev libgtest-dev libbenchmark-dev
+  nlohmann-json3-dev libcli11-dev libspdlog-dev libgtest-dev libbenchmark-dev chromium
 )
 for option in "$@"; do
   case "$option" in

@@ -117,6 +117,13 @@ def model_dirs(out, backbone_path):
             "memory_bank_size": bank,
         }
 
+    def calibrated(p):
+        threshold = {"value": 2.5, "method": "quantile", "quantile": 0.995, "f1": 0.0, "good_images": 20,
+                     "defective_images": 0, "scores": 20, "min": 1.0, "max": 3.0}
+        return dict(p, version=2, batchnorm_statistics="checkpoint",
+                    calibration={"data": "/validation", "created": "2026-01-01T00:00:00Z", "image": threshold,
+                                 "pixel": dict(threshold, method="f1_max", f1=0.5, defective_images=4, scores=5120)})
+
     def index_bytes(index):
         return faiss.serialize_index(index).tobytes()
 
@@ -137,6 +144,7 @@ def model_dirs(out, backbone_path):
     flat.add(bank)
     write("flat.bin", params(["low", "high"], 1, "FaissNN", len(bank)), flat)
     write("flat_features.bin", params(["high"], 3, "FaissNN", len(bank), patchsize=1), flat, bank)
+    write("flat_calibrated.bin", calibrated(params(["low", "high"], 1, "FaissNN", len(bank))), flat)
 
     train = rng.standard_normal((64, dim)).astype(np.float32)
     ivfpq = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, 2, 2, 4)
