@@ -105,6 +105,22 @@ void for_each_threshold(const std::vector<uint64_t>& packed, Step step) {
   }
 }
 
+// The counts at each distinct score, from the highest down: sklearn's _binary_clf_curve.
+struct CurvePoints {
+  std::vector<uint64_t> tps, fps;
+  std::vector<uint32_t> keys;
+};
+
+CurvePoints curve_points(const SortedLabels& s) {
+  CurvePoints points;
+  for_each_threshold(s.packed, [&](uint64_t tp, uint64_t fp, uint32_t key) {
+    points.tps.push_back(tp);
+    points.fps.push_back(fp);
+    points.keys.push_back(key);
+  });
+  return points;
+}
+
 }  // namespace
 
 double auroc(const float* scores, const uint8_t* labels, size_t n) {
@@ -128,13 +144,10 @@ double auroc(const std::vector<float>& scores, const std::vector<uint8_t>& label
 
 RocCurve roc_curve(const float* scores, const uint8_t* labels, size_t n) {
   const SortedLabels s = sort_labelled(scores, labels, n, "roc_curve");
-  std::vector<uint64_t> tps, fps;
-  std::vector<uint32_t> keys;
-  for_each_threshold(s.packed, [&](uint64_t tp, uint64_t fp, uint32_t key) {
-    tps.push_back(tp);
-    fps.push_back(fp);
-    keys.push_back(key);
-  });
+  const CurvePoints points = curve_points(s);
+  const std::vector<uint64_t>& tps = points.tps;
+  const std::vector<uint64_t>& fps = points.fps;
+  const std::vector<uint32_t>& keys = points.keys;
 
   // sklearn's drop_intermediate: keep the ends and every point where either count's second difference
   // is nonzero (counts are exact integers in sklearn's float64 too).
@@ -261,14 +274,10 @@ double aupro(const std::vector<cv::Mat>& anomaly_maps, const std::vector<cv::Mat
 
 PrCurve precision_recall_curve(const float* scores, const uint8_t* labels, size_t n) {
   const SortedLabels s = sort_labelled(scores, labels, n, "precision_recall_curve");
-  // A point per distinct score, from the highest down.
-  std::vector<uint64_t> tps, fps;
-  std::vector<uint32_t> keys;
-  for_each_threshold(s.packed, [&](uint64_t tp, uint64_t fp, uint32_t key) {
-    tps.push_back(tp);
-    fps.push_back(fp);
-    keys.push_back(key);
-  });
+  const CurvePoints points = curve_points(s);
+  const std::vector<uint64_t>& tps = points.tps;
+  const std::vector<uint64_t>& fps = points.fps;
+  const std::vector<uint32_t>& keys = points.keys;
   PrCurve curve;
   for (size_t i = tps.size(); i-- > 0;) {
     curve.precision.push_back(static_cast<double>(tps[i]) / static_cast<double>(tps[i] + fps[i]));

@@ -15,6 +15,7 @@ namespace fs = std::filesystem;
 namespace {
 
 using patchcore::test::CliRun;
+using patchcore::test::read_csv;
 using patchcore::test::run_cli_line;
 
 // A small MVTec-layout folder of links to real tire images: 3 good training images, 2 good and
@@ -23,18 +24,6 @@ std::string tiny_tire(const std::string& tire) {
   return patchcore::test::linked_data_set(
       tire, {"train/good/000.png", "train/good/001.png", "train/good/002.png", "test/good/000.png", "test/good/001.png",
              "test/cut/000.png", "test/cut/001.png", "ground_truth/cut/000_mask.png", "ground_truth/cut/001_mask.png"});
-}
-
-std::vector<std::vector<std::string>> read_csv(const std::string& path) {
-  std::ifstream in(path);
-  std::vector<std::vector<std::string>> rows;
-  for (std::string line; std::getline(in, line);) {
-    std::vector<std::string> cells;
-    std::stringstream s(line);
-    for (std::string cell; std::getline(s, cell, ',');) cells.push_back(cell);
-    rows.push_back(cells);
-  }
-  return rows;
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 
 namespace fs = std::filesystem;
 using patchcore::test::CliRun;
+using patchcore::test::read_csv;
 using patchcore::test::run_cli;
 
 namespace {
@@ -51,10 +52,7 @@ const Fixture* fixture() {
       fs::create_symlink(tire + "/test/good/" + name, validation + "/train/good/" + name);
     }
     made->validation = validation;
-    made->model = patchcore::test::temp_dir() + "/model";
-    const CliRun fit = run_cli({"--threads", "2", "fit", "--data", made->data, "--weights", weights, "--out",
-                                made->model, "--sampler", "random", "--coreset", "0.25"});
-    if (fit.status != 0) throw std::runtime_error("fit failed: " + fit.err);
+    made->model = patchcore::test::fit_with_cli(made->data, {"--sampler", "random", "--coreset", "0.25"});
     return made;
   }();
   return f;
@@ -63,19 +61,6 @@ const Fixture* fixture() {
 #define REQUIRE_FIXTURE(f)      \
   const Fixture* f = fixture(); \
   if (!f) GTEST_SKIP() << "../shared is absent; test skipped"
-
-std::vector<std::vector<std::string>> read_csv(const std::string& path) {
-  std::ifstream in(path);
-  std::vector<std::vector<std::string>> rows;
-  for (std::string line; std::getline(in, line);) {
-    std::vector<std::string> cells;
-    std::stringstream s(line);
-    for (std::string cell; std::getline(s, cell, ',');) cells.push_back(cell);
-    if (!line.empty() && line.back() == ',') cells.emplace_back();
-    rows.push_back(cells);
-  }
-  return rows;
-}
 
 nlohmann::json read_json(const std::string& path) {
   std::ifstream in(path);

@@ -60,10 +60,7 @@ const Fixture* fixture() {
     made->data = patchcore::test::linked_data_set(
         tire, {"train/good/000.png", "train/good/001.png", "train/good/002.png", "test/good/000.png",
                "test/good/001.png", "test/cut/000.png", "ground_truth/cut/000_mask.png"});
-    made->model = patchcore::test::temp_dir() + "/model";
-    const CliRun fit = run_cli({"--threads", "2", "fit", "--data", made->data, "--weights", weights, "--out", made->model,
-                             "--sampler", "random", "--coreset", "0.1"});
-    if (fit.status != 0) throw std::runtime_error("fit failed: " + fit.err);
+    made->model = patchcore::test::fit_with_cli(made->data, {"--sampler", "random", "--coreset", "0.1"});
     return made;
   }();
   return f;

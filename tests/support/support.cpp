@@ -9,6 +9,7 @@
 #include <sstream>
 #include <filesystem>
 #include <random>
+#include <stdexcept>
 #include <vector>
 
 namespace fs = std::filesystem;
@@ -78,6 +79,29 @@ CliRun run_cli_line(const std::string& args) {
   std::stringstream in(args);
   for (std::string a; in >> a;) split.push_back(a);
   return run_cli(split);
+}
+
+std::string fit_with_cli(const std::string& data, const std::vector<std::string>& options) {
+  const std::string model = temp_dir() + "/model";
+  std::vector<std::string> args{"--threads", "2", "fit", "--data", data, "--weights",
+                                shared("weights/resnet18-imagenet-stem-to-layer3.pth"), "--out", model};
+  args.insert(args.end(), options.begin(), options.end());
+  const CliRun fit = run_cli(args);
+  if (fit.status != 0) throw std::runtime_error("fit failed: " + fit.err);
+  return model;
+}
+
+std::vector<std::vector<std::string>> read_csv(const std::string& path) {
+  std::ifstream in(path);
+  std::vector<std::vector<std::string>> rows;
+  for (std::string line; std::getline(in, line);) {
+    std::vector<std::string> cells;
+    std::stringstream s(line);
+    for (std::string cell; std::getline(s, cell, ',');) cells.push_back(cell);
+    if (!line.empty() && line.back() == ',') cells.emplace_back();
+    rows.push_back(cells);
+  }
+  return rows;
 }
 
 }  // namespace patchcore::test

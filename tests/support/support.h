@@ -44,6 +44,12 @@ struct CliRun {
 CliRun run_cli(const std::vector<std::string>& args, const std::string& input = "");
 // The same with the arguments split at spaces (test paths have none).
 CliRun run_cli_line(const std::string& args);
+// `patchcore fit` on `data` with the shared ResNet-18 weights and `options`, into a fresh directory whose path it
+// returns; throws with fit's stderr when it fails.
+std::string fit_with_cli(const std::string& data, const std::vector<std::string>& options);
+
+// The rows of a CSV file without quoted fields, a trailing empty field kept.
+std::vector<std::vector<std::string>> read_csv(const std::string& path);
 
 }  // namespace patchcore::test
 
