@@ -10,7 +10,7 @@ namespace patchcore {
 namespace {
 
 Threshold f1_threshold(const std::vector<float>& scores, const std::vector<uint8_t>& labels) {
-  const F1Max best = f1_max(precision_recall_curve(scores.data(), labels.data(), scores.size()));
+  const F1Max best = precision_recall(scores.data(), labels.data(), scores.size(), 1).f1_max;
   Threshold t;
   t.method = Threshold::Method::kF1Max;
   t.value = best.threshold;

@@ -54,13 +54,15 @@ void gather_maps(const std::vector<const EvaluatedImage*>& images, std::vector<c
   for (const auto* image : images) maps.push_back(image->anomaly_map), masks.push_back(image->mask);
 }
 
-// At most about `points` points of a curve's columns, the ends kept: plots and reports need no more, and a pixel
-// curve can have millions.
-void thin(std::vector<std::vector<double>*> columns, size_t points = 4096) {
-  const size_t n = columns.front()->size();
-  if (n <= points) return;
-  const size_t step = (n + points - 1) / points;
-  for (std::vector<double>* column : columns) {
+// Plots and reports need no more points than this; a pixel curve can have millions.
+constexpr size_t kCurvePoints = 4096;
+
+// At most about kCurvePoints of a ROC curve's points, evenly by index, with both ends.
+void thin(RocCurve& roc) {
+  const size_t n = roc.fpr.size();
+  if (n <= kCurvePoints) return;
+  const size_t step = (n + kCurvePoints - 1) / kCurvePoints;
+  for (std::vector<double>* column : {&roc.fpr, &roc.tpr, &roc.thresholds}) {
     std::vector<double> kept;
     for (size_t i = 0; i < n; i += step) kept.push_back((*column)[i]);
     if ((n - 1) % step != 0) kept.push_back(column->back());
@@ -72,14 +74,11 @@ ScoreMetrics score_metrics(const std::vector<float>& scores, const std::vector<u
   ScoreMetrics m;
   m.auroc = auroc(scores, labels);
   m.roc = roc_curve(scores.data(), labels.data(), scores.size());
-  m.pr = precision_recall_curve(scores.data(), labels.data(), scores.size());
-  m.aupr = average_precision(m.pr);
-  m.f1_max = f1_max(m.pr);
-  thin({&m.roc.fpr, &m.roc.tpr, &m.roc.thresholds});
-  // The PR curve has one point more than thresholds: a placeholder threshold thins all three alike.
-  m.pr.thresholds.push_back(std::numeric_limits<double>::infinity());
-  thin({&m.pr.precision, &m.pr.recall, &m.pr.thresholds});
-  m.pr.thresholds.pop_back();
+  thin(m.roc);
+  PrMetrics pr = precision_recall(scores.data(), labels.data(), scores.size(), kCurvePoints);
+  m.aupr = pr.aupr;
+  m.f1_max = pr.f1_max;
+  m.pr = std::move(pr.curve);
   return m;
 }
 
@@ -229,8 +228,7 @@ EvaluationResult evaluate(const std::vector<const PatchCore*>& members, const st
     gather_pixels(defective, scores, labels);
     result.pixel_auroc_defective = auroc(scores, labels);
     gather_maps(known, maps, masks);
-    result.pro = pro_curve(maps, masks, options.fpr_limit);
-    thin({&result.pro.fpr, &result.pro.pro});
+    result.pro = pro_curve(maps, masks, options.fpr_limit, kCurvePoints);
   }
 
   // Per defect type, in the test set's order; each defect type is measured against all good images.

@@ -105,22 +105,6 @@ void for_each_threshold(const std::vector<uint64_t>& packed, Step step) {
   }
 }
 
-// The counts at each distinct score, from the highest down: sklearn's _binary_clf_curve.
-struct CurvePoints {
-  std::vector<uint64_t> tps, fps;
-  std::vector<uint32_t> keys;
-};
-
-CurvePoints curve_points(const SortedLabels& s) {
-  CurvePoints points;
-  for_each_threshold(s.packed, [&](uint64_t tp, uint64_t fp, uint32_t key) {
-    points.tps.push_back(tp);
-    points.fps.push_back(fp);
-    points.keys.push_back(key);
-  });
-  return points;
-}
-
 }  // namespace
 
 double auroc(const float* scores, const uint8_t* labels, size_t n) {
@@ -144,43 +128,42 @@ double auroc(const std::vector<float>& scores, const std::vector<uint8_t>& label
 
 RocCurve roc_curve(const float* scores, const uint8_t* labels, size_t n) {
   const SortedLabels s = sort_labelled(scores, labels, n, "roc_curve");
-  const CurvePoints points = curve_points(s);
-  const std::vector<uint64_t>& tps = points.tps;
-  const std::vector<uint64_t>& fps = points.fps;
-  const std::vector<uint32_t>& keys = points.keys;
-
-  // sklearn's drop_intermediate: keep the ends and every point where either count's second difference
-  // is nonzero (counts are exact integers in sklearn's float64 too).
-  std::vector<size_t> kept;
-  const size_t m = tps.size();
-  for (size_t i = 0; i < m; ++i) {
-    const bool end = i == 0 || i + 1 == m;
-    if (m <= 2 || end) {
-      kept.push_back(i);
-      continue;
-    }
-    const auto second_diff = [i](const std::vector<uint64_t>& c) {
-      return static_cast<int64_t>(c[i + 1]) - 2 * static_cast<int64_t>(c[i]) + static_cast<int64_t>(c[i - 1]);
-    };
-    if (second_diff(fps) != 0 || second_diff(tps) != 0) kept.push_back(i);
-  }
-
   RocCurve curve;
-  curve.fpr.reserve(kept.size() + 1);
-  curve.tpr.reserve(kept.size() + 1);
-  curve.thresholds.reserve(kept.size() + 1);
-  curve.fpr.push_back(0.0);
-  curve.tpr.push_back(0.0);
-  curve.thresholds.push_back(static_cast<double>(key_score(keys.front()) + 1.0f));
-  for (size_t i : kept) {
-    curve.fpr.push_back(static_cast<double>(fps[i]) / static_cast<double>(s.negatives));
-    curve.tpr.push_back(static_cast<double>(tps[i]) / static_cast<double>(s.positives));
-    curve.thresholds.push_back(static_cast<double>(key_score(keys[i])));
-  }
+  const auto keep = [&](uint64_t tp, uint64_t fp, uint32_t key) {
+    curve.fpr.push_back(static_cast<double>(fp) / static_cast<double>(s.negatives));
+    curve.tpr.push_back(static_cast<double>(tp) / static_cast<double>(s.positives));
+    curve.thresholds.push_back(static_cast<double>(key_score(key)));
+  };
+  // sklearn's drop_intermediate: keep the ends and every point where either count's second difference is nonzero
+  // (counts are exact integers in sklearn's float64 too). A point is decided when the next one arrives.
+  struct Point {
+    int64_t tp, fp;
+    uint32_t key;
+  };
+  std::vector<Point> window;  // the two points before the current one
+  for_each_threshold(s.packed, [&](uint64_t tp, uint64_t fp, uint32_t key) {
+    const Point p{static_cast<int64_t>(tp), static_cast<int64_t>(fp), key};
+    if (window.empty()) {
+      // The leading (0, 0) point, at the highest score + 1 computed in float32.
+      curve.fpr.push_back(0.0);
+      curve.tpr.push_back(0.0);
+      curve.thresholds.push_back(static_cast<double>(key_score(key) + 1.0f));
+    } else {
+      const Point& middle = window.back();
+      const bool first = window.size() == 1;
+      if (first || p.fp - 2 * middle.fp + window.front().fp != 0 || p.tp - 2 * middle.tp + window.front().tp != 0)
+        keep(static_cast<uint64_t>(middle.tp), static_cast<uint64_t>(middle.fp), middle.key);
+      if (window.size() == 2) window.erase(window.begin());
+    }
+    window.push_back(p);
+  });
+  const Point& last = window.back();
+  keep(static_cast<uint64_t>(last.tp), static_cast<uint64_t>(last.fp), last.key);
   return curve;
 }
 
-ProCurve pro_curve(const std::vector<cv::Mat>& anomaly_maps, const std::vector<cv::Mat>& masks, double fpr_limit) {
+ProCurve pro_curve(const std::vector<cv::Mat>& anomaly_maps, const std::vector<cv::Mat>& masks, double fpr_limit,
+                   size_t max_points) {
   if (!(fpr_limit > 0.0 && fpr_limit <= 1.0))
     throw std::invalid_argument("aupro: fpr_limit must be in (0, 1], got " + std::to_string(fpr_limit));
   if (anomaly_maps.size() != masks.size())
@@ -259,8 +242,10 @@ ProCurve pro_curve(const std::vector<cv::Mat>& anomaly_maps, const std::vector<c
       break;
     }
     area += (fpr - prev_fpr) * (pro + prev_pro) / 2.0;
-    curve.fpr.push_back(fpr);
-    curve.pro.push_back(pro);
+    if (max_points == 0 || fpr - curve.fpr.back() >= fpr_limit / static_cast<double>(max_points)) {
+      curve.fpr.push_back(fpr);
+      curve.pro.push_back(pro);
+    }
     prev_fpr = fpr;
     prev_pro = pro;
   }
@@ -272,40 +257,39 @@ double aupro(const std::vector<cv::Mat>& anomaly_maps, const std::vector<cv::Mat
   return pro_curve(anomaly_maps, masks, fpr_limit).aupro;
 }
 
-PrCurve precision_recall_curve(const float* scores, const uint8_t* labels, size_t n) {
-  const SortedLabels s = sort_labelled(scores, labels, n, "precision_recall_curve");
-  const CurvePoints points = curve_points(s);
-  const std::vector<uint64_t>& tps = points.tps;
-  const std::vector<uint64_t>& fps = points.fps;
-  const std::vector<uint32_t>& keys = points.keys;
-  PrCurve curve;
-  for (size_t i = tps.size(); i-- > 0;) {
-    curve.precision.push_back(static_cast<double>(tps[i]) / static_cast<double>(tps[i] + fps[i]));
-    curve.recall.push_back(static_cast<double>(tps[i]) / static_cast<double>(s.positives));
-    curve.thresholds.push_back(static_cast<double>(key_score(keys[i])));
-  }
-  curve.precision.push_back(1.0);
-  curve.recall.push_back(0.0);
-  return curve;
-}
+PrMetrics precision_recall(const float* scores, const uint8_t* labels, size_t n, size_t max_points) {
+  const SortedLabels s = sort_labelled(scores, labels, n, "precision_recall");
+  size_t points = 0;  // distinct scores
+  for (size_t i = 0; i < s.packed.size(); ++i) points += i == 0 || key_of(s.packed[i]) != key_of(s.packed[i - 1]);
+  const size_t step = max_points == 0 || points <= max_points ? 1 : (points + max_points - 1) / max_points;
 
-double average_precision(const PrCurve& curve) {
-  double sum = 0.0;
-  for (size_t i = 0; i + 1 < curve.recall.size(); ++i)
-    sum += (curve.recall[i] - curve.recall[i + 1]) * curve.precision[i];
-  return sum;
-}
-
-F1Max f1_max(const PrCurve& curve) {
-  if (curve.thresholds.empty()) throw std::invalid_argument("f1_max: empty precision-recall curve");
-  F1Max best;
-  best.f1 = -1.0;
-  for (size_t i = 0; i < curve.thresholds.size(); ++i) {
-    const double p = curve.precision[i], r = curve.recall[i];
-    const double f1 = 2.0 * p * r / (p + r + 1e-10);
-    if (f1 > best.f1) best = {f1, p, r, curve.thresholds[i]};
-  }
-  return best;
+  // From the highest threshold down, so recall grows; sklearn's arrays run the other way and are reversed at the
+  // end. Among equal F1s the lower threshold wins, which comes later here.
+  PrMetrics m;
+  m.f1_max.f1 = -1.0;
+  double previous_recall = 0.0;
+  size_t index = 0;
+  for_each_threshold(s.packed, [&](uint64_t tp, uint64_t fp, uint32_t key) {
+    const double precision = static_cast<double>(tp) / static_cast<double>(tp + fp);
+    const double recall = static_cast<double>(tp) / static_cast<double>(s.positives);
+    const double threshold = key_score(key);
+    m.aupr += (recall - previous_recall) * precision;
+    previous_recall = recall;
+    const double f1 = 2.0 * precision * recall / (precision + recall + 1e-10);
+    if (f1 >= m.f1_max.f1) m.f1_max = {f1, precision, recall, threshold};
+    if (index % step == 0 || index + 1 == points) {
+      m.curve.precision.push_back(precision);
+      m.curve.recall.push_back(recall);
+      m.curve.thresholds.push_back(threshold);
+    }
+    ++index;
+  });
+  std::reverse(m.curve.precision.begin(), m.curve.precision.end());
+  std::reverse(m.curve.recall.begin(), m.curve.recall.end());
+  std::reverse(m.curve.thresholds.begin(), m.curve.thresholds.end());
+  m.curve.precision.push_back(1.0);
+  m.curve.recall.push_back(0.0);
+  return m;
 }
 
 double quantile(std::vector<float> values, double q) {

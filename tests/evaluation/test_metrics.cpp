@@ -68,7 +68,8 @@ void expect_matches_sklearn(const std::string& name, const std::vector<float>& s
   const std::vector<double> recall = read_npy(metrics_fixture(name + "_pr_recall")).as_double();
   const std::vector<double> pr_thresholds = read_npy(metrics_fixture(name + "_pr_thresholds")).as_double();
   const std::vector<double> summary = read_npy(metrics_fixture(name + "_pr_summary")).as_double();
-  const PrCurve pr = precision_recall_curve(scores.data(), labels.data(), scores.size());
+  const PrMetrics metrics = precision_recall(scores.data(), labels.data(), scores.size());
+  const PrCurve& pr = metrics.curve;
   ASSERT_EQ(pr.thresholds.size(), static_cast<size_t>(pr_index.at(0)));
   ASSERT_EQ(pr.precision.size(), pr.thresholds.size() + 1);
   ASSERT_EQ(pr.recall.size(), pr.thresholds.size() + 1);
@@ -80,8 +81,8 @@ void expect_matches_sklearn(const std::string& name, const std::vector<float>& s
   }
   EXPECT_EQ(pr.precision.back(), 1.0);
   EXPECT_EQ(pr.recall.back(), 0.0);
-  EXPECT_NEAR(average_precision(pr), summary[0], 1e-12);
-  const F1Max best = f1_max(pr);
+  EXPECT_NEAR(metrics.aupr, summary[0], 1e-12);
+  const F1Max& best = metrics.f1_max;
   EXPECT_NEAR(best.f1, summary[1], 1e-12);
   EXPECT_EQ(best.threshold, summary[2]);
 }
@@ -347,9 +348,34 @@ TEST(Quantile, MatchesNumpyLinearInterpolation) {
 TEST(F1Max, ThresholdSeparatesPerfectlyWhenTheClassesDoNotOverlap) {
   const std::vector<float> scores{0.1f, 0.4f, 0.35f, 0.8f, 0.9f, 0.7f};
   const std::vector<uint8_t> labels{0, 0, 0, 1, 1, 1};
-  const F1Max best = f1_max(precision_recall_curve(scores.data(), labels.data(), scores.size()));
+  const F1Max best = precision_recall(scores.data(), labels.data(), scores.size()).f1_max;
   EXPECT_NEAR(best.f1, 1.0, 1e-9);
   EXPECT_EQ(best.threshold, 0.7f);  // the lowest positive: every positive found, no negative
+}
+
+TEST(PrecisionRecall, AThinnedCurveKeepsItsEndsAndTheFullCurvesSummaries) {
+  std::vector<float> scores;
+  std::vector<uint8_t> labels;
+  lcg_case(777, 100000, true, scores, labels);
+  const PrMetrics full = precision_recall(scores.data(), labels.data(), scores.size());
+  const PrMetrics thin = precision_recall(scores.data(), labels.data(), scores.size(), 500);
+  EXPECT_LE(thin.curve.thresholds.size(), 501u);
+  EXPECT_GE(thin.curve.thresholds.size(), 400u);
+  EXPECT_EQ(thin.curve.thresholds.front(), full.curve.thresholds.front());
+  EXPECT_EQ(thin.curve.thresholds.back(), full.curve.thresholds.back());
+  EXPECT_EQ(thin.curve.precision.size(), thin.curve.thresholds.size() + 1);
+  EXPECT_EQ(thin.aupr, full.aupr);
+  EXPECT_EQ(thin.f1_max.threshold, full.f1_max.threshold);
+}
+
+TEST(ProCurve, AThinnedCurveHasTheSameAreaAndFewerPoints) {
+  const AuproCase c = load_aupro_case("aupro_a");
+  const ProCurve full = pro_curve(c.maps, c.masks, 0.3);
+  const ProCurve thin = pro_curve(c.maps, c.masks, 0.3, 10);
+  EXPECT_EQ(thin.aupro, full.aupro);
+  EXPECT_LT(thin.fpr.size(), full.fpr.size());
+  EXPECT_LE(thin.fpr.size(), 12u);
+  EXPECT_DOUBLE_EQ(thin.fpr.back(), 0.3);
 }
 
 TEST(Aupro, MatchesPythonBruteForceOnHandPlacedRegions) {

@@ -33,7 +33,7 @@ struct EvaluatedImage {
   cv::Mat mask;         // CV_8U crop x crop, 1 = defect; empty for a defective image without a mask
 };
 
-// The threshold-free metrics of one kind of score (image scores, or map values).
+// The threshold-free metrics of one kind of score (image scores, or map values); the curves keep about 4,096 points.
 struct ScoreMetrics {
   double auroc = 0;
   double aupr = 0;  // average precision
@@ -66,7 +66,7 @@ struct EvaluationResult {
   std::string pixel_note;
   ScoreMetrics pixel;                 // over every pixel of those images
   double pixel_auroc_defective = 0;   // over the images whose mask has any defect pixel
-  ProCurve pro;                       // its aupro up to EvaluationOptions::fpr_limit
+  ProCurve pro;                       // up to EvaluationOptions::fpr_limit, with its aupro
   std::vector<DefectTypeMetrics> defect_types;  // in the test set's order, "good" included
   // At the model's calibrated thresholds, where it has them.
   std::optional<ConfusionMatrix> image_confusion, pixel_confusion;

@@ -48,33 +48,39 @@ RocCurve roc_curve(const float* scores, const uint8_t* labels, size_t n);
 double aupro(const std::vector<cv::Mat>& anomaly_maps, const std::vector<cv::Mat>& masks, double fpr_limit = 0.3);
 
 // The PRO curve that aupro integrates: (0, 0), then a point per distinct score up to fpr_limit, the last one
-// interpolated at exactly fpr_limit; `aupro` is aupro()'s value.
+// interpolated at exactly fpr_limit; `aupro` is aupro()'s value. With max_points > 0 a point is kept only once
+// the FPR has advanced by fpr_limit / max_points since the last kept one (the area still counts every point).
 struct ProCurve {
   std::vector<double> fpr, pro;
   double aupro = 0;
 };
 ProCurve pro_curve(const std::vector<cv::Mat>& anomaly_maps, const std::vector<cv::Mat>& masks,
-                   double fpr_limit = 0.3);
+                   double fpr_limit = 0.3, size_t max_points = 0);
 
 // sklearn.metrics.precision_recall_curve(labels, scores) as in sklearn 1.2: every distinct score as a threshold,
 // increasing; precision and recall have one point more, the final (precision 1, recall 0).
 struct PrCurve {
   std::vector<double> precision, recall, thresholds;
 };
-PrCurve precision_recall_curve(const float* scores, const uint8_t* labels, size_t n);
 
-// sklearn.metrics.average_precision_score(labels, scores): the sum over the curve of precision times the step
-// in recall.
-double average_precision(const PrCurve& curve);
-
-// The threshold of highest F1 on a precision-recall curve, chosen as anomalib's F1AdaptiveThreshold chooses it:
+// The threshold of highest F1, chosen as anomalib's F1AdaptiveThreshold chooses it on the precision-recall curve:
 // F1 = 2PR / (P + R + 1e-10) at each point, and among equal F1s the lowest threshold. A sample is positive at
 // threshold t when score >= t.
 struct F1Max {
   double f1 = 0, precision = 0, recall = 0;
   double threshold = 0;
 };
-F1Max f1_max(const PrCurve& curve);
+
+struct PrMetrics {
+  double aupr = 0;  // sklearn.metrics.average_precision_score: precision times the step in recall, summed
+  F1Max f1_max;
+  PrCurve curve;
+};
+
+// All three in one pass over the sorted scores, with memory for the curve only. max_points > 0 keeps about that
+// many of the curve's points, evenly by index, with both ends (AUPR and F1-max still count every point); 0 keeps
+// every point, as sklearn returns them. Throws as auroc does.
+PrMetrics precision_recall(const float* scores, const uint8_t* labels, size_t n, size_t max_points = 0);
 
 // numpy.quantile(values, q) with its default linear interpolation; q in [0, 1], values not empty and finite.
 double quantile(std::vector<float> values, double q);
