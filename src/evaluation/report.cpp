@@ -137,20 +137,17 @@ cv::Mat heatmap_overlay(const cv::Mat& rgb, const cv::Mat& anomaly_map, ColourSc
 cv::Mat original_overlay(const cv::Mat& rgb_original, const cv::Mat& view_map, const ImageTransform& transform,
                          ColourScale scale) {
   const cv::Size size = rgb_original.size();
-  const cv::Mat map = map_to_original(view_map, transform, size, scale.vmin);
-  cv::Mat picture = heatmap_overlay(rgb_original, map, scale);
-  const cv::Rect2d view = view_in_original(transform, size);
-  const cv::Rect inside = cv::Rect(cv::Point(static_cast<int>(std::round(view.x)), static_cast<int>(std::round(view.y))),
-                                   cv::Point(static_cast<int>(std::round(view.x + view.width)),
-                                             static_cast<int>(std::round(view.y + view.height)))) &
-                          cv::Rect(cv::Point(0, 0), size);
-  // Outside the view: the plain image, darkened, so nobody reads it as inspected and clean.
-  cv::Mat outside;
-  cv::cvtColor(rgb_original, outside, cv::COLOR_RGB2BGR);
-  outside *= 0.45;
-  picture(inside).copyTo(outside(inside));
-  cv::rectangle(outside, inside, cv::Scalar(255, 255, 255), 1);
-  return outside;
+  const cv::Mat picture = heatmap_overlay(rgb_original, map_to_original(view_map, transform, size, scale.vmin), scale);
+  // Outside the view: the plain image, darkened, so nobody reads it as inspected and clean; the view outlined.
+  cv::Mat out;
+  cv::cvtColor(rgb_original, out, cv::COLOR_RGB2BGR);
+  out *= 0.45;
+  const cv::Mat seen = view_mask(transform, size);
+  picture.copyTo(out, seen);
+  std::vector<std::vector<cv::Point>> outline;
+  cv::findContours(seen, outline, cv::RETR_EXTERNAL, cv::CHAIN_APPROX_SIMPLE);
+  cv::drawContours(out, outline, -1, cv::Scalar(255, 255, 255), 1);
+  return out;
 }
 
 cv::Mat plot_curve(const std::vector<double>& x, const std::vector<double>& y, const Plot& plot, int size) {
@@ -232,10 +229,8 @@ void PredictionWriter::add(const std::string& image_path, float score, const at:
   std::string mask;
   if (calibration_.pixel) {
     mask = stem + "_mask.png";
-    cv::Mat defect = map >= calibration_.pixel->value;
     // Pixels the model never saw are not called defects.
-    const cv::Mat seen = map_to_original(cv::Mat(view_map.size(), CV_32F, cv::Scalar(1)), transform_, rgb.size(), 0);
-    defect.setTo(0, seen == 0);
+    const cv::Mat defect = (map >= calibration_.pixel->value) & view_mask(transform_, rgb.size());
     write_png(out_.claim(mask), defect);
   }
   std::string normalized, label;

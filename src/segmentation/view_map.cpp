@@ -15,6 +15,17 @@ cv::Rect2d view_in_original(const ImageTransform& transform, cv::Size original) 
   return {left * sx, top * sy, transform.crop * sx, transform.crop * sy};
 }
 
+cv::Mat view_mask(const ImageTransform& transform, cv::Size original) {
+  const cv::Rect2d view = view_in_original(transform, original);
+  // The first pixel whose centre x + 0.5 is at or beyond `edge`.
+  const auto first = [](double edge) { return static_cast<int>(std::ceil(edge - 0.5)); };
+  const cv::Rect inside(cv::Point(first(view.x), first(view.y)),
+                        cv::Point(first(view.x + view.width), first(view.y + view.height)));
+  cv::Mat seen(original, CV_8U, cv::Scalar(0));
+  seen(inside & cv::Rect(cv::Point(0, 0), original)).setTo(255);
+  return seen;
+}
+
 cv::Mat map_to_original(const cv::Mat& view_map, const ImageTransform& transform, cv::Size original, float outside) {
   if (view_map.type() != CV_32F || view_map.rows != transform.crop || view_map.cols != transform.crop)
     throw std::invalid_argument("map_to_original: needs a " + std::to_string(transform.crop) + "x" +
@@ -27,12 +38,7 @@ cv::Mat map_to_original(const cv::Mat& view_map, const ImageTransform& transform
   // Replicated edges, so that pixels just inside the view do not blend with `outside`; then the pixels whose centre
   // lies outside the view get it.
   cv::warpAffine(view_map, out, to_original, original, cv::INTER_LINEAR, cv::BORDER_REPLICATE);
-  cv::Mat seen(original, CV_8U, cv::Scalar(0));
-  const auto first = [](double start) { return static_cast<int>(std::ceil(start - 0.5)); };
-  const cv::Rect inside(cv::Point(first(view.x), first(view.y)),
-                        cv::Point(first(view.x + view.width), first(view.y + view.height)));
-  seen(inside & cv::Rect(cv::Point(0, 0), original)).setTo(255);
-  out.setTo(cv::Scalar(outside), seen == 0);
+  out.setTo(cv::Scalar(outside), view_mask(transform, original) == 0);
   return out;
 }
 

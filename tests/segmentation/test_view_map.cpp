@@ -31,6 +31,9 @@ TEST(ViewMap, WithoutScalingTheMapLandsOnTheCropWindowPixelForPixel) {
   EXPECT_EQ(cv::norm(placed(cv::Rect(0, 22, 256, 256)), map, cv::NORM_INF), 0.0);
   EXPECT_EQ(cv::countNonZero(placed.rowRange(0, 22) != -5.f), 0);
   EXPECT_EQ(cv::countNonZero(placed.rowRange(278, 300) != -5.f), 0);
+  const cv::Mat seen = view_mask(t, original);
+  EXPECT_EQ(cv::countNonZero(seen), 256 * 256);
+  EXPECT_EQ(cv::countNonZero(seen(cv::Rect(0, 22, 256, 256))), 256 * 256);
 }
 
 TEST(ViewMap, ScaledWindowMatchesTheResizeAndCropGeometry) {

@@ -11,6 +11,9 @@ namespace patchcore {
 // does not divide evenly), for an image of size `original`.
 cv::Rect2d view_in_original(const ImageTransform& transform, cv::Size original);
 
+// CV_8U of the original's size: 255 at the pixels whose centre lies in the view, 0 at those the model never saw.
+cv::Mat view_mask(const ImageTransform& transform, cv::Size original);
+
 // The view's CV_32F map resampled bilinearly onto the original image's pixel grid (pixel centres aligned, as the
 // resize aligns them); pixels outside the view, which the model never saw, get `outside`.
 cv::Mat map_to_original(const cv::Mat& view_map, const ImageTransform& transform, cv::Size original, float outside);
