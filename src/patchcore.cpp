@@ -259,7 +259,15 @@ std::unique_ptr<PatchCore> PatchCore::load_from_path(const std::string& load_pat
 
 void PatchCore::load_index(const std::string& dir, const std::string& prepend) {
   require_loaded("load_index");
-  anomaly_scorer_->load(dir, prepend);
+  try {
+    anomaly_scorer_->load(dir, prepend);
+  } catch (const std::runtime_error&) {
+    throw;
+  } catch (const std::exception& e) {
+    // Whatever else a damaged bank makes fail (a PCA that does not converge, ...) is reported as that file's fault.
+    throw std::runtime_error(NearestNeighbourScorer::index_filename(dir, prepend) +
+                             ": cannot use this memory bank: " + e.what());
+  }
   const int64_t dimension = anomaly_scorer_->nn_method().dimension();
   if (dimension != params_.target_embed_dimension)
     throw std::runtime_error(NearestNeighbourScorer::index_filename(dir, prepend) + ": index has dimension " +

@@ -86,15 +86,7 @@ void ExactPrunedNN::load(const std::string& filename) {
   index.release();
   std::error_code ec;
   const std::string pruning_file = pruning_filename(filename);
-  try {
-    install(std::move(bank), std::filesystem::exists(pruning_file, ec) ? pruning_file : "");
-  } catch (const std::runtime_error&) {
-    throw;
-  } catch (const std::exception& e) {
-    // A bank the pruning structure cannot be derived from (e.g. one whose PCA does not converge) is a damaged file.
-    throw std::runtime_error(filename + ": cannot build the exact search's pruning structure from this memory bank: " +
-                             e.what());
-  }
+  install(std::move(bank), std::filesystem::exists(pruning_file, ec) ? pruning_file : "");
 }
 
 void ExactPrunedNN::reset_index() { bank_.reset(); }
