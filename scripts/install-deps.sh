@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the build and run-time dependencies from Debian's packages (needs root).
-# --fixtures adds the Python packages that scripts/make_fixtures.sh uses to write golden files; --fuzz adds
+# --fixtures adds the Python packages that scripts/make_fixtures.sh uses to write golden files and that the
+# published code needs to run as the Python tests' oracle (tests/python skips those tests without them); --fuzz adds
 # clang and its sanitizer runtimes for scripts/fuzz.sh. Both may be given.
 set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config zlib1g-dev
   libtorch-dev libfaiss-dev libopencv-dev libopenblas0-openmp libopenblas-openmp-dev
   nlohmann-json3-dev libcli11-dev libspdlog-dev libgtest-dev libbenchmark-dev chromium
+  python3-dev pybind11-dev python3-numpy python3-pytest
 )
 for option in "$@"; do
   case "$option" in
