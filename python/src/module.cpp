@@ -76,6 +76,16 @@ py::list to_numpy_list(const std::vector<at::Tensor>& tensors) {
 // "cpu", "cuda:0" or a torch.device, whose str() is one of those.
 std::string device_name(const py::object& device) { return py::str(device).cast<std::string>(); }
 
+// A side, or a (height, width) pair of equal sides, which is how the published PatchCore passes input_shape[-2:].
+int64_t square_side(const py::object& size) {
+  if (py::isinstance<py::int_>(size)) return size.cast<int64_t>();
+  auto sides = size.cast<std::vector<int64_t>>();
+  if (sides.size() != 2 || sides[0] != sides[1])
+    throw std::invalid_argument(
+        "RescaleSegmentor: target_size must be a side or a (height, width) pair of equal sides");
+  return sides[0];
+}
+
 // The published code's attributes are None until fit or load, so a call out of order raises AttributeError there;
 // the library's std::logic_error is that case. Bad arguments are ValueError, as Python's own checks raise.
 void translate_exceptions(std::exception_ptr error) {
@@ -228,8 +238,8 @@ void bind_embedding(py::module_& m) {
       .def_property_readonly("target_dim", &Aggregator::target_dim);
 
   py::class_<RescaleSegmentor>(m, "RescaleSegmentor")
-      .def(py::init([](const py::object& device, int64_t target_size) {
-             return std::make_unique<RescaleSegmentor>(device_name(device), target_size);
+      .def(py::init([](const py::object& device, const py::object& target_size) {
+             return std::make_unique<RescaleSegmentor>(device_name(device), square_side(target_size));
            }),
            py::arg("device"), py::arg("target_size") = 224)
       .def(
