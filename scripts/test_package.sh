@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Checks the build as its users receive it. Installs it into a temporary prefix, then builds and runs
-# tests/package/consumer against that prefix with find_package(patchcore); builds the Debian package with cpack,
-# checks that its Depends are installed here, unpacks it into a temporary root and runs the CLI and imports the
-# Python module from there.
+# tests/package/consumer against that prefix with find_package(patchcore); configures tests/package/subproject,
+# which adds the source tree with add_subdirectory (not built: that is the library's build again); builds the
+# Debian package with cpack, checks that its Depends are installed here, unpacks it into a temporary root and runs
+# the CLI and imports the Python module from there.
 # Usage: scripts/test_package.sh [BUILD_DIR]   (default: build, already built by scripts/build.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,10 @@ cmake -S tests/package/consumer -B "$work/consumer" -G Ninja -DCMAKE_BUILD_TYPE=
   -DCMAKE_PREFIX_PATH="$work/prefix" >/dev/null
 cmake --build "$work/consumer" >/dev/null
 "$work/consumer/consumer"
+
+echo "== add_subdirectory(patchcore): configures alone, adds no tests"
+cmake -S tests/package/subproject -B "$work/subproject" -G Ninja -DPATCHCORE_SOURCE_DIR="$PWD" >/dev/null
+echo ok
 
 echo "== the Debian package"
 (cd "$build_dir" && cpack -G DEB -B "$work/deb" >/dev/null)
