@@ -19,6 +19,8 @@ else
 fi
 # pytest's exit status 5 (no tests collected) fails this script like any other failure: here it can only mean
 # that the tests went missing. Tests that lack ../shared or python3-torch are collected and skipped, with a reason.
-PYTHONPATH="$(realpath "$build_dir")/python" "$python" -m pytest -p no:cacheprovider -q -rs "${python_tests[@]}"
+# No bytecode files: they would land in ../shared beside the published code.
+PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$(realpath "$build_dir")/python" \
+  "$python" -m pytest -p no:cacheprovider -q -rs "${python_tests[@]}"
 
 PYTHON=$python scripts/test_package.sh "$build_dir"
