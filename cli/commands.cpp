@@ -74,6 +74,8 @@ std::unique_ptr<PatchCore> make_model(const ModelOptions& o, int threads) {
   params.anomaly_scorer_num_nn = o.k;
   params.transform.resize = o.resize;
   params.transform.crop = o.crop;
+  params.transform.view = parse_view(o.view);
+  params.transform.tile_overlap = o.tile_overlap;
   params.batchnorm_statistics = parse_batchnorm_statistics(o.batchnorm);
   const std::map<std::string, std::string> nn_kinds{
       {"exact", "ExactPrunedNN"}, {"flat", "FaissNN"}, {"approximate", "ApproximateFaissNN"}};
@@ -225,7 +227,8 @@ int fit(const ModelOptions& o, int threads) {
 
 int calibrate(const CalibrateOptions& o, int threads) {
   if (is_published_model(o.model))
-    throw std::runtime_error(o.model + ": a model the published PatchCore saved has no place for thresholds; fit one "
+    throw std::runtime_error(o.model +
+                             ": a model the published PatchCore saved has no place for thresholds; fit one "
                              "with patchcore fit to calibrate it");
   // Labelled validation images where the folder has a test split; good images only otherwise.
   const bool labelled = fs::is_directory(fs::path(o.data) / "test");
@@ -233,8 +236,9 @@ int calibrate(const CalibrateOptions& o, int threads) {
   const auto model = PatchCore::load_from_path(o.model, "cpu", threads);
   const std::string data = fs::absolute(o.data).lexically_normal().string();
   if (!model->provenance().data.empty() && !labelled && data == model->provenance().data)
-    spdlog::warn("calibrating on the images the model was fitted on: their scores are lower than new good images' "
-                 "will be, so the threshold is too; prefer good images the model has not seen");
+    spdlog::warn(
+        "calibrating on the images the model was fitted on: their scores are lower than new good images' "
+        "will be, so the threshold is too; prefer good images the model has not seen");
   CalibrationOptions options;
   options.quantile = o.quantile;
   options.scoring.batch_size = o.batch_size;
@@ -281,9 +285,9 @@ int predict(const PredictOptions& o, int threads) {
       if (path.empty()) continue;
       ++images;
       const auto image_start = Clock::now();
-      at::Tensor image;
+      std::vector<at::Tensor> image;
       try {
-        image = transform.load(path).unsqueeze(0);
+        image.push_back(transform.load(path));
       } catch (const std::exception& e) {
         run.failure(path, e.what());
         continue;
@@ -328,12 +332,12 @@ int evaluate(const EvaluateOptions& o, int threads) {
   EvaluationOptions options;
   options.batch_size = o.batch_size;
   options.mask_rule = o.mask_rule == "reference" ? MaskRule::kReference : MaskRule::kHalf;
+  options.coordinates = o.coordinates == "original" ? MapCoordinates::kOriginal : MapCoordinates::kView;
   const EvaluationResult r = patchcore::evaluate(members, test, options, progress_bar());
   const std::string metrics = evaluation_metrics_json(r, o.model, o.data, o.mask_rule);
   if (!o.out.empty()) write_evaluation_report(o.out, members, r, metrics, progress_bar());
   if (!o.json_path.empty()) write_file_atomically(o.json_path, metrics);
-  std::printf("image_auroc %.4f\nimage_aupr %.4f\nimage_f1_max %.4f\n", r.image.auroc, r.image.aupr,
-              r.image.f1_max.f1);
+  std::printf("image_auroc %.4f\nimage_aupr %.4f\nimage_f1_max %.4f\n", r.image.auroc, r.image.aupr, r.image.f1_max.f1);
   if (r.pixel_metrics)
     std::printf("pixel_auroc %.4f\npixel_auroc_defective %.4f\npixel_aupr %.4f\npixel_f1_max %.4f\naupro %.4f\n",
                 r.pixel.auroc, r.pixel_auroc_defective, r.pixel.aupr, r.pixel.f1_max.f1, r.pro.aupro);

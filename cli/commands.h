@@ -19,7 +19,8 @@ struct ModelOptions {
   std::string device = "cpu", nn = "exact", batchnorm = "reference_update", reference_randomness;
   double coreset = 0.1;
   int64_t k = 1, patchsize = 3, dim = 1024;
-  int resize = 256, crop = 224;
+  int resize = 256, crop = 224, tile_overlap = 32;
+  std::string view = "crop";
   uint64_t seed = 0;
   FitOptions fit;
   // The options as given on the command line, for the model's provenance.
@@ -36,7 +37,7 @@ struct PredictOptions {
 };
 
 struct EvaluateOptions {
-  std::string model, weights, data, out, json_path, mask_rule = "half";
+  std::string model, weights, data, out, json_path, mask_rule = "half", coordinates = "view";
   int64_t batch_size = 2;
 };
 

@@ -69,12 +69,21 @@ int main(int argc, char** argv) {
     cmd->add_option("--dim", o.dim, "embedding dimension (pretrain and target)")
         ->capture_default_str()
         ->check(CLI::PositiveNumber);
-    cmd->add_option("--resize", o.resize, "shorter side after resizing")
+    cmd->add_option("--view", o.view,
+                    "what the model sees: crop (the published resize and centre crop), full (the whole frame, "
+                    "shorter side resized to --resize) or tiles (the whole frame at its own resolution, in --crop "
+                    "tiles whose maps are stitched)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"crop", "full", "tiles"}));
+    cmd->add_option("--resize", o.resize, "shorter side after resizing (crop and full views)")
         ->capture_default_str()
         ->check(CLI::Range(1, ImageTransform::kMaxSide));
-    cmd->add_option("--crop", o.crop, "center crop size")
+    cmd->add_option("--crop", o.crop, "center crop size (crop view), tile side (tiles view)")
         ->capture_default_str()
         ->check(CLI::Range(1, ImageTransform::kMaxSide));
+    cmd->add_option("--tile-overlap", o.tile_overlap, "least overlap of neighbouring tiles, in pixels (tiles view)")
+        ->capture_default_str()
+        ->check(CLI::NonNegativeNumber);
     cmd->add_option("--seed", o.seed, "sampler seed")->capture_default_str();
     cmd->add_option("--batch-size", o.fit.batch_size, "images per forward pass")
         ->capture_default_str()
@@ -159,7 +168,8 @@ int main(int argc, char** argv) {
   auto* evaluate_cmd = app.add_subcommand("evaluate", "MVTec-style metrics on the test split of a data set");
   evaluate_cmd->add_option("--model", evaluate_options.model, model_help)->required()->check(CLI::ExistingDirectory);
   evaluate_cmd->add_option("--weights", evaluate_options.weights, weights_help)->check(CLI::ExistingFile);
-  evaluate_cmd->add_option("--data", evaluate_options.data, "data set root with test/ and, for pixel metrics, ground_truth/")
+  evaluate_cmd
+      ->add_option("--data", evaluate_options.data, "data set root with test/ and, for pixel metrics, ground_truth/")
       ->required()
       ->check(CLI::ExistingDirectory);
   evaluate_cmd->add_option("--out", evaluate_options.out,
@@ -170,6 +180,12 @@ int main(int argc, char** argv) {
                    "half: resampled mask >= 0.5; reference: == 255 as the Python code")
       ->capture_default_str()
       ->check(CLI::IsMember({"half", "reference"}));
+  evaluate_cmd
+      ->add_option("--coordinates", evaluate_options.coordinates,
+                   "where pixel metrics count: view (the model's view, as the published evaluation) or original "
+                   "(every pixel of the original images and masks; pixels outside the view score lowest)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"view", "original"}));
   evaluate_cmd->add_option("--batch-size", evaluate_options.batch_size, "images per forward pass")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

@@ -56,7 +56,7 @@ BenchResult bench(PatchCore& model, const std::string& data_root, const BenchOpt
     StageTimer timer;
     const auto start = std::chrono::steady_clock::now();
     ImageBatches batches(test, model.params().transform, options.fit.batch_size, &timer);
-    for (at::Tensor images; batches.next(images);) {
+    for (std::vector<at::Tensor> images; batches.next(images);) {
       model.predict(images, &timer);
       if (progress) progress("predict pass " + std::to_string(pass + 1), batches.done(), test.size());
     }

@@ -6,8 +6,8 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
-#include <optional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <stdexcept>
 #include <vector>
 
@@ -111,6 +111,8 @@ void write_model_description(const std::string& dir, const std::string& prepend,
       {"patchstride", p.patchstride},
       {"anomaly_scorer_num_nn", p.anomaly_scorer_num_nn},
       {"resize", p.transform.resize},
+      {"view", view_name(p.transform.view)},
+      {"tile_overlap", p.transform.tile_overlap},
       {"mean", p.transform.mean},
       {"std", p.transform.std},
       {"batchnorm_statistics", to_string(p.batchnorm_statistics)},
@@ -172,6 +174,15 @@ ModelDescription read_model_description(const std::string& dir, const std::strin
       throw std::runtime_error(params_path + ": input_shape must be [3, crop, crop]");
     params.transform.crop = static_cast<int>(bounded(input_shape[1], "input_shape[1]", 1, ImageTransform::kMaxSide));
     params.transform.resize = static_cast<int>(field("resize", ImageTransform::kMaxSide));
+    if (version >= 3) {
+      try {
+        params.transform.view = parse_view(j.at("view").get<std::string>());
+      } catch (const std::invalid_argument& e) {
+        throw std::runtime_error(params_path + ": " + e.what());
+      }
+      params.transform.tile_overlap =
+          static_cast<int>(bounded(j.at("tile_overlap"), "tile_overlap", 0, ImageTransform::kMaxSide));
+    }
     params.transform.mean = j.at("mean").get<std::array<float, 3>>();
     params.transform.std = j.at("std").get<std::array<float, 3>>();
     params.batchnorm_statistics = version < 2

@@ -14,6 +14,7 @@
 #include "patchcore/io/image_batches.h"
 #include "patchcore/memory_bank/feature_store.h"
 #include "patchcore/model_dir.h"
+#include "patchcore/segmentation/tiling.h"
 
 namespace fs = std::filesystem;
 
@@ -107,29 +108,41 @@ void PatchCore::fit(const std::vector<std::string>& image_paths, const FitOption
   std::unique_ptr<FeatureStore> store;
   at::Tensor summary;  // of all rows, allocated once: growing it chunk by chunk would hold it twice
   ImageBatches batches(image_paths, params_.transform, options.batch_size, timer);
-  for (at::Tensor images; batches.next(images);) {
-    const at::Tensor embedded = embed(images, nullptr, timer);
+  int64_t filled = 0;  // rows of `summary` written
+  for (std::vector<at::Tensor> images; batches.next(images);) {
+    const at::Tensor embedded = embed(images, timer);
     at::Tensor chunk;
     {
       StageTimer::Scope scope(timer, "coreset");
       chunk = featuresampler_->summarize(embedded);
     }
     if (!store) {
-      // Every image gives the same number of patches, so the first batch tells what the whole fit will hold.
-      const int64_t rows = embedded.size(0) / images.size(0) * static_cast<int64_t>(image_paths.size());
+      // In the crop view every image gives the same number of patches, so the first batch tells what the whole fit
+      // will hold; in the others it is an estimate, and the summary grows where it falls short.
+      const int64_t rows =
+          embedded.size(0) / static_cast<int64_t>(images.size()) * static_cast<int64_t>(image_paths.size());
       check_fit_memory(rows, embedded.size(1), options.memory_budget_bytes);
       StageTimer::Scope scope(timer, "store");
       store = std::make_unique<FeatureStore>(embedded.size(1), options.scratch_directory);
       store->reserve(rows);
       summary = at::empty({rows, chunk.size(1)}, at::kFloat);
     }
-    summary.slice(0, store->rows(), store->rows() + chunk.size(0)).copy_(chunk);
+    if (filled + chunk.size(0) > summary.size(0)) {
+      const auto remaining = static_cast<int64_t>(image_paths.size() - batches.done());
+      const int64_t needed = filled + chunk.size(0) + remaining * chunk.size(0) / static_cast<int64_t>(images.size());
+      at::Tensor grown = at::empty({needed, chunk.size(1)}, at::kFloat);
+      grown.slice(0, 0, filled).copy_(summary.slice(0, 0, filled));
+      summary = grown;
+    }
+    summary.slice(0, filled, filled + chunk.size(0)).copy_(chunk);
+    filled += chunk.size(0);
     {
       StageTimer::Scope scope(timer, "store");
       store->append(embedded);
     }
     if (progress) progress("embedding training images", batches.done(), image_paths.size());
   }
+  summary = summary.slice(0, 0, filled);
   if (progress) progress("coreset", 0, 1);
   std::vector<int64_t> selected;
   {
@@ -196,23 +209,89 @@ void PatchCore::check_fit_memory(int64_t rows, int64_t dim, int64_t budget_bytes
   }
 }
 
-PredictResult PatchCore::predict(const at::Tensor& images, StageTimer* timer) const {
+at::Tensor PatchCore::embed(const std::vector<at::Tensor>& images, StageTimer* timer) const {
+  std::vector<at::Tensor> rows;
+  if (params_.transform.view == View::kTiles) {
+    for (const at::Tensor& image : images) {
+      const at::Tensor tiles = cut_tiles(image, tile_grid_of(image));
+      for (int64_t begin = 0; begin < tiles.size(0); begin += kTilesPerPass)
+        rows.push_back(embed(tiles.slice(0, begin, begin + kTilesPerPass), nullptr, timer));
+    }
+  } else {
+    for_each_size_run(images, [&](const at::Tensor& run) { rows.push_back(embed(run, nullptr, timer)); });
+  }
+  return rows.size() == 1 ? rows.front() : at::cat(rows);
+}
+
+void PatchCore::for_each_size_run(const std::vector<at::Tensor>& images,
+                                  const std::function<void(const at::Tensor&)>& run) {
+  for (size_t begin = 0, end; begin < images.size(); begin = end) {
+    for (end = begin + 1; end < images.size() && images[end].sizes() == images[begin].sizes();) ++end;
+    run(end - begin == 1 ? images[begin].unsqueeze(0)
+                         : at::stack(std::vector<at::Tensor>(images.begin() + begin, images.begin() + end)));
+  }
+}
+
+TileGrid PatchCore::tile_grid_of(const at::Tensor& image) const {
+  if (image.dim() != 3) throw std::invalid_argument("PatchCore: an image must be [3, H, W]");
+  return tile_grid(static_cast<int>(image.size(2)), static_cast<int>(image.size(1)), params_.transform.crop,
+                   params_.transform.tile_overlap);
+}
+
+at::Tensor PatchCore::patch_scores(const at::Tensor& images, StageTimer* timer) const {
+  std::vector<int64_t> grid;
+  const at::Tensor features = embed(images, &grid, timer);
+  StageTimer::Scope scope(timer, "search");
+  return patch_maker_->unpatch_scores(std::get<0>(anomaly_scorer_->predict({features})), images.size(0))
+      .reshape({images.size(0), grid[0], grid[1]});
+}
+
+void PatchCore::require_fitted() const {
   require_loaded("predict");
   if (!anomaly_scorer_->nn_method().is_fitted())
     throw std::logic_error("PatchCore::predict before fit() or load_from_path()");
-  const int64_t batch = images.size(0);
-  std::vector<int64_t> grid;
-  const at::Tensor features = embed(images, &grid, timer);
-  at::Tensor patch_scores;
-  {
-    StageTimer::Scope scope(timer, "search");
-    patch_scores = patch_maker_->unpatch_scores(std::get<0>(anomaly_scorer_->predict({features})), batch);
-  }
-  StageTimer::Scope scope(timer, "segmentation");
-  const at::Tensor image_scores = patch_maker_->score(patch_scores).contiguous();
+}
+
+PredictResult PatchCore::predict(const at::Tensor& images, StageTimer* timer) const {
+  require_fitted();
+  if (images.dim() != 4) throw std::invalid_argument("PatchCore::predict: images must be [B, 3, H, W]");
   PredictResult result;
-  result.scores.assign(image_scores.data_ptr<float>(), image_scores.data_ptr<float>() + batch);
-  result.masks = anomaly_segmentor_->convert_to_segmentation(patch_scores.reshape({batch, grid[0], grid[1]}));
+  if (params_.transform.view == View::kTiles) {
+    for (int64_t b = 0; b < images.size(0); ++b) {
+      const at::Tensor image = images[b];
+      const TileGrid grid = tile_grid_of(image);
+      const at::Tensor tiles = cut_tiles(image, grid);
+      std::vector<at::Tensor> maps;
+      float score = -std::numeric_limits<float>::infinity();
+      for (int64_t begin = 0; begin < tiles.size(0); begin += kTilesPerPass) {
+        const at::Tensor scores = patch_scores(tiles.slice(0, begin, begin + kTilesPerPass), timer);
+        StageTimer::Scope scope(timer, "segmentation");
+        score = std::max(score, scores.max().item<float>());
+        maps.push_back(anomaly_segmentor_->rescale(scores, grid.tile, grid.tile));
+      }
+      StageTimer::Scope scope(timer, "segmentation");
+      result.scores.push_back(score);
+      result.masks.push_back(
+          anomaly_segmentor_->smooth(stitch_tiles(at::cat(maps), grid, image.size(1), image.size(2))));
+    }
+    return result;
+  }
+  const at::Tensor scores = patch_scores(images, timer);
+  StageTimer::Scope scope(timer, "segmentation");
+  const at::Tensor image_scores = patch_maker_->score(scores).contiguous();
+  result.scores.assign(image_scores.data_ptr<float>(), image_scores.data_ptr<float>() + images.size(0));
+  result.masks = anomaly_segmentor_->convert_to_segmentation(scores, images.size(2), images.size(3));
+  return result;
+}
+
+PredictResult PatchCore::predict(const std::vector<at::Tensor>& images, StageTimer* timer) const {
+  require_fitted();
+  PredictResult result;
+  for_each_size_run(images, [&](const at::Tensor& run) {
+    PredictResult part = predict(run, timer);
+    result.scores.insert(result.scores.end(), part.scores.begin(), part.scores.end());
+    for (auto& map : part.masks) result.masks.push_back(std::move(map));
+  });
   return result;
 }
 

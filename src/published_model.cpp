@@ -118,12 +118,14 @@ PatchCoreEnsemble load_model_directory(const std::string& dir, const std::string
   std::vector<std::unique_ptr<PatchCore>> members;
   if (is_published_model(dir)) {
     if (weights_path.empty())
-      throw std::invalid_argument(dir + ": a model saved by the published PatchCore holds no backbone weights; give "
+      throw std::invalid_argument(dir +
+                                  ": a model saved by the published PatchCore holds no backbone weights; give "
                                   "them with --weights");
     members = load_published_model(dir, weights_path, options);
   } else {
     if (!weights_path.empty())
-      throw std::invalid_argument(dir + ": the model holds its own backbone weights; --weights is for models saved "
+      throw std::invalid_argument(dir +
+                                  ": the model holds its own backbone weights; --weights is for models saved "
                                   "by the published PatchCore");
     members.push_back(PatchCore::load_from_path(dir, "cpu", options.num_workers));
   }
@@ -149,7 +151,7 @@ PatchCoreEnsemble::PatchCoreEnsemble(std::vector<std::unique_ptr<PatchCore>> mem
   }
 }
 
-PredictResult PatchCoreEnsemble::predict(const at::Tensor& images) const {
+PredictResult PatchCoreEnsemble::predict(const std::vector<at::Tensor>& images) const {
   if (members_.size() == 1) return members_.front()->predict(images);
   PredictResult combined;
   for (size_t k = 0; k < members_.size(); ++k) {

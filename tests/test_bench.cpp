@@ -101,9 +101,9 @@ TEST(ImageBatches, ReadsBatchesInOrderWithTheTransform) {
   EXPECT_EQ(batches.size(), 3u);
   std::vector<int64_t> sizes;
   std::vector<torch::Tensor> images;
-  for (torch::Tensor batch; batches.next(batch);) {
-    sizes.push_back(batch.size(0));
-    for (int64_t i = 0; i < batch.size(0); ++i) images.push_back(batch[i]);
+  for (std::vector<torch::Tensor> batch; batches.next(batch);) {
+    sizes.push_back(static_cast<int64_t>(batch.size()));
+    images.insert(images.end(), batch.begin(), batch.end());
     EXPECT_EQ(batches.done(), images.size());
   }
   EXPECT_EQ(sizes, (std::vector<int64_t>{2, 1}));
@@ -116,7 +116,7 @@ TEST(ImageBatches, ABadFileFailsItsBatchByName) {
   const std::string root = tiny_dataset();
   const std::string good = root + "/train/good/000.png", missing = root + "/train/good/missing.png";
   ImageBatches batches({good, missing, good}, small_params().transform, 1);
-  torch::Tensor batch;
+  std::vector<torch::Tensor> batch;
   EXPECT_TRUE(batches.next(batch));
   EXPECT_NE(error_of([&] { batches.next(batch); }).find("missing.png"), std::string::npos);
   // The batches after it are still read; done() counts the failed batch's images too.

@@ -64,7 +64,7 @@ void expect_oracle_results(const std::string& name) {
   // The rows the sampler selects from this build's embeddings of the training images.
   std::vector<torch::Tensor> features;
   ImageBatches batches(files.train, params.transform, 8);
-  for (torch::Tensor images; batches.next(images);) features.push_back(model.embed(images));
+  for (std::vector<torch::Tensor> images; batches.next(images);) features.push_back(model.embed(images));
   const std::vector<int64_t> selected = sampler->select(torch::cat(features));
   const std::vector<int64_t> expected = golden.at("coreset_indices").as_int64();
   ASSERT_EQ(selected.size(), expected.size());
@@ -236,7 +236,7 @@ TEST(PublishedModel, EnsembleMembersScoreAsThePublishedOnesAndCombineAsItsEvalua
   }
   // predict: each member's scores over its bank scale, averaged.
   ASSERT_EQ(ensemble.scales().size(), 2u);
-  const torch::Tensor combined = torch::tensor(ensemble.predict(images).scores);
+  const torch::Tensor combined = torch::tensor(ensemble.predict(images.unbind(0)).scores);
   const torch::Tensor expected =
       (member_scores[0] / ensemble.scales()[0] + member_scores[1] / ensemble.scales()[1]) / 2;
   EXPECT_LT(max_relative_difference(combined, expected), 1e-5);

@@ -190,7 +190,7 @@ TEST(PatchCore, StreamedFitEqualsFitFeaturesOnAllEmbeddingsWithinItsBudget) {
   const auto in_memory = make();
   std::vector<torch::Tensor> embedded;
   ImageBatches batches(train, params.transform, options.batch_size);
-  for (torch::Tensor images; batches.next(images);) embedded.push_back(in_memory->embed(images));
+  for (std::vector<torch::Tensor> images; batches.next(images);) embedded.push_back(in_memory->embed(images));
   in_memory->fit_features(torch::cat(embedded));
   const int64_t rows = streamed->memory_bank_size();
   ASSERT_EQ(rows, 3 * 784 / 10);

@@ -28,7 +28,8 @@ struct ModelDescription {
   static constexpr const char* kParamsFile = "patchcore_params.json";
   static constexpr const char* kFormat = "patchcore-model";
   // 2: batchnorm_statistics recorded (version 1 models were fitted with the checkpoint's statistics).
-  static constexpr int kFormatVersion = 2;
+  // 3: view and tile_overlap recorded (older models see the published centre crop).
+  static constexpr int kFormatVersion = 3;
 
   std::string backbone;      // Backbone::architecture(), as load_backbone takes it
   std::string weights_file;  // a file name inside the directory

@@ -22,6 +22,8 @@
 
 namespace patchcore {
 
+struct TileGrid;
+
 // The settings the reference pickles as patchcore_params.pkl, plus the image transform, which a model
 // directory must carry so that predict needs no other flags.
 struct PatchCoreParams {
@@ -36,7 +38,7 @@ struct PatchCoreParams {
   int64_t patchsize = 3;
   int64_t patchstride = 1;
   int64_t anomaly_scorer_num_nn = 1;
-  ImageTransform transform;  // resize/crop; input_shape is (3, crop, crop)
+  ImageTransform transform;  // view, resize, crop; input_shape is (3, crop, crop), a tile in the tiles view
   // Requested of load(); what it could apply is in PatchCore::params() afterwards.
   BatchNormStatistics batchnorm_statistics = BatchNormStatistics::kReferenceUpdate;
   std::vector<int64_t> input_shape() const { return {3, transform.crop, transform.crop}; }
@@ -44,7 +46,7 @@ struct PatchCoreParams {
 
 struct PredictResult {
   std::vector<float> scores;      // one per image: the highest patch score
-  std::vector<at::Tensor> masks;  // one [crop, crop] float32 map per image
+  std::vector<at::Tensor> masks;  // one float32 map per image, of its input's height and width
 };
 
 // How the training patches score against the memory bank, measured by fit on up to 20,000 evenly spaced ones.
@@ -101,6 +103,9 @@ class PatchCore {
   // `timer` (optional) receives stages "backbone" and "embedding".
   at::Tensor embed(const at::Tensor& images, std::vector<int64_t>* patch_shape = nullptr,
                    StageTimer* timer = nullptr) const;
+  // Images of the model's view ([3, H, W] each, sizes free: ImageTransform::load) → the patch embeddings of all,
+  // image after image; in the tiles view, tile after tile of each image.
+  at::Tensor embed(const std::vector<at::Tensor>& images, StageTimer* timer = nullptr) const;
 
   // Fits the memory bank on training images (files, read with params.transform), batch by batch. Each batch's
   // embeddings go to a FeatureStore on disk and only the sampler's summary of them stays in memory; the
@@ -113,8 +118,12 @@ class PatchCore {
   void fit_features(const at::Tensor& features, StageTimer* timer = nullptr);
 
   // Thread-safe once fitted: one loaded model can serve many threads. `timer` (optional) receives
-  // stages "backbone", "embedding", "search" and "segmentation".
+  // stages "backbone", "embedding", "search" and "segmentation". images [B, 3, H, W]; each map is H x W. In the
+  // tiles view each image is cut into tiles of the model's input size, whose maps are stitched (tiling.h), and its
+  // score is the highest patch score of all its tiles.
   PredictResult predict(const at::Tensor& images, StageTimer* timer = nullptr) const;
+  // The same for images of any sizes ([3, H, W] each): each run of equal sizes is one batch.
+  PredictResult predict(const std::vector<at::Tensor>& images, StageTimer* timer = nullptr) const;
 
   // A model directory (model_dir.h), written to a temporary directory, then renamed.
   void save_to_path(const std::string& save_path, const std::string& prepend = "") const;
@@ -146,7 +155,17 @@ class PatchCore {
   int64_t memory_bank_size() const { return anomaly_scorer_->nn_method().size(); }
 
  private:
+  // Tiles embedded in one pass, which bounds the memory of a large frame's tiles.
+  static constexpr int64_t kTilesPerPass = 8;
+
   void require_loaded(const char* what) const;
+  void require_fitted() const;
+  // Calls `run` with each run of consecutive equal-size images, stacked into [b, 3, H, W].
+  static void for_each_size_run(const std::vector<at::Tensor>& images,
+                                const std::function<void(const at::Tensor&)>& run);
+  TileGrid tile_grid_of(const at::Tensor& image) const;
+  // images [B, 3, H, W] → patch scores [B, h, w].
+  at::Tensor patch_scores(const at::Tensor& images, StageTimer* timer) const;
   void fit_memory_bank(const at::Tensor& bank, StageTimer* timer);
   // Scores a sample of the `patches` training patches, read by `rows`, against the fitted bank.
   void measure_normal_scores(int64_t patches, const std::function<at::Tensor(const std::vector<int64_t>&)>& rows);

@@ -42,7 +42,7 @@ std::vector<std::unique_ptr<PatchCore>> load_published_model(const std::string& 
 class PatchCoreEnsemble {
  public:
   explicit PatchCoreEnsemble(std::vector<std::unique_ptr<PatchCore>> members);
-  PredictResult predict(const at::Tensor& images) const;
+  PredictResult predict(const std::vector<at::Tensor>& images) const;
   const std::vector<std::unique_ptr<PatchCore>>& members() const { return members_; }
   // The first member's, whose image transform every member shares.
   const PatchCoreParams& params() const { return members_.front()->params(); }

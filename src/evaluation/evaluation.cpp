@@ -7,6 +7,8 @@
 #include <limits>
 #include <stdexcept>
 
+#include "patchcore/segmentation/view_map.h"
+
 namespace patchcore {
 namespace {
 
@@ -132,15 +134,24 @@ std::vector<EvaluatedImage> score_samples(const std::vector<const PatchCore*>& m
   // Per member beyond the first: its raw scores and maps, combined with the first's after the loop.
   std::vector<std::vector<float>> member_scores(members.size());
   std::vector<std::vector<cv::Mat>> member_maps(members.size());
-  const int crop = transform.crop;
+  const bool original = options.coordinates == MapCoordinates::kOriginal;
+  std::vector<cv::Size> original_sizes;
   std::vector<EvaluatedImage> images;
   for (size_t begin = 0; begin < samples.size(); begin += static_cast<size_t>(options.batch_size)) {
     const size_t end = std::min(samples.size(), begin + static_cast<size_t>(options.batch_size));
     std::vector<at::Tensor> batch;
-    for (size_t i = begin; i < end; ++i) batch.push_back(transform.load(samples[i].image_path));
-    const at::Tensor tensors = at::stack(batch);
+    for (size_t i = begin; i < end; ++i) {
+      const std::string& path = samples[i].image_path;
+      const cv::Mat rgb = load_image_rgb(path);
+      original_sizes.push_back(rgb.size());
+      try {
+        batch.push_back(transform.to_tensor(transform.to_view(rgb)));
+      } catch (const std::invalid_argument& e) {
+        throw ImageError(path + ": " + e.what());
+      }
+    }
     for (size_t m = 0; m < members.size(); ++m) {
-      const PredictResult predicted = members[m]->predict(tensors);
+      const PredictResult predicted = members[m]->predict(batch);
       for (size_t i = 0; i < predicted.scores.size(); ++i) {
         member_scores[m].push_back(predicted.scores[i]);
         member_maps[m].push_back(to_mat(predicted.masks[i]));
@@ -151,10 +162,17 @@ std::vector<EvaluatedImage> score_samples(const std::vector<const PatchCore*>& m
       image.sample = samples[i];
       image.score = member_scores[0][i];
       image.anomaly_map = member_maps[0][i];
-      if (!samples[i].is_anomalous)
-        image.mask = cv::Mat::zeros(crop, crop, CV_8U);
-      else if (!samples[i].mask_path.empty())
+      if (!samples[i].is_anomalous) {
+        image.mask = cv::Mat::zeros(original ? original_sizes[i] : image.anomaly_map.size(), CV_8U);
+      } else if (!samples[i].mask_path.empty() && original) {
+        image.mask = binarise(load_mask(samples[i].mask_path), MaskRule::kHalf);
+        if (image.mask.size() != original_sizes[i])
+          throw ImageError(samples[i].mask_path + ": the mask is " + std::to_string(image.mask.cols) + "x" +
+                           std::to_string(image.mask.rows) + ", its image " + samples[i].image_path + " is " +
+                           std::to_string(original_sizes[i].width) + "x" + std::to_string(original_sizes[i].height));
+      } else if (!samples[i].mask_path.empty()) {
         image.mask = binarise(transform.load_mask(samples[i].mask_path), options.mask_rule);
+      }
       images.push_back(std::move(image));
     }
     if (progress) progress("scoring images", end, samples.size());
@@ -172,10 +190,16 @@ std::vector<EvaluatedImage> score_samples(const std::vector<const PatchCore*>& m
       const float weight = 1.0f / static_cast<float>(members.size());
       for (size_t i = 0; i < images.size(); ++i) {
         images[i].score += (member_scores[m][i] - score_low) / score_range * weight;
-        images[i].anomaly_map +=
-            (member_maps[m][i] - map_range.first) / (map_range.second - map_range.first) * weight;
+        images[i].anomaly_map += (member_maps[m][i] - map_range.first) / (map_range.second - map_range.first) * weight;
       }
     }
+  }
+  if (original && !images.empty()) {
+    std::vector<cv::Mat> maps;
+    for (const auto& image : images) maps.push_back(image.anomaly_map);
+    const float lowest = value_range(maps).first;
+    for (size_t i = 0; i < images.size(); ++i)
+      images[i].anomaly_map = map_to_original(images[i].anomaly_map, transform, original_sizes[i], lowest);
   }
   return images;
 }
@@ -193,6 +217,7 @@ EvaluationResult evaluate(const std::vector<const PatchCore*>& members, const st
   EvaluationResult result;
   const auto start = std::chrono::steady_clock::now();
   result.images = score_samples(members, test_set, options, progress);
+  result.coordinates = options.coordinates;
   const auto elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   result.ms_per_image = elapsed / static_cast<double>(test_set.size());
   const Calibration* calibration = members.size() == 1 ? &members.front()->calibration() : nullptr;

@@ -33,7 +33,9 @@ nlohmann::json optional_json(const std::optional<double>& v) { return v ? nlohma
 
 nlohmann::json threshold_json(const std::optional<Threshold>& t) {
   if (!t) return nullptr;
-  return {{"value", t->value}, {"method", to_string(t->method)}, {"good_images", t->good_images},
+  return {{"value", t->value},
+          {"method", to_string(t->method)},
+          {"good_images", t->good_images},
           {"defective_images", t->defective_images}};
 }
 
@@ -80,11 +82,20 @@ std::string html_escape(const std::string& s) {
   std::string out;
   for (char c : s) {
     switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      default: out += c;
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      default:
+        out += c;
     }
   }
   return out;
@@ -97,8 +108,13 @@ std::string inline_png(const std::vector<uchar>& png, const std::string& alt, in
 }
 
 // The evaluation overlay: the heatmap on the original image with the ground truth's outline in white.
-cv::Mat evaluation_overlay(const EvaluatedImage& image, const ImageTransform& transform, ColourScale scale) {
-  cv::Mat picture = original_overlay(load_image_rgb(image.sample.image_path), image.anomaly_map, transform, scale);
+cv::Mat evaluation_overlay(const EvaluatedImage& image, const ImageTransform& transform, MapCoordinates coordinates,
+                           ColourScale scale) {
+  const cv::Mat rgb = load_image_rgb(image.sample.image_path);
+  const cv::Mat map = coordinates == MapCoordinates::kOriginal
+                          ? image.anomaly_map
+                          : map_to_original(image.anomaly_map, transform, rgb.size(), scale.vmin);
+  cv::Mat picture = original_overlay(rgb, map, transform, scale);
   if (!image.sample.mask_path.empty()) {
     cv::Mat truth = load_mask(image.sample.mask_path);
     if (truth.size() != picture.size()) cv::resize(truth, truth, picture.size(), 0, 0, cv::INTER_NEAREST);
@@ -134,10 +150,10 @@ cv::Mat heatmap_overlay(const cv::Mat& rgb, const cv::Mat& anomaly_map, ColourSc
   return blended;
 }
 
-cv::Mat original_overlay(const cv::Mat& rgb_original, const cv::Mat& view_map, const ImageTransform& transform,
+cv::Mat original_overlay(const cv::Mat& rgb_original, const cv::Mat& original_map, const ImageTransform& transform,
                          ColourScale scale) {
   const cv::Size size = rgb_original.size();
-  const cv::Mat picture = heatmap_overlay(rgb_original, map_to_original(view_map, transform, size, scale.vmin), scale);
+  const cv::Mat picture = heatmap_overlay(rgb_original, original_map, scale);
   // Outside the view: the plain image, darkened, so nobody reads it as inspected and clean; the view outlined.
   cv::Mat out;
   cv::cvtColor(rgb_original, out, cv::COLOR_RGB2BGR);
@@ -163,8 +179,8 @@ cv::Mat plot_curve(const std::vector<double>& x, const std::vector<double>& y, c
   for (int t = 0; t <= 4; ++t) {
     cv::putText(canvas, number(t / 4.0 * plot.x_max, "%.2f"), point(t / 4.0 * plot.x_max, 0) + cv::Point(-14, 18),
                 cv::FONT_HERSHEY_SIMPLEX, 0.35, black);
-    cv::putText(canvas, number(t / 4.0, "%.2f"), point(0, t / 4.0) + cv::Point(-28, 4), cv::FONT_HERSHEY_SIMPLEX,
-                0.35, black);
+    cv::putText(canvas, number(t / 4.0, "%.2f"), point(0, t / 4.0) + cv::Point(-28, 4), cv::FONT_HERSHEY_SIMPLEX, 0.35,
+                black);
   }
   // A curve with millions of points draws the same as one thinned to a point per pixel change.
   std::vector<cv::Point> curve;
@@ -224,7 +240,7 @@ void PredictionWriter::add(const std::string& image_path, float score, const at:
   double lowest;
   cv::minMaxLoc(view_map, &lowest);
   const cv::Mat map = map_to_original(view_map, transform_, rgb.size(), static_cast<float>(lowest));
-  write_png(out_.claim(overlay), original_overlay(rgb, view_map, transform_, scale_));
+  write_png(out_.claim(overlay), original_overlay(rgb, map, transform_, scale_));
   write_npy(out_.claim(raw), map.ptr<float>(), {map.rows, map.cols});
   std::string mask;
   if (calibration_.pixel) {
@@ -326,14 +342,14 @@ void write_evaluation_report(const std::string& dir, const std::vector<const Pat
       const auto& image = r.images[i];
       const std::string overlay = "overlays/" + image.sample.defect_type + "_" +
                                   std::filesystem::path(image.sample.image_path).stem().string() + ".png";
-      const std::vector<uchar> png = encode_png(evaluation_overlay(image, transform, *scale), overlay);
-      write_file_atomically(tmp + "/" + overlay, std::string_view(reinterpret_cast<const char*>(png.data()), png.size()));
+      const std::vector<uchar> png = encode_png(evaluation_overlay(image, transform, r.coordinates, *scale), overlay);
+      write_file_atomically(tmp + "/" + overlay,
+                            std::string_view(reinterpret_cast<const char*>(png.data()), png.size()));
       if (std::find(good.begin(), good.end(), i) != good.end() ||
           std::find(defective.begin(), defective.end(), i) != defective.end())
         shown[i] = png;
-      const std::string predicted = calibration && calibration->image
-                                        ? (calibration->image->is_anomalous(image.score) ? "NG" : "OK")
-                                        : "";
+      const std::string predicted =
+          calibration && calibration->image ? (calibration->image->is_anomalous(image.score) ? "NG" : "OK") : "";
       csv += csv_field(image.sample.image_path) + "," + csv_field(image.sample.defect_type) + "," +
              (image.sample.is_anomalous ? "1" : "0") + "," + number(image.score, "%.6f") + "," + predicted + "," +
              overlay + "\n";
@@ -404,17 +420,17 @@ void write_evaluation_report(const std::string& dir, const std::vector<const Pat
     html += "<h2 id=\"defect-types\">Per defect type</h2>\n<table>" +
             row({"defect type", "images", "mean score", "image AUROC", "flagged NG", "pixel AUROC", "AUPRO"}, "th");
     for (const auto& d : r.defect_types)
-      html += row({html_escape(d.defect_type), std::to_string(d.images), number(d.mean_score, "%.4g"),
-                   cell(d.image_auroc), d.flagged ? std::to_string(*d.flagged) : "", cell(d.pixel_auroc),
-                   cell(d.aupro)});
+      html +=
+          row({html_escape(d.defect_type), std::to_string(d.images), number(d.mean_score, "%.4g"), cell(d.image_auroc),
+               d.flagged ? std::to_string(*d.flagged) : "", cell(d.pixel_auroc), cell(d.aupro)});
     html += "</table>\n<h2 id=\"curves\">Curves</h2>\n";
     for (const auto& [name, png] : curves) html += "<figure>" + inline_png(png, name, 400) + "</figure>\n";
     const auto gallery = [&](const std::string& title, const std::vector<size_t>& indices) {
       html += "<h2>" + title + "</h2>\n";
       for (size_t i : indices)
         html += "<figure>" + inline_png(shown.at(i), r.images[i].sample.image_path, 400) + "<figcaption>" +
-                html_escape(r.images[i].sample.defect_type) + ", score " + number(r.images[i].score, "%.4g") +
-                "<br>" + html_escape(r.images[i].sample.image_path) + "</figcaption></figure>\n";
+                html_escape(r.images[i].sample.defect_type) + ", score " + number(r.images[i].score, "%.4g") + "<br>" +
+                html_escape(r.images[i].sample.image_path) + "</figcaption></figure>\n";
     };
     gallery("Worst false positives: good images scoring highest", good);
     gallery("Worst false negatives: defective images scoring lowest", defective);

@@ -460,17 +460,21 @@ cv::Mat nearest_region(const cv::Mat& src, int out_width, int out_height, int x0
   return result;
 }
 
-cv::Mat resize_and_crop_impl(const ImageTransform& t, const cv::Mat& image, bool nearest) {
+cv::Mat to_view_impl(const ImageTransform& t, const cv::Mat& image, bool nearest) {
   t.validate();
   if (image.empty() || image.depth() != CV_8U || (image.channels() != 1 && image.channels() != 3)) {
-    throw std::invalid_argument("resize_and_crop: expected a non-empty 8-bit image with 1 or 3 channels");
+    throw std::invalid_argument("to_view: expected a non-empty 8-bit image with 1 or 3 channels");
   }
-  const auto [new_w, new_h] = resized_size_shorter_side(image.cols, image.rows, t.resize);
-  const auto [left, top] = center_crop_offsets(new_w, new_h, t.crop);
-  return nearest ? nearest_region(image, new_w, new_h, left, top, t.crop, t.crop)
-                 : bilinear_region(image, new_w, new_h, left, top, t.crop, t.crop);
+  const cv::Size size = t.view_size(image.size());
+  // The crop view crops the resized frame; the others keep all of it.
+  std::array<int, 2> resized{size.width, size.height}, offset{0, 0};
+  if (t.view == View::kCrop) {
+    resized = resized_size_shorter_side(image.cols, image.rows, t.resize);
+    offset = center_crop_offsets(resized[0], resized[1], t.crop);
+  }
+  return nearest ? nearest_region(image, resized[0], resized[1], offset[0], offset[1], size.width, size.height)
+                 : bilinear_region(image, resized[0], resized[1], offset[0], offset[1], size.width, size.height);
 }
-
 }  // namespace
 
 cv::Mat decode_image_rgb(const std::string& bytes, const std::string& name, const ImageLimits& limits) {
@@ -542,6 +546,10 @@ void ImageTransform::validate() const {
     throw std::invalid_argument("ImageTransform: resize (" + std::to_string(resize) + ") must not exceed " +
                                 std::to_string(kMaxSide));
   }
+  if (view == View::kTiles && (tile_overlap < 0 || tile_overlap >= crop)) {
+    throw std::invalid_argument("ImageTransform: the tile overlap (" + std::to_string(tile_overlap) +
+                                ") must be at least 0 and less than the tile side (" + std::to_string(crop) + ")");
+  }
   for (int c = 0; c < 3; ++c) {
     if (!std::isfinite(std[c]) || std[c] == 0.0f || !std::isfinite(mean[c])) {
       throw std::invalid_argument("ImageTransform: mean and std must be finite and std nonzero (channel " +
@@ -550,29 +558,61 @@ void ImageTransform::validate() const {
   }
 }
 
-cv::Mat ImageTransform::resize_and_crop(const cv::Mat& image) const {
-  return resize_and_crop_impl(*this, image, false);
+const char* view_name(View view) {
+  switch (view) {
+    case View::kCrop:
+      return "crop";
+    case View::kFull:
+      return "full";
+    case View::kTiles:
+      return "tiles";
+  }
+  throw std::invalid_argument("view_name: not a View");
 }
 
-at::Tensor ImageTransform::to_tensor(const cv::Mat& rgb_cropped) const {
-  validate();
-  if (rgb_cropped.type() != CV_8UC3 || rgb_cropped.rows != crop || rgb_cropped.cols != crop) {
-    throw std::invalid_argument("ImageTransform::to_tensor: expected a " + std::to_string(crop) + "x" +
-                                std::to_string(crop) + " CV_8UC3 image");
+View parse_view(const std::string& name) {
+  for (View view : {View::kCrop, View::kFull, View::kTiles}) {
+    if (name == view_name(view)) return view;
   }
+  throw std::invalid_argument("unknown view '" + name + "' (use crop, full or tiles)");
+}
+
+cv::Size ImageTransform::view_size(cv::Size original) const {
+  validate();
+  if (view == View::kCrop) return {crop, crop};
+  std::array<int, 2> size{original.width, original.height};
+  if (view == View::kFull || std::min(original.width, original.height) < crop)
+    size = resized_size_shorter_side(original.width, original.height, view == View::kFull ? resize : crop);
+  if (size[0] > kMaxSide || size[1] > kMaxSide) {
+    throw std::invalid_argument("the " + std::string(view_name(view)) + " view of a " + std::to_string(original.width) +
+                                "x" + std::to_string(original.height) + " image is " + std::to_string(size[0]) + "x" +
+                                std::to_string(size[1]) + ", beyond the limit of " + std::to_string(kMaxSide) +
+                                " pixels per side");
+  }
+  return {size[0], size[1]};
+}
+
+cv::Mat ImageTransform::to_view(const cv::Mat& image) const { return to_view_impl(*this, image, false); }
+
+at::Tensor ImageTransform::to_tensor(const cv::Mat& rgb) const {
+  validate();
+  if (rgb.type() != CV_8UC3 || rgb.empty()) {
+    throw std::invalid_argument("ImageTransform::to_tensor: expected a non-empty CV_8UC3 image");
+  }
+  const int rows = rgb.rows, cols = rgb.cols;
   // torchvision's arithmetic in float32: (v / 255 - mean) / std, one rounding per operation; a table
   // per channel holds the 256 possible results.
   float table[3][256];
   for (int c = 0; c < 3; ++c) {
     for (int v = 0; v < 256; ++v) table[c][v] = (static_cast<float>(v) / 255.0f - mean[c]) / std[c];
   }
-  at::Tensor out = at::empty({3, crop, crop}, at::kFloat);
+  at::Tensor out = at::empty({3, rows, cols}, at::kFloat);
   float* planes = out.data_ptr<float>();
-  const size_t plane = static_cast<size_t>(crop) * crop;
-  for (int y = 0; y < crop; ++y) {
-    const uint8_t* in = rgb_cropped.ptr<uint8_t>(y);
-    const size_t row = static_cast<size_t>(y) * crop;
-    for (int x = 0; x < crop; ++x, in += 3) {
+  const size_t plane = static_cast<size_t>(rows) * cols;
+  for (int y = 0; y < rows; ++y) {
+    const uint8_t* in = rgb.ptr<uint8_t>(y);
+    const size_t row = static_cast<size_t>(y) * cols;
+    for (int x = 0; x < cols; ++x, in += 3) {
       planes[row + x] = table[0][in[0]];
       planes[plane + row + x] = table[1][in[1]];
       planes[2 * plane + row + x] = table[2][in[2]];
@@ -584,20 +624,20 @@ at::Tensor ImageTransform::to_tensor(const cv::Mat& rgb_cropped) const {
 at::Tensor ImageTransform::load(const std::string& path, const ImageLimits& limits) const {
   validate();
   const cv::Mat rgb = load_image_rgb(path, limits);
-  cv::Mat cropped;
+  cv::Mat seen;
   try {
-    cropped = resize_and_crop(rgb);
+    seen = to_view(rgb);
   } catch (const std::invalid_argument& e) {
     fail(path, e.what());
   }
-  return to_tensor(cropped);
+  return to_tensor(seen);
 }
 
 cv::Mat ImageTransform::load_mask(const std::string& path, const ImageLimits& limits) const {
   validate();
   const PilPixels mask = decode_mask_pixels(read_image_file(path), path, limits);
   try {
-    return resize_and_crop_impl(*this, mask.pixels, mask.nearest);
+    return to_view_impl(*this, mask.pixels, mask.nearest);
   } catch (const std::invalid_argument& e) {
     fail(path, e.what());
   }

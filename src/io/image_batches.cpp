@@ -63,21 +63,19 @@ bool ImageBatches::next(ImageBatch& batch) {
     reading->reader.get();
   }
   start_reading();
-  std::vector<at::Tensor> images;
   for (size_t i = 0; i < reading->images.size(); ++i) {
     if (reading->errors[i]) {
       batch.failures.emplace_back(reading->begin + i, reading->errors[i]);
     } else {
-      images.push_back(std::move(reading->images[i]));
+      batch.images.push_back(std::move(reading->images[i]));
       batch.indices.push_back(reading->begin + i);
     }
   }
-  if (!images.empty()) batch.images = at::stack(images);
   done_ += reading->images.size();
   return true;
 }
 
-bool ImageBatches::next(at::Tensor& images) {
+bool ImageBatches::next(std::vector<at::Tensor>& images) {
   ImageBatch batch;
   if (!next(batch)) return false;
   if (!batch.failures.empty()) std::rethrow_exception(batch.failures.front().second);

@@ -82,6 +82,18 @@ RescaleSegmentor::RescaleSegmentor(const std::string& device, int64_t target_siz
 }
 
 std::vector<at::Tensor> RescaleSegmentor::convert_to_segmentation(const at::Tensor& patch_scores) const {
+  return convert_to_segmentation(patch_scores, target_size_, target_size_);
+}
+
+std::vector<at::Tensor> RescaleSegmentor::convert_to_segmentation(const at::Tensor& patch_scores, int64_t height,
+                                                                  int64_t width) const {
+  const at::Tensor upsampled = rescale(patch_scores, height, width);
+  std::vector<at::Tensor> maps;
+  for (int64_t b = 0; b < upsampled.size(0); ++b) maps.push_back(smooth(upsampled[b]));
+  return maps;
+}
+
+at::Tensor RescaleSegmentor::rescale(const at::Tensor& patch_scores, int64_t height, int64_t width) const {
   at::Tensor scores = patch_scores;
   if (scores.dim() == 2) {
     const auto side = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(scores.size(1)))));
@@ -92,15 +104,12 @@ std::vector<at::Tensor> RescaleSegmentor::convert_to_segmentation(const at::Tens
   }
   if (scores.dim() != 3 || scores.numel() == 0)
     throw std::invalid_argument("RescaleSegmentor: patch scores must be [B, h, w]");
+  if (height < 1 || width < 1) throw std::invalid_argument("RescaleSegmentor: the map size must be positive");
   at::NoGradGuard no_grad;
-  // F.interpolate(size=(target, target), mode="bilinear", align_corners=False).
-  const at::Tensor upsampled =
-      at::upsample_bilinear2d(scores.to(device_, at::kFloat).unsqueeze(1), {target_size_, target_size_}, false)
-          .squeeze(1)
-          .cpu();
-  std::vector<at::Tensor> maps;
-  for (int64_t b = 0; b < upsampled.size(0); ++b) maps.push_back(gaussian_filter(upsampled[b], smoothing_));
-  return maps;
+  // F.interpolate(size=(height, width), mode="bilinear", align_corners=False).
+  return at::upsample_bilinear2d(scores.to(device_, at::kFloat).unsqueeze(1), {height, width}, false).squeeze(1).cpu();
 }
+
+at::Tensor RescaleSegmentor::smooth(const at::Tensor& map) const { return gaussian_filter(map, smoothing_); }
 
 }  // namespace patchcore

@@ -9,6 +9,8 @@
 namespace patchcore {
 
 cv::Rect2d view_in_original(const ImageTransform& transform, cv::Size original) {
+  if (transform.view != View::kCrop)
+    return {0, 0, static_cast<double>(original.width), static_cast<double>(original.height)};
   const auto [width, height] = resized_size_shorter_side(original.width, original.height, transform.resize);
   const auto [left, top] = center_crop_offsets(width, height, transform.crop);
   const double sx = static_cast<double>(original.width) / width, sy = static_cast<double>(original.height) / height;
@@ -27,11 +29,12 @@ cv::Mat view_mask(const ImageTransform& transform, cv::Size original) {
 }
 
 cv::Mat map_to_original(const cv::Mat& view_map, const ImageTransform& transform, cv::Size original, float outside) {
-  if (view_map.type() != CV_32F || view_map.rows != transform.crop || view_map.cols != transform.crop)
-    throw std::invalid_argument("map_to_original: needs a " + std::to_string(transform.crop) + "x" +
-                                std::to_string(transform.crop) + " float map");
+  const cv::Size size = transform.view_size(original);
+  if (view_map.type() != CV_32F || view_map.size() != size)
+    throw std::invalid_argument("map_to_original: needs a " + std::to_string(size.width) + "x" +
+                                std::to_string(size.height) + " float map");
   const cv::Rect2d view = view_in_original(transform, original);
-  const double sx = view.width / transform.crop, sy = view.height / transform.crop;
+  const double sx = view.width / size.width, sy = view.height / size.height;
   // Map pixel centre u + 0.5 lies at view.x + (u + 0.5) * sx in the original, whose pixel centres are at x + 0.5.
   const cv::Matx23d to_original(sx, 0, view.x + 0.5 * sx - 0.5, 0, sy, view.y + 0.5 * sy - 0.5);
   cv::Mat out;

@@ -259,7 +259,7 @@ TEST(ImageTransform, CropAndTensorMatchTorchvision) {
     ImageTransform t;
     t.resize = c["resize"];
     t.crop = c["crop"];
-    const cv::Mat cropped = t.resize_and_crop(load_image_rgb(image_fixture(file)));
+    const cv::Mat cropped = t.to_view(load_image_rgb(image_fixture(file)));
     EXPECT_EQ(digest(cropped), c["crop_sha"].get<std::string>());
     EXPECT_EQ(byte_sum(cropped), c["crop_sum"].get<int64_t>());
     if (c.contains("crop_expected")) EXPECT_TRUE(same_bytes(cropped, npy_mat(c["crop_expected"])));
@@ -288,8 +288,42 @@ TEST(ImageTransform, CropEqualsCroppingTheFullResize) {
     const cv::Mat full = pil_resize_bilinear(image, w, h);
     const auto [left, top] = center_crop_offsets(w, h, t.crop);  // checked against torchvision above
     const cv::Rect centre(left, top, t.crop, t.crop);
-    EXPECT_TRUE(same_bytes(t.resize_and_crop(image), full(centre)));
+    EXPECT_TRUE(same_bytes(t.to_view(image), full(centre)));
   }
+}
+
+TEST(ImageTransform, FullAndTilesViewsKeepTheWholeFrame) {
+  ImageTransform full;
+  full.view = View::kFull;
+  ImageTransform tiles;
+  tiles.view = View::kTiles;
+  for (const std::string name : {"tire_like_300x400.png", "small_l_30x45.png"}) {
+    SCOPED_TRACE(name);
+    const cv::Mat image = load_image_rgb(image_fixture(name));
+    // The full view is the resize before the published crop, all of it.
+    const auto [w, h] = resized_size_shorter_side(image.cols, image.rows, full.resize);
+    EXPECT_EQ(full.view_size(image.size()), cv::Size(w, h));
+    EXPECT_TRUE(same_bytes(full.to_view(image), pil_resize_bilinear(image, w, h)));
+    EXPECT_EQ(full.load(image_fixture(name)).sizes(), (std::vector<int64_t>{3, h, w}));
+    // The tiles view keeps a frame's own pixels, and enlarges only a frame smaller than a tile.
+    const cv::Size size = tiles.view_size(image.size());
+    if (std::min(image.cols, image.rows) >= tiles.crop) {
+      EXPECT_EQ(size, image.size());
+      EXPECT_TRUE(same_bytes(tiles.to_view(image), image));
+    } else {
+      const auto [tw, th] = resized_size_shorter_side(image.cols, image.rows, tiles.crop);
+      EXPECT_EQ(size, cv::Size(tw, th));
+      EXPECT_TRUE(same_bytes(tiles.to_view(image), pil_resize_bilinear(image, tw, th)));
+    }
+  }
+  // A view beyond kMaxSide per side is refused by name, before any pixel is resampled.
+  EXPECT_THROW(full.view_size({20, 400}), std::invalid_argument);
+  EXPECT_THROW(tiles.view_size({ImageTransform::kMaxSide + 1, 300}), std::invalid_argument);
+  EXPECT_EQ(parse_view("tiles"), View::kTiles);
+  EXPECT_STREQ(view_name(parse_view("full")), "full");
+  EXPECT_THROW(parse_view("whole"), std::invalid_argument);
+  tiles.tile_overlap = tiles.crop;
+  EXPECT_THROW(tiles.validate(), std::invalid_argument);
 }
 
 TEST(ImageTransform, MaskMatchesTorchvisionIncludingNearestForOneBitMasks) {
@@ -312,15 +346,16 @@ TEST(ImageTransform, InvalidParametersAreRejected) {
     t.std[0] = std0;
     return t;
   };
-  EXPECT_THROW(with(224, 256, 0.229f).resize_and_crop(image), std::invalid_argument);
-  EXPECT_THROW(with(0, 0, 0.229f).resize_and_crop(image), std::invalid_argument);
+  EXPECT_THROW(with(224, 256, 0.229f).to_view(image), std::invalid_argument);
+  EXPECT_THROW(with(0, 0, 0.229f).to_view(image), std::invalid_argument);
   EXPECT_THROW(with(256, -1, 0.229f).validate(), std::invalid_argument);
   EXPECT_THROW(with(256, 224, 0.0f).validate(), std::invalid_argument);
   EXPECT_THROW(with(256, 224, std::nanf("")).validate(), std::invalid_argument);
   EXPECT_NO_THROW(with(256, 256, 1.0f).validate());
   ImageTransform t;
-  EXPECT_THROW(t.to_tensor(image), std::invalid_argument);  // not crop x crop
+  EXPECT_EQ(t.to_tensor(image).sizes(), (std::vector<int64_t>{3, image.rows, image.cols}));  // views of any size
   EXPECT_THROW(t.to_tensor(cv::Mat(224, 224, CV_8UC1)), std::invalid_argument);
+  EXPECT_THROW(t.to_tensor(cv::Mat(0, 0, CV_8UC3)), std::invalid_argument);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -441,7 +476,7 @@ TEST(ImageSharedData, EveryImageAndMaskMatchesTheReferencePreprocessing) {
       ASSERT_EQ(rgb.cols, row[1].get<int>());
       ASSERT_EQ(rgb.rows, row[2].get<int>());
       EXPECT_EQ(digest(rgb), row[3].get<std::string>()) << "decoded pixels differ from PIL's";
-      const cv::Mat cropped = t.resize_and_crop(rgb);
+      const cv::Mat cropped = t.to_view(rgb);
       EXPECT_EQ(digest(cropped), row[4].get<std::string>()) << "224x224 crop differs from torchvision's";
       const torch::Tensor tensor = t.to_tensor(cropped).to(torch::kFloat64);
       EXPECT_NEAR(tensor.sum().item<double>(), row[5].get<double>(), 0.01);

@@ -20,17 +20,25 @@ enum class MaskRule {
   kReference,  // byte == 255, the reference's astype(int) truncation of byte / 255
 };
 
+// Where maps and masks meet for the pixel metrics.
+enum class MapCoordinates {
+  kView,      // in the model's view (ImageTransform::view_size), as the published evaluation counts them
+  kOriginal,  // on the original images, every mask pixel counted; pixels outside the view score the test set's
+              // lowest map value, as never flagged
+};
+
 struct EvaluationOptions {
   int64_t batch_size = 2;
-  MaskRule mask_rule = MaskRule::kHalf;
+  MaskRule mask_rule = MaskRule::kHalf;  // for masks resampled into the view; original masks are binarised at 128
+  MapCoordinates coordinates = MapCoordinates::kView;
   double fpr_limit = 0.3;  // for AUPRO
 };
 
 struct EvaluatedImage {
   Sample sample;
   float score = 0;
-  cv::Mat anomaly_map;  // CV_32F crop x crop
-  cv::Mat mask;         // CV_8U crop x crop, 1 = defect; empty for a defective image without a mask
+  cv::Mat anomaly_map;  // CV_32F, of the view's size or the original's (EvaluationOptions::coordinates)
+  cv::Mat mask;         // CV_8U of the map's size, 1 = defect; empty for a defective image without a mask
 };
 
 // The threshold-free metrics of one kind of score (image scores, or map values); the curves keep about 4,096 points.
@@ -64,13 +72,14 @@ struct EvaluationResult {
   // least one defective image has a mask; pixel_note says which images they count, or why there are none.
   bool pixel_metrics = false;
   std::string pixel_note;
-  ScoreMetrics pixel;                 // over every pixel of those images
-  double pixel_auroc_defective = 0;   // over the images whose mask has any defect pixel
-  ProCurve pro;                       // up to EvaluationOptions::fpr_limit, with its aupro
+  ScoreMetrics pixel;                           // over every pixel of those images
+  double pixel_auroc_defective = 0;             // over the images whose mask has any defect pixel
+  ProCurve pro;                                 // up to EvaluationOptions::fpr_limit, with its aupro
   std::vector<DefectTypeMetrics> defect_types;  // in the test set's order, "good" included
   // At the model's calibrated thresholds, where it has them.
   std::optional<ConfusionMatrix> image_confusion, pixel_confusion;
-  double ms_per_image = 0;  // load + predict, wall clock
+  MapCoordinates coordinates = MapCoordinates::kView;  // of the maps and masks in `images`
+  double ms_per_image = 0;                             // load + predict, wall clock
   std::vector<EvaluatedImage> images;
 };
 

@@ -31,9 +31,9 @@ std::optional<ColourScale> model_colour_scale(const PatchCore& model);
 // The anomaly map (CV_32F) coloured with JET over `scale` and blended over the RGB image (CV_8UC3, same size).
 // Returns BGR for writing.
 cv::Mat heatmap_overlay(const cv::Mat& rgb, const cv::Mat& anomaly_map, ColourScale scale, double alpha = 0.5);
-// The same on the original image from a map in the model's view (view_map.h): the part the model never saw is
-// dimmed and the view outlined.
-cv::Mat original_overlay(const cv::Mat& rgb_original, const cv::Mat& view_map, const ImageTransform& transform,
+// The same on the original image from a map put back on it (map_to_original, view_map.h): the part the model never
+// saw is dimmed and the view outlined.
+cv::Mat original_overlay(const cv::Mat& rgb_original, const cv::Mat& original_map, const ImageTransform& transform,
                          ColourScale scale);
 
 // A curve in a square plot: axes from 0 to x_max and 0 to 1, optionally the diagonal, the title above.

@@ -1,6 +1,7 @@
 #pragma once
 // Image decoding and the reference preprocessing (PIL 9.4 + torchvision 0.14), bit for bit:
-//   PIL.Image.open(p).convert("RGB") → Resize(shorter side) → CenterCrop → ToTensor → Normalize.
+//   PIL.Image.open(p).convert("RGB") → Resize(shorter side) → CenterCrop → ToTensor → Normalize,
+// and the views beyond the published centre crop (View), which resample with the same arithmetic.
 //
 // Decoding goes through OpenCV (IMREAD_UNCHANGED, so the real depth and channels are visible) and then
 // applies PIL's conversion rules: alpha is dropped, palettes are expanded, 16-bit grey (PIL mode I / I;16)
@@ -54,26 +55,45 @@ std::array<int, 2> resized_size_shorter_side(int width, int height, int shorter)
 // sides): int(round((side - crop) / 2.0)) with Python's round half to even. Returns {left, top}.
 std::array<int, 2> center_crop_offsets(int width, int height, int crop);
 
+// What part of an image the model sees, and at what scale.
+enum class View {
+  kCrop,   // the published preprocessing: the shorter side resized to `resize`, then the centre crop x crop
+  kFull,   // the whole frame, the shorter side resized to `resize`, aspect kept
+  kTiles,  // the whole frame at its own resolution, cut into crop x crop tiles (PatchCore splits and stitches them)
+};
+// "crop", "full" or "tiles".
+const char* view_name(View view);
+// Throws std::invalid_argument naming the accepted values.
+View parse_view(const std::string& name);
+
 struct ImageTransform {
-  // Bounds resize and crop, and so the size of every tensor derived from them.
+  // Bounds resize, crop and the sides of a view, and so the size of every tensor derived from them.
   static constexpr int kMaxSide = 4096;
 
-  int resize = 256;  // shorter side
-  int crop = 224;    // center crop (square)
+  int resize = 256;  // shorter side (crop and full views)
+  int crop = 224;    // center crop (crop view), tile side (tiles view)
   std::array<float, 3> mean{0.485f, 0.456f, 0.406f};
   std::array<float, 3> std{0.229f, 0.224f, 0.225f};
+  View view = View::kCrop;
+  // Tiles view: the least overlap of neighbouring tiles, in pixels; tiles share their border context this way.
+  int tile_overlap = 32;
 
-  // Throws std::invalid_argument unless 0 < crop <= resize <= kMaxSide and every std is finite and nonzero.
+  // Throws std::invalid_argument unless 0 < crop <= resize <= kMaxSide, every std is finite and nonzero and, in the
+  // tiles view, 0 <= tile_overlap < crop.
   void validate() const;
-  // Resize(resize) + CenterCrop(crop) on a uint8 image with 1 or 3 channels; only the cropped pixels are
-  // computed, which gives the same bytes as resizing the whole image and cropping.
-  cv::Mat resize_and_crop(const cv::Mat& image) const;
-  // ToTensor + Normalize of a crop x crop CV_8UC3 RGB image: float32 [3, crop, crop], contiguous.
-  at::Tensor to_tensor(const cv::Mat& rgb_cropped) const;
-  // File → normalised tensor, the whole reference image pipeline.
+  // The size of the image the model sees for an original of size `original`: crop x crop; the resized frame (full);
+  // the frame itself, enlarged (aspect kept) until its shorter side fills a tile where it is smaller (tiles). Throws
+  // std::invalid_argument where a side would exceed kMaxSide.
+  cv::Size view_size(cv::Size original) const;
+  // The view of a uint8 image with 1 or 3 channels. Where it crops, only the cropped pixels are computed, which
+  // gives the same bytes as resizing the whole image and cropping.
+  cv::Mat to_view(const cv::Mat& image) const;
+  // ToTensor + Normalize of a CV_8UC3 RGB image: float32 [3, rows, cols], contiguous.
+  at::Tensor to_tensor(const cv::Mat& rgb) const;
+  // File → normalised tensor of its view, the whole reference image pipeline in the crop view.
   at::Tensor load(const std::string& path, const ImageLimits& limits = {}) const;
-  // File → uint8 crop x crop mask: the resampled bytes (0..255) that the reference's ToTensor divides by
-  // 255. Like PIL, 1-bit and palette PNG masks are resampled with NEAREST, all others with BILINEAR.
+  // File → uint8 mask of the view: the resampled bytes (0..255) that the reference's ToTensor divides by 255.
+  // Like PIL, 1-bit and palette PNG masks are resampled with NEAREST, all others with BILINEAR.
   cv::Mat load_mask(const std::string& path, const ImageLimits& limits = {}) const;
 };
 

@@ -1,5 +1,5 @@
 #pragma once
-// Image files read, transformed and stacked into [B, 3, crop, crop] batches in order, the next batch on
+// Image files read and transformed into batches of their views in order, the next batch on
 // a background thread while the caller computes on the current one, so decoding overlaps the backbone.
 #include <ATen/core/Tensor.h>
 
@@ -17,8 +17,8 @@ namespace patchcore {
 
 // One batch: the images that could be read, and the files that could not, with why.
 struct ImageBatch {
-  at::Tensor images;            // [b, 3, crop, crop]; b = indices.size(), undefined when b = 0
-  std::vector<size_t> indices;  // the images' positions in the path list
+  std::vector<at::Tensor> images;  // [3, H, W] each, in the transform's view; one per index
+  std::vector<size_t> indices;     // the images' positions in the path list
   std::vector<std::pair<size_t, std::exception_ptr>> failures;  // the unreadable files' positions and errors
 };
 
@@ -40,7 +40,7 @@ class ImageBatches {
   bool next(ImageBatch& batch);
   // The same where every file must be readable: a failure throws here, naming the batch's first unreadable file;
   // the batches after it can still be read.
-  bool next(at::Tensor& images);
+  bool next(std::vector<at::Tensor>& images);
   // Images in the batches returned so far.
   size_t done() const { return done_; }
   size_t size() const { return paths_.size(); }

@@ -20,6 +20,12 @@ class RescaleSegmentor {
   // patch_scores [B, h, w] (or [B, h·w] with a square grid) → B maps of [target_size, target_size]:
   // bilinear upsampling (align_corners=False), then the Gaussian above.
   std::vector<at::Tensor> convert_to_segmentation(const at::Tensor& patch_scores) const;
+  // The same to maps of height x width, for views that are not square.
+  std::vector<at::Tensor> convert_to_segmentation(const at::Tensor& patch_scores, int64_t height, int64_t width) const;
+  // Its two steps, for maps put together from tiles: the bilinear upsampling to [B, height, width], and the
+  // Gaussian of one [height, width] map.
+  at::Tensor rescale(const at::Tensor& patch_scores, int64_t height, int64_t width) const;
+  at::Tensor smooth(const at::Tensor& map) const;
 
   int64_t target_size() const { return target_size_; }
   double smoothing() const { return smoothing_; }
