@@ -300,6 +300,7 @@ std::string evaluation_metrics_json(const EvaluationResult& r, const std::string
                                   {"image", score_metrics_json(r.image)},
                                   {"pixel", r.pixel_metrics ? score_metrics_json(r.pixel) : nlohmann::json()},
                                   {"pixel_metrics", r.pixel_note},
+                                  {"coordinates", r.coordinates == MapCoordinates::kOriginal ? "original" : "view"},
                                   {"image_confusion", confusion_json(r.image_confusion)},
                                   {"pixel_confusion", confusion_json(r.pixel_confusion)},
                                   {"per_defect", per_defect},

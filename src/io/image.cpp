@@ -538,7 +538,7 @@ void ImageTransform::validate() const {
     throw std::invalid_argument("ImageTransform: resize (" + std::to_string(resize) + ") and crop (" +
                                 std::to_string(crop) + ") must be positive");
   }
-  if (crop > resize) {
+  if (view == View::kCrop && crop > resize) {
     throw std::invalid_argument("ImageTransform: crop (" + std::to_string(crop) + ") must not exceed resize (" +
                                 std::to_string(resize) + ")");
   }

@@ -167,8 +167,7 @@ TEST(Decisions, CalibratedFromLabelledImagesTheThresholdIsTheF1OptimalOne) {
   std::vector<uint8_t> labels;
   for (const auto& [path, score] : predicted_scores(model, images))
     scores.push_back(score), labels.push_back(path.find("/cut/") != std::string::npos);
-  const patchcore::F1Max best =
-      patchcore::precision_recall(scores.data(), labels.data(), scores.size()).f1_max;
+  const patchcore::F1Max best = patchcore::precision_recall(scores.data(), labels.data(), scores.size()).f1_max;
   EXPECT_NEAR(calibration["image"]["value"].get<double>(), best.threshold, 1e-5 * best.threshold);
   EXPECT_NEAR(calibration["image"]["f1"].get<double>(), best.f1, 1e-9);
 
@@ -210,6 +209,47 @@ TEST(Decisions, ATestSetWithoutMasksGetsImageMetricsAndSaysWhyNoPixelOnes) {
   }
 }
 
+TEST(Decisions, TheWholeFrameViewIsFittedPredictedAndEvaluatedOnEveryOriginalPixel) {
+  REQUIRE_FIXTURE(f);
+  const std::string model = patchcore::test::fit_with_cli(
+      f->data, {"--view", "full", "--resize", "160", "--sampler", "random", "--coreset", "0.25"});
+  EXPECT_EQ(read_json(model + "/patchcore_params.json")["view"], "full");
+  const std::string out = patchcore::test::temp_dir() + "/pred";
+  const CliRun predict =
+      run_cli({"predict", "--model", model, f->data + "/test/cut", f->data + "/test/good", "--out", out});
+  ASSERT_EQ(predict.status, 0) << predict.output();
+  // Every map covers its whole frame; evaluate --coordinates original counts exactly those maps' pixels against the
+  // original masks.
+  std::vector<float> scores;
+  std::vector<uint8_t> labels;
+  const auto rows = read_csv(out + "/scores.csv");
+  ASSERT_EQ(rows.size(), 5u);
+  for (size_t i = 1; i < rows.size(); ++i) {
+    const std::string& image = rows[i][0];
+    SCOPED_TRACE(image);
+    const cv::Mat original = patchcore::load_image_rgb(image);
+    const patchcore::NpyArray map = patchcore::read_npy(out + "/" + rows[i][6]);
+    ASSERT_EQ(map.shape, (std::vector<int64_t>{original.rows, original.cols}));
+    const std::vector<float> values = map.as_float();
+    scores.insert(scores.end(), values.begin(), values.end());
+    cv::Mat mask = cv::Mat::zeros(original.size(), CV_8U);
+    const auto cut = image.find("/test/cut/");
+    if (cut != std::string::npos) {
+      const std::string name = fs::path(image).stem().string();
+      mask = patchcore::load_mask(f->data + "/ground_truth/cut/" + name + "_mask.png") > 127;
+    }
+    for (int y = 0; y < mask.rows; ++y)
+      for (int x = 0; x < mask.cols; ++x) labels.push_back(mask.at<uint8_t>(y, x) ? 1 : 0);
+  }
+  const std::string json = patchcore::test::temp_dir() + "/metrics.json";
+  const CliRun evaluate =
+      run_cli({"evaluate", "--model", model, "--data", f->data, "--coordinates", "original", "--json", json});
+  ASSERT_EQ(evaluate.status, 0) << evaluate.output();
+  const auto metrics = read_json(json);
+  EXPECT_EQ(metrics["coordinates"], "original");
+  EXPECT_NEAR(metrics["pixel_auroc"].get<double>(), patchcore::auroc(scores, labels), 1e-4);
+}
+
 TEST(Decisions, AOneClassTestSetIsRefusedBeforeAnyWork) {
   REQUIRE_FIXTURE(f);
   const std::string tire = patchcore::test::shared("data/tire");
@@ -237,10 +277,13 @@ TEST(Decisions, TheHtmlReportRendersInHeadlessChromiumWithEveryPicture) {
     EXPECT_TRUE(fs::exists(report + "/" + file)) << file;
 
   const std::string work = patchcore::test::temp_dir();
-  const std::string command = "timeout 120 chromium --headless --no-sandbox --disable-gpu --no-first-run "
-                              "--user-data-dir=" + work + "/profile --enable-logging=stderr --v=0 "
-                              "--virtual-time-budget=10000 --dump-dom file://" + report + "/report.html > " + work +
-                              "/dom.html 2> " + work + "/chromium.log";
+  const std::string command =
+      "timeout 120 chromium --headless --no-sandbox --disable-gpu --no-first-run "
+      "--user-data-dir=" +
+      work +
+      "/profile --enable-logging=stderr --v=0 "
+      "--virtual-time-budget=10000 --dump-dom file://" +
+      report + "/report.html > " + work + "/dom.html 2> " + work + "/chromium.log";
   ASSERT_EQ(std::system(command.c_str()), 0) << patchcore::test::slurp(work + "/chromium.log");
   const std::string dom = patchcore::test::slurp(work + "/dom.html");
   // The page's own check ran after load and found every picture decoded.

@@ -78,8 +78,8 @@ struct ImageTransform {
   // Tiles view: the least overlap of neighbouring tiles, in pixels; tiles share their border context this way.
   int tile_overlap = 32;
 
-  // Throws std::invalid_argument unless 0 < crop <= resize <= kMaxSide, every std is finite and nonzero and, in the
-  // tiles view, 0 <= tile_overlap < crop.
+  // Throws std::invalid_argument unless 0 < crop, resize <= kMaxSide, every std is finite and nonzero, and in the crop
+  // view crop <= resize, in the tiles view 0 <= tile_overlap < crop.
   void validate() const;
   // The size of the image the model sees for an original of size `original`: crop x crop; the resized frame (full);
   // the frame itself, enlarged (aspect kept) until its shorter side fills a tile where it is smaller (tiles). Throws
