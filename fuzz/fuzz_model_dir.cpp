@@ -88,10 +88,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   }
   // A model that loads must predict or refuse with an error; a zero image is enough to run every stage.
+  // Beyond the crop view, a frame wider than the model's input: several tiles to stitch, or a map that is not square.
   const int64_t crop = model->params().transform.crop;
+  const int64_t width = model->params().transform.view == patchcore::View::kCrop ? crop : crop + crop / 2;
   try {
-    const auto result = model->predict(torch::zeros({1, 3, crop, crop}));
-    if (result.scores.size() != 1 || result.masks.size() != 1) std::abort();
+    const auto result = model->predict(torch::zeros({1, 3, crop, width}));
+    if (result.scores.size() != 1 || result.masks.size() != 1 ||
+        result.masks[0].sizes() != at::IntArrayRef({crop, width}))
+      std::abort();
   } catch (const std::exception&) {
   }
   return 0;

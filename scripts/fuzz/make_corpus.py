@@ -145,6 +145,8 @@ def model_dirs(out, backbone_path):
     write("flat.bin", params(["low", "high"], 1, "FaissNN", len(bank)), flat)
     write("flat_features.bin", params(["high"], 3, "FaissNN", len(bank), patchsize=1), flat, bank)
     write("flat_calibrated.bin", calibrated(params(["low", "high"], 1, "FaissNN", len(bank))), flat)
+    write("flat_tiles.bin", dict(params(["low", "high"], 1, "FaissNN", len(bank)), version=3,
+                                 batchnorm_statistics="checkpoint", view="tiles", tile_overlap=4), flat)
 
     train = rng.standard_normal((64, dim)).astype(np.float32)
     ivfpq = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, 2, 2, 4)
