@@ -298,12 +298,9 @@ PredictResult PatchCore::predict(const std::vector<at::Tensor>& images, StageTim
 void PatchCore::save_to_path(const std::string& save_path, const std::string& prepend) const {
   require_loaded("save_to_path");
   const Backbone& net = backbone();
-  if (net.weights_path().empty())
-    throw std::logic_error("PatchCore::save_to_path: the backbone's weights were not loaded from a file");
   ModelDescription description;
   description.backbone = net.architecture();
   description.weights_file = prepend + (description.backbone == "torchscript" ? "backbone.pt" : "backbone.pth");
-  description.weights = file_digest(net.weights_path());
   description.params = params_;
   description.nn_method = anomaly_scorer_->nn_method().kind();
   description.memory_bank_size = memory_bank_size();
@@ -312,7 +309,8 @@ void PatchCore::save_to_path(const std::string& save_path, const std::string& pr
   description.calibration = calibration_;
   write_directory_atomically(save_path, [&](const std::string& dir) {
     anomaly_scorer_->save(dir, false, prepend);
-    fs::copy_file(net.weights_path(), description.weights_path(dir));
+    net.write_weights(description.weights_path(dir));
+    description.weights = file_digest(description.weights_path(dir));
     write_model_description(dir, prepend, description);
   });
 }

@@ -6,12 +6,10 @@ A backbone is given as one of:
 - the path of a TorchScript file whose forward returns a Dict[str, Tensor] of named layers;
 - where PyTorch and torchvision are installed, a torch.nn.Module such as torchvision.models.wide_resnet50_2():
   its requested layers are extracted with torchvision's create_feature_extractor, scripted and handed over as
-  TorchScript.
+  TorchScript serialised in memory; a model saved with it carries that TorchScript as its backbone file.
 """
-import atexit
+import io
 import os
-import shutil
-import tempfile
 
 from patchcore import _core
 
@@ -38,21 +36,6 @@ def load(name, weights_path):
     return Checkpoint(name, weights_path)
 
 
-# Scripted modules stay on disk while the process runs: the library reads the file, and save_to_path copies it
-# into the model directory.
-_scripted_dir = None
-
-
-def _scripted_file():
-    global _scripted_dir
-    if _scripted_dir is None:
-        _scripted_dir = tempfile.mkdtemp(prefix="patchcore-torchscript-")
-        atexit.register(shutil.rmtree, _scripted_dir, True)
-    handle, path = tempfile.mkstemp(suffix=".pt", dir=_scripted_dir)
-    os.close(handle)
-    return path
-
-
 def _from_module(module, layers):
     try:
         import torch
@@ -63,9 +46,9 @@ def _from_module(module, layers):
             "(patchcore.backbones.load) or a TorchScript file instead"
         ) from error
     extractor = create_feature_extractor(module, return_nodes={layer: layer for layer in layers})
-    path = _scripted_file()
-    torch.jit.save(torch.jit.script(extractor), path)
-    return _core.load_backbone("torchscript", path, list(layers))
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(extractor), buffer)
+    return _core.torchscript_from_bytes(buffer.getvalue(), f"<{type(module).__name__}>")
 
 
 def resolve(backbone, layers):

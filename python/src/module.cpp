@@ -15,6 +15,7 @@
 
 #include "patchcore/backbone/backbone.h"
 #include "patchcore/backbone/network_feature_aggregator.h"
+#include "patchcore/backbone/torchscript_backbone.h"
 #include "patchcore/embedding/aggregator.h"
 #include "patchcore/embedding/preprocessing.h"
 #include "patchcore/memory_bank/sampler.h"
@@ -267,6 +268,14 @@ void bind_backbone(py::module_& m) {
   m.def("load_backbone", &load_backbone, py::arg("architecture"), py::arg("weights_path"), py::arg("layers"),
         py::call_guard<py::gil_scoped_release>());
   m.def("resnet_names", &resnet_names);
+  m.def(
+      "torchscript_from_bytes",
+      [](const py::bytes& serialized, const std::string& name) -> std::shared_ptr<Backbone> {
+        std::string bytes = serialized;
+        py::gil_scoped_release release;
+        return std::make_shared<TorchScriptBackbone>(std::move(bytes), name);
+      },
+      py::arg("serialized"), py::arg("name"));
 
   py::class_<NetworkFeatureAggregator>(m, "NetworkFeatureAggregator")
       .def(py::init([](std::shared_ptr<Backbone> backbone, std::vector<std::string> layers, const py::object& device) {

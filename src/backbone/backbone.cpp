@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <stdexcept>
 
 #include "layer_names.h"
@@ -44,6 +45,12 @@ bool Backbone::apply_reference_batchnorm_update(const at::Tensor& images, const 
   set_training(false);
   batchnorm_statistics_ = BatchNormStatistics::kReferenceUpdate;
   return true;
+}
+
+void Backbone::write_weights(const std::string& path) const {
+  if (weights_path_.empty())
+    throw std::logic_error("Backbone: the weights of " + name() + " were not loaded from a file and cannot be saved");
+  std::filesystem::copy_file(weights_path_, path);
 }
 
 void Backbone::check_layers(const std::vector<std::string>& layers) const {

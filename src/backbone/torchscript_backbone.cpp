@@ -3,7 +3,10 @@
 #include <torch/script.h>
 
 #include <map>
+#include <sstream>
 #include <stdexcept>
+
+#include "patchcore/core/file.h"
 
 #include "layer_names.h"
 
@@ -19,7 +22,23 @@ TorchScriptBackbone::TorchScriptBackbone(const std::string& path) : path_(path) 
   module_->eval();
 }
 
+TorchScriptBackbone::TorchScriptBackbone(std::string serialized, const std::string& name)
+    : path_(name), serialized_(std::move(serialized)) {
+  try {
+    std::istringstream in(serialized_);
+    module_ = std::make_shared<torch::jit::Module>(torch::jit::load(in));
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(name + ": not a loadable TorchScript module: " + e.what_without_backtrace());
+  }
+  module_->eval();
+}
+
 TorchScriptBackbone::~TorchScriptBackbone() = default;
+
+void TorchScriptBackbone::write_weights(const std::string& path) const {
+  if (serialized_.empty()) return Backbone::write_weights(path);
+  write_file_atomically(path, serialized_);
+}
 
 void TorchScriptBackbone::to(const c10::Device& device) { module_->to(device); }
 

@@ -194,6 +194,26 @@ TEST(TorchScriptBackbone, MissingOrInvalidFileIsAnError) {
   EXPECT_NE(error_of([&] { TorchScriptBackbone{path}; }).find("not a loadable TorchScript module"), std::string::npos);
 }
 
+TEST(TorchScriptBackbone, AModuleSerialisedInMemoryRunsAndIsWrittenAsItsFile) {
+  const std::string path = test::fixture("common/tiny_feature_extractor.pt");
+  const std::string bytes = test::slurp(path);
+  TorchScriptBackbone from_file(path), in_memory(bytes, "<module>");
+  EXPECT_TRUE(in_memory.weights_path().empty());
+  const at::Tensor images = formula_images(2, 16);
+  const auto expected = from_file.extract(images, {"low", "high"}), got = in_memory.extract(images, {"low", "high"});
+  EXPECT_TRUE(torch::equal(got["low"], expected["low"]));
+  EXPECT_TRUE(torch::equal(got["high"], expected["high"]));
+  const std::string written = test::temp_dir() + "/backbone.pt";
+  in_memory.write_weights(written);
+  EXPECT_EQ(test::slurp(written), bytes);
+  EXPECT_NE(error_of([] { TorchScriptBackbone("garbage", "<module>"); }).find("<module>: not a loadable"),
+            std::string::npos);
+  // A network set in memory some other way has no file to write, and says so.
+  EXPECT_NE(
+      error_of([] { ResNetBackbone("resnet18").write_weights(test::temp_dir() + "/r.pth"); }).find("cannot be saved"),
+      std::string::npos);
+}
+
 TEST(TorchScriptBackbone, ScriptedFeatureExtractorGivesNamedOutputs) {
   auto backbone = std::make_shared<TorchScriptBackbone>(test::fixture("common/tiny_feature_extractor.pt"));
   NetworkFeatureAggregator aggregator(backbone, {"high", "low"});

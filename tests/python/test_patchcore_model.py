@@ -76,13 +76,20 @@ def test_a_saved_model_loads_and_scores_the_same(tire, model, tmp_path):
     np.testing.assert_array_equal(loaded.predict(test)[0], model.predict(test)[0])
 
 
-def test_a_torch_module_backbone_gives_the_checkpoints_scores(tire, model, torch):
+def test_a_torch_module_backbone_gives_the_checkpoints_scores(tire, model, torch, tmp_path):
     torchvision = pytest.importorskip("torchvision", reason="python3-torchvision is not installed")
     train, test = split(tire)
     network = torchvision.models.resnet18()
     network.load_state_dict(torch.load(WEIGHTS), strict=False)
     from_module = fitted(network, train)
-    np.testing.assert_allclose(from_module.predict(test)[0], model.predict(test)[0], rtol=1e-4)
+    scores = from_module.predict(test)[0]
+    np.testing.assert_allclose(scores, model.predict(test)[0], rtol=1e-4)
+    # The module went over in memory; the saved model carries it as its TorchScript file and scores the same.
+    from_module.save_to_path(str(tmp_path / "model"))
+    assert os.path.getsize(tmp_path / "model" / "backbone.pt") > 1 << 20
+    loaded = PatchCore("cpu")
+    loaded.load_from_path(str(tmp_path / "model"), "cpu", common.FaissNN(False, 2))
+    np.testing.assert_array_equal(loaded.predict(test)[0], scores)
 
 
 def test_calls_out_of_order_raise_attribute_error():

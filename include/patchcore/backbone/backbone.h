@@ -41,6 +41,9 @@ class Backbone {
   virtual void check_layers(const std::vector<std::string>& layers) const;
   // The checkpoint or TorchScript file the weights came from; empty when set in memory.
   const std::string& weights_path() const { return weights_path_; }
+  // Writes the weights, as load_backbone reads them, to a new file `path` (a model directory's copy). Throws
+  // std::logic_error where they exist only in memory and cannot be written.
+  virtual void write_weights(const std::string& path) const;
 
   // The published PatchCore.load's BatchNorm update: one forward of `images` (there, one all-ones image of the
   // input shape) in training mode, as far as the deepest of `layers`, moves the running statistics of every

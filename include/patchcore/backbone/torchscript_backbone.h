@@ -19,9 +19,13 @@ namespace patchcore {
 class TorchScriptBackbone : public Backbone {
  public:
   explicit TorchScriptBackbone(const std::string& path);
+  // A module serialised in memory (torch.jit.save to a buffer); `name` stands for it in messages. The bytes are
+  // kept, so that a model saved with this backbone carries them as its TorchScript file.
+  TorchScriptBackbone(std::string serialized, const std::string& name);
   ~TorchScriptBackbone() override;
   std::string architecture() const override { return "torchscript"; }
   std::string name() const override { return "torchscript:" + path_; }
+  void write_weights(const std::string& path) const override;
   // The module's output names, known once it has run (empty before).
   std::vector<std::string> layer_names() const override;
   // Output names are only known once the module has run; extract() checks them then.
@@ -39,6 +43,7 @@ class TorchScriptBackbone : public Backbone {
 
  private:
   std::string path_;
+  std::string serialized_;  // for a module given in memory
   std::shared_ptr<torch::jit::Module> module_;
   mutable std::mutex names_mutex_;  // extract() runs concurrently
   mutable std::vector<std::string> output_names_;
