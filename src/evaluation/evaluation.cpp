@@ -141,14 +141,7 @@ std::vector<EvaluatedImage> score_samples(const std::vector<const PatchCore*>& m
     const size_t end = std::min(samples.size(), begin + static_cast<size_t>(options.batch_size));
     std::vector<at::Tensor> batch;
     for (size_t i = begin; i < end; ++i) {
-      const std::string& path = samples[i].image_path;
-      const cv::Mat rgb = load_image_rgb(path);
-      original_sizes.push_back(rgb.size());
-      try {
-        batch.push_back(transform.to_tensor(transform.to_view(rgb)));
-      } catch (const std::invalid_argument& e) {
-        throw ImageError(path + ": " + e.what());
-      }
+      batch.push_back(transform.load(samples[i].image_path, {}, &original_sizes.emplace_back()));
     }
     for (size_t m = 0; m < members.size(); ++m) {
       const PredictResult predicted = members[m]->predict(batch);

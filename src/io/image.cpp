@@ -475,6 +475,7 @@ cv::Mat to_view_impl(const ImageTransform& t, const cv::Mat& image, bool nearest
   return nearest ? nearest_region(image, resized[0], resized[1], offset[0], offset[1], size.width, size.height)
                  : bilinear_region(image, resized[0], resized[1], offset[0], offset[1], size.width, size.height);
 }
+
 }  // namespace
 
 cv::Mat decode_image_rgb(const std::string& bytes, const std::string& name, const ImageLimits& limits) {
@@ -621,9 +622,10 @@ at::Tensor ImageTransform::to_tensor(const cv::Mat& rgb) const {
   return out;
 }
 
-at::Tensor ImageTransform::load(const std::string& path, const ImageLimits& limits) const {
+at::Tensor ImageTransform::load(const std::string& path, const ImageLimits& limits, cv::Size* original) const {
   validate();
   const cv::Mat rgb = load_image_rgb(path, limits);
+  if (original) *original = rgb.size();
   cv::Mat seen;
   try {
     seen = to_view(rgb);

@@ -90,8 +90,9 @@ struct ImageTransform {
   cv::Mat to_view(const cv::Mat& image) const;
   // ToTensor + Normalize of a CV_8UC3 RGB image: float32 [3, rows, cols], contiguous.
   at::Tensor to_tensor(const cv::Mat& rgb) const;
-  // File → normalised tensor of its view, the whole reference image pipeline in the crop view.
-  at::Tensor load(const std::string& path, const ImageLimits& limits = {}) const;
+  // File → normalised tensor of its view, the whole reference image pipeline in the crop view. `original`
+  // (optional) receives the decoded image's size.
+  at::Tensor load(const std::string& path, const ImageLimits& limits = {}, cv::Size* original = nullptr) const;
   // File → uint8 mask of the view: the resampled bytes (0..255) that the reference's ToTensor divides by 255.
   // Like PIL, 1-bit and palette PNG masks are resampled with NEAREST, all others with BILINEAR.
   cv::Mat load_mask(const std::string& path, const ImageLimits& limits = {}) const;
