@@ -190,20 +190,23 @@ void bind_nearest_neighbours(py::module_& m) {
       .def_property_readonly("n_nearest_neighbours", &NearestNeighbourScorer::n_nearest_neighbours);
 }
 
+// A module's forward(Tensor) as a Python method: a numpy array in, the GIL released while it runs, numpy out.
+template <typename Module>
+auto numpy_forward() {
+  return [](const Module& self, const FloatArray& features) {
+    at::Tensor input = view_of(features), output;
+    {
+      py::gil_scoped_release release;
+      output = self.forward(input);
+    }
+    return to_numpy(output);
+  };
+}
+
 void bind_embedding(py::module_& m) {
   py::class_<MeanMapper>(m, "MeanMapper")
       .def(py::init<int64_t>(), py::arg("preprocessing_dim"))
-      .def(
-          "forward",
-          [](const MeanMapper& self, const FloatArray& features) {
-            at::Tensor input = view_of(features), output;
-            {
-              py::gil_scoped_release release;
-              output = self.forward(input);
-            }
-            return to_numpy(output);
-          },
-          py::arg("features"))
+      .def("forward", numpy_forward<MeanMapper>(), py::arg("features"))
       .def_property_readonly("preprocessing_dim", &MeanMapper::preprocessing_dim);
 
   py::class_<Preprocessing>(m, "Preprocessing")
@@ -225,17 +228,7 @@ void bind_embedding(py::module_& m) {
 
   py::class_<Aggregator>(m, "Aggregator")
       .def(py::init<int64_t>(), py::arg("target_dim"))
-      .def(
-          "forward",
-          [](const Aggregator& self, const FloatArray& features) {
-            at::Tensor input = view_of(features), output;
-            {
-              py::gil_scoped_release release;
-              output = self.forward(input);
-            }
-            return to_numpy(output);
-          },
-          py::arg("features"))
+      .def("forward", numpy_forward<Aggregator>(), py::arg("features"))
       .def_property_readonly("target_dim", &Aggregator::target_dim);
 
   py::class_<RescaleSegmentor>(m, "RescaleSegmentor")
