@@ -135,17 +135,12 @@ class ResultLines {
  public:
   ResultLines(bool json, std::optional<Threshold> threshold) : json_(json), threshold_(std::move(threshold)) {}
   void scored(const std::string& image, float score, double ms) {
-    nlohmann::json j{{"image", image}, {"score", score}};
+    if (json_) return print(prediction_json(image, score, threshold_, ms));
     std::string line = image + "\t" + std::to_string(score);
-    if (threshold_) {
-      const double normalized = threshold_->normalize(score);
-      const char* label = threshold_->is_anomalous(score) ? "NG" : "OK";
-      j["normalized_score"] = normalized;
-      j["label"] = label;
-      line += "\t" + std::to_string(normalized) + "\t" + label;
-    }
-    j["ms"] = ms;
-    print(json_ ? j.dump() : line);
+    if (threshold_)
+      line +=
+          "\t" + std::to_string(threshold_->normalize(score)) + "\t" + (threshold_->is_anomalous(score) ? "NG" : "OK");
+    print(line);
   }
   void failed(const std::string& image, const std::string& error) {
     std::fprintf(stderr, "patchcore: %s\n", error.c_str());
@@ -359,6 +354,12 @@ int bench(const ModelOptions& o, const BenchOptions& options, const std::string&
   const BenchResult r = patchcore::bench(*model, o.data, options, progress_bar());
   std::printf("%s", format_bench(r).c_str());
   if (!json_path.empty()) write_file_atomically(json_path, bench_json(r));
+  return kExitSuccess;
+}
+
+int serve(serve::ServiceOptions options, int threads) {
+  options.threads = threads;
+  serve::serve(options);
   return kExitSuccess;
 }
 

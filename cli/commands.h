@@ -6,6 +6,7 @@
 
 #include "patchcore/bench.h"
 #include "patchcore/patchcore.h"
+#include "patchcore/serve/service.h"
 
 namespace patchcore::cli {
 
@@ -52,5 +53,6 @@ int calibrate(const CalibrateOptions& options, int threads);
 int predict(const PredictOptions& options, int threads);
 int evaluate(const EvaluateOptions& options, int threads);
 int bench(const ModelOptions& model, const BenchOptions& options, const std::string& json_path, int threads);
+int serve(serve::ServiceOptions options, int threads);
 
 }  // namespace patchcore::cli

@@ -1,4 +1,4 @@
-// patchcore: fit, predict, evaluate and bench from the command line. This file only parses the options and
+// patchcore: fit, predict, evaluate, bench and serve from the command line. This file only parses the options and
 // dispatches; the commands are in commands.cpp.
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -200,6 +200,43 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1000));
   bench_cmd->add_option("--json", bench_json_path, "also write the figures as JSON to this new file");
 
+  serve::ServiceOptions serve_options;
+  auto* serve_cmd = app.add_subcommand(
+      "serve", "answer predictions over HTTP with every model under a folder loaded once (docs/service.md)");
+  serve_cmd
+      ->add_option("--models", serve_options.models,
+                   "folder of model directories from fit, each served under its folder name")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  serve_cmd->add_option("--host", serve_options.host, "address to listen on")->capture_default_str();
+  serve_cmd->add_option("--port", serve_options.port, "TCP port")->capture_default_str()->check(CLI::Range(0, 65535));
+  serve_cmd
+      ->add_option("--workers", serve_options.queue.workers,
+                   "threads running forward passes, each with --threads threads (workers x threads <= cores)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 256));
+  serve_cmd->add_option("--max-batch", serve_options.queue.max_batch, "waiting images of one model per forward pass")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 256));
+  serve_cmd->add_option("--queue", serve_options.queue.capacity, "images waiting at most; beyond, 503 and Retry-After")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100000));
+  serve_cmd->add_option("--max-body", serve_options.max_body_bytes, "largest request body, e.g. 16MiB; beyond, 413")
+      ->capture_default_str()
+      ->transform(CLI::AsSizeValue(true));
+  serve_cmd
+      ->add_option("--max-pixels", serve_options.limits.max_pixels, "largest decoded image, in pixels; beyond, 400")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_cmd
+      ->add_option("--timeout", serve_options.timeout_seconds,
+                   "seconds a request may take; a request not scored by then gets 503 and costs nothing more")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  serve_cmd->add_option("--http-threads", serve_options.http_threads, "connections served at once")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1024));
+
   if (argc == 1) {
     std::fputs(app.help().c_str(), stderr);
     return kExitUsage;
@@ -226,6 +263,7 @@ int main(int argc, char** argv) {
     }
     if (predict_cmd->parsed()) return predict(predict_options, threads);
     if (calibrate_cmd->parsed()) return calibrate(calibrate_options, threads);
+    if (serve_cmd->parsed()) return cli::serve(serve_options, threads);
     return evaluate(evaluate_options, threads);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "patchcore: error: %s\n", e.what());

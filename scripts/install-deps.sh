@@ -9,6 +9,7 @@ packages=(
   libtorch-dev libfaiss-dev libopencv-dev libopenblas0-openmp libopenblas-openmp-dev
   nlohmann-json3-dev libcli11-dev libspdlog-dev libgtest-dev libbenchmark-dev chromium
   python3-dev pybind11-dev python3-numpy python3-pytest
+  libcpp-httplib-dev python3-yaml
 )
 for option in "$@"; do
   case "$option" in

@@ -57,27 +57,6 @@ nlohmann::json confusion_json(const std::optional<ConfusionMatrix>& c) {
           {"false_negatives", c->false_negatives}};
 }
 
-std::string base64(const std::vector<uchar>& bytes) {
-  static const char* kAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  out.reserve((bytes.size() + 2) / 3 * 4);
-  for (size_t i = 0; i < bytes.size(); i += 3) {
-    const uint32_t b = (uint32_t{bytes[i]} << 16) | (i + 1 < bytes.size() ? uint32_t{bytes[i + 1]} << 8 : 0) |
-                       (i + 2 < bytes.size() ? uint32_t{bytes[i + 2]} : 0);
-    out += kAlphabet[(b >> 18) & 63];
-    out += kAlphabet[(b >> 12) & 63];
-    out += i + 1 < bytes.size() ? kAlphabet[(b >> 6) & 63] : '=';
-    out += i + 2 < bytes.size() ? kAlphabet[b & 63] : '=';
-  }
-  return out;
-}
-
-std::vector<uchar> encode_png(const cv::Mat& image, const std::string& name) {
-  std::vector<uchar> bytes;
-  if (image.empty() || !cv::imencode(".png", image, bytes)) throw std::runtime_error(name + ": cannot encode PNG");
-  return bytes;
-}
-
 std::string html_escape(const std::string& s) {
   std::string out;
   for (char c : s) {
@@ -104,7 +83,7 @@ std::string html_escape(const std::string& s) {
 // An <img> holding the PNG itself, so the page needs no other file.
 std::string inline_png(const std::vector<uchar>& png, const std::string& alt, int width = 0) {
   return "<img alt=\"" + html_escape(alt) + "\"" + (width ? " width=\"" + std::to_string(width) + "\"" : "") +
-         " src=\"data:image/png;base64," + base64(png) + "\">";
+         " src=\"data:image/png;base64," + base64(std::string_view(reinterpret_cast<const char*>(png.data()), png.size())) + "\">";
 }
 
 // The evaluation overlay: the heatmap on the original image with the ground truth's outline in white.
@@ -126,6 +105,27 @@ cv::Mat evaluation_overlay(const EvaluatedImage& image, const ImageTransform& tr
 }
 
 }  // namespace
+
+std::string base64(std::string_view bytes) {
+  static const char* kAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((bytes.size() + 2) / 3 * 4);
+  for (size_t i = 0; i < bytes.size(); i += 3) {
+    const uint32_t b = (uint32_t{static_cast<uint8_t>(bytes[i])} << 16) | (i + 1 < bytes.size() ? uint32_t{static_cast<uint8_t>(bytes[i + 1])} << 8 : 0) |
+                       (i + 2 < bytes.size() ? uint32_t{static_cast<uint8_t>(bytes[i + 2])} : 0);
+    out += kAlphabet[(b >> 18) & 63];
+    out += kAlphabet[(b >> 12) & 63];
+    out += i + 1 < bytes.size() ? kAlphabet[(b >> 6) & 63] : '=';
+    out += i + 2 < bytes.size() ? kAlphabet[b & 63] : '=';
+  }
+  return out;
+}
+
+std::vector<uchar> encode_png(const cv::Mat& image, const std::string& name) {
+  std::vector<uchar> bytes;
+  if (image.empty() || !cv::imencode(".png", image, bytes)) throw std::runtime_error(name + ": cannot encode PNG");
+  return bytes;
+}
 
 std::optional<ColourScale> model_colour_scale(const PatchCore& model) {
   if (const auto& pixel = model.calibration().pixel) {
@@ -232,14 +232,35 @@ void PredictionWriter::append_row(const std::string& row) {
   if (!csv_) throw std::runtime_error(out_.dir() + "/scores.csv: write failed");
 }
 
+cv::Mat prediction_map_on_original(const at::Tensor& anomaly_map, const ImageTransform& transform, cv::Size original) {
+  const cv::Mat view_map = to_mat(anomaly_map);
+  double lowest;
+  cv::minMaxLoc(view_map, &lowest);
+  return map_to_original(view_map, transform, original, static_cast<float>(lowest));
+}
+
+std::string prediction_json(const std::string& image, float score, const std::optional<Threshold>& threshold,
+                            double ms) {
+  nlohmann::json j{{"image", image}, {"score", score}};
+  if (threshold) {
+    j["normalized_score"] = threshold->normalize(score);
+    j["label"] = threshold->is_anomalous(score) ? "NG" : "OK";
+  }
+  j["ms"] = ms;
+  return j.dump();
+}
+
+std::string thresholds_json(const Calibration& calibration) {
+  return nlohmann::json{{"image_threshold", threshold_json(calibration.image)},
+                        {"pixel_threshold", threshold_json(calibration.pixel)}}
+      .dump();
+}
+
 void PredictionWriter::add(const std::string& image_path, float score, const at::Tensor& anomaly_map) {
   const std::string stem = unique_stem(image_path);
   const std::string overlay = stem + "_overlay.png", raw = stem + "_map.npy";
-  const cv::Mat view_map = to_mat(anomaly_map);
   const cv::Mat rgb = load_image_rgb(image_path);
-  double lowest;
-  cv::minMaxLoc(view_map, &lowest);
-  const cv::Mat map = map_to_original(view_map, transform_, rgb.size(), static_cast<float>(lowest));
+  const cv::Mat map = prediction_map_on_original(anomaly_map, transform_, rgb.size());
   write_png(out_.claim(overlay), original_overlay(rgb, map, transform_, scale_));
   write_npy(out_.claim(raw), map.ptr<float>(), {map.rows, map.cols});
   std::string mask;

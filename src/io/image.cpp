@@ -626,11 +626,16 @@ at::Tensor ImageTransform::load(const std::string& path, const ImageLimits& limi
   validate();
   const cv::Mat rgb = load_image_rgb(path, limits);
   if (original) *original = rgb.size();
+  return view_tensor(rgb, path);
+}
+
+at::Tensor ImageTransform::view_tensor(const cv::Mat& rgb, const std::string& name) const {
+  validate();
   cv::Mat seen;
   try {
     seen = to_view(rgb);
   } catch (const std::invalid_argument& e) {
-    fail(path, e.what());
+    fail(name, e.what());
   }
   return to_tensor(seen);
 }

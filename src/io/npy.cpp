@@ -149,7 +149,7 @@ std::map<std::string, NpyArray> read_npz(const std::string& path, const std::vec
   return arrays;
 }
 
-void write_npy(const std::string& path, const NpyArray& a) {
+std::string encode_npy(const NpyArray& a) {
   std::string shape;
   for (size_t i = 0; i < a.shape.size(); ++i) shape += (i ? ", " : "") + std::to_string(a.shape[i]);
   if (a.shape.size() == 1) shape += ",";
@@ -160,26 +160,28 @@ void write_npy(const std::string& path, const NpyArray& a) {
   const size_t unpadded = 10 + header.size() + 1;
   header.append((64 - unpadded % 64) % 64, ' ');
   header.push_back('\n');
-  write_file_atomically(path, [&](const std::string& tmp) {
-    std::ofstream out(tmp, std::ios::binary);
-    if (!out) throw std::runtime_error(path + ": cannot create file");
-    const uint16_t len = static_cast<uint16_t>(header.size());
-    out.write("\x93NUMPY\x01\x00", 8);
-    out.put(static_cast<char>(len & 0xff));
-    out.put(static_cast<char>(len >> 8));
-    out.write(header.data(), static_cast<std::streamsize>(header.size()));
-    out.write(reinterpret_cast<const char*>(a.data.data()), static_cast<std::streamsize>(a.data.size()));
-    if (!out) throw std::runtime_error(path + ": write failed");
-  });
+  const uint16_t len = static_cast<uint16_t>(header.size());
+  std::string bytes("\x93NUMPY\x01\x00", 8);
+  bytes.push_back(static_cast<char>(len & 0xff));
+  bytes.push_back(static_cast<char>(len >> 8));
+  bytes += header;
+  bytes.append(reinterpret_cast<const char*>(a.data.data()), a.data.size());
+  return bytes;
 }
 
-void write_npy(const std::string& path, const float* data, const std::vector<int64_t>& shape) {
+void write_npy(const std::string& path, const NpyArray& a) { write_file_atomically(path, encode_npy(a)); }
+
+NpyArray float_array(const float* data, const std::vector<int64_t>& shape) {
   NpyArray a;
   a.dtype = "f4";
   a.shape = shape;
   a.data.resize(static_cast<size_t>(a.numel()) * 4);
   std::memcpy(a.data.data(), data, a.data.size());
-  write_npy(path, a);
+  return a;
+}
+
+void write_npy(const std::string& path, const float* data, const std::vector<int64_t>& shape) {
+  write_npy(path, float_array(data, shape));
 }
 
 }  // namespace patchcore

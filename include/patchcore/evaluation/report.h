@@ -7,6 +7,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -43,6 +44,23 @@ struct Plot {
   bool diagonal = false;
 };
 cv::Mat plot_curve(const std::vector<double>& x, const std::vector<double>& y, const Plot& plot, int size = 480);
+
+// A predicted map (PredictResult::masks, in the model's view) put onto the original image of size `original`, CV_32F;
+// outside the view, the map's lowest value: what predict writes as <stem>_map.npy and colours in its overlays.
+cv::Mat prediction_map_on_original(const at::Tensor& anomaly_map, const ImageTransform& transform, cv::Size original);
+
+// One image's result as a JSON object, as predict --json and --stdin print it and the service answers it: image and
+// score, for a model with an image threshold its normalized_score and label (OK or NG), and ms.
+std::string prediction_json(const std::string& image, float score, const std::optional<Threshold>& threshold,
+                            double ms);
+// A calibration's thresholds as a JSON object, as summary.json records them: image_threshold and pixel_threshold
+// (value, method, the images it rests on), null where absent.
+std::string thresholds_json(const Calibration& calibration);
+
+// PNG bytes of an 8-bit BGR/gray or 16-bit gray image; throws naming `name` when it cannot be encoded.
+std::vector<uchar> encode_png(const cv::Mat& image, const std::string& name);
+// Standard base64 (RFC 4648, padded), for images inside HTML and JSON.
+std::string base64(std::string_view bytes);
 
 // Encodes to PNG (8-bit BGR/gray or 16-bit gray) and writes it atomically; throws naming the path.
 void write_png(const std::string& path, const cv::Mat& image);

@@ -93,6 +93,9 @@ struct ImageTransform {
   // File → normalised tensor of its view, the whole reference image pipeline in the crop view. `original`
   // (optional) receives the decoded image's size.
   at::Tensor load(const std::string& path, const ImageLimits& limits = {}, cv::Size* original = nullptr) const;
+  // A decoded RGB image (load_image_rgb, decode_image_rgb) → normalised tensor of its view: what load does after
+  // decoding, for images that arrive as bytes. `name` is only used in error messages.
+  at::Tensor view_tensor(const cv::Mat& rgb, const std::string& name) const;
   // File → uint8 mask of the view: the resampled bytes (0..255) that the reference's ToTensor divides by 255.
   // Like PIL, 1-bit and palette PNG masks are resampled with NEAREST, all others with BILINEAR.
   cv::Mat load_mask(const std::string& path, const ImageLimits& limits = {}) const;

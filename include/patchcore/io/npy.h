@@ -29,6 +29,10 @@ NpyArray read_npy(const std::string& path);
 // archive or a requested array is damaged or a requested key is missing.
 std::map<std::string, NpyArray> read_npz(const std::string& path, const std::vector<std::string>& keys = {});
 
+// A float32 array of `shape` from C-ordered values.
+NpyArray float_array(const float* data, const std::vector<int64_t>& shape);
+// The bytes of a .npy file (format 1.0) holding `array`.
+std::string encode_npy(const NpyArray& array);
 // Written to a temporary file in the same folder and renamed, so a reader never sees half a file.
 void write_npy(const std::string& path, const float* data, const std::vector<int64_t>& shape);
 void write_npy(const std::string& path, const NpyArray& array);
