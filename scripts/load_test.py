@@ -120,7 +120,8 @@ class Service:
         return status, json.loads(data)
 
     def log_text(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path) as f:
             return f.read()
 
@@ -264,11 +265,15 @@ def load_test(args):
         elif exit_status != 0:
             fail(f"the service exited with {exit_status} after SIGTERM")
 
-        after_warm_up = [r for t, r in rss if t >= warm_up]
-        rss_warm = after_warm_up[0] if after_warm_up else float("nan")
-        rss_end = max(after_warm_up[-max(1, len(after_warm_up) // 4):]) if after_warm_up else float("nan")
+        # Medians, because a reload holds two copies of a model for a moment: the second quarter of the run (after
+        # the warm-up) against the last quarter.
+        quarter = args.duration / 4
+        second = [r for t, r in rss if warm_up <= t < warm_up + quarter]
+        last = [r for t, r in rss if t >= start + 3 * quarter]
+        rss_warm = percentile(second, 0.5) if second else float("nan")
+        rss_end = percentile(last, 0.5) if last else float("nan")
         growth = rss_end - rss_warm
-        if after_warm_up and growth > max(args.rss_slack_mib * 2**20, 0.1 * rss_warm):
+        if second and last and growth > max(args.rss_slack_mib * 2**20, 0.1 * rss_warm):
             fail(f"resident memory grew from {rss_warm / 2**20:.0f} MiB after warm-up to {rss_end / 2**20:.0f} MiB")
         scored = len(latencies)
         if scored == 0:
@@ -279,6 +284,8 @@ def load_test(args):
             "p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
             "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
             "rss_after_warm_up_mib": round(rss_warm / 2**20, 1), "rss_end_mib": round(rss_end / 2**20, 1),
+            "rss_peak_mib": round(max(r for _, r in rss) / 2**20, 1) if rss else None,
+            "rss_mib_every_5_s": " ".join(str(round(r / 2**20)) for _, r in rss[::10]),
             "reloads": reloads,
             "answers": {f"{k} {s}": n for (k, s), n in sorted(statuses.items())},
             "batches": {line.split('"')[1]: int(line.split()[-1]) for line in metrics.splitlines()

@@ -23,7 +23,7 @@ namespace patchcore::serve {
 struct QueueOptions {
   int workers = 1;       // threads that run forward passes; each uses the process's thread setting
   size_t capacity = 32;  // images waiting, beyond those being scored
-  size_t max_batch = 4;  // images of one model per forward pass
+  size_t max_batch = 1;  // images of one model per forward pass; batching gained nothing on 2 cores (docs/service.md)
 };
 
 // One image's place in the queue; its submitter waits on it.
