@@ -1,6 +1,7 @@
 #include "patchcore/serve/model_registry.h"
 
 #include <ATen/ATen.h>
+#include <malloc.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -23,8 +24,15 @@ std::shared_ptr<const ServedModel> ModelRegistry::load(const std::string& name) 
   const std::string dir = (fs::path(root_) / name).string();
   PublishedModelOptions options;
   options.num_workers = threads_;
-  auto served =
-      std::make_shared<ServedModel>(ServedModel{name, dir, load_model_directory(dir, "", options), {}, utc_now()});
+  // Freed, a model leaves its memory in glibc's heap, where the next model's and the images' buffers fragment it
+  // and resident memory climbs with every reload. Trimming once the last request on the old model is done returns
+  // it to the system; a fixed mmap threshold would do the same at the price of a page fault per large buffer of
+  // every forward pass.
+  std::shared_ptr<ServedModel> served(new ServedModel{name, dir, load_model_directory(dir, "", options), {}, utc_now()},
+                                      [](const ServedModel* model) {
+                                        delete model;
+                                        malloc_trim(0);
+                                      });
   if (served->model.members().size() == 1) served->scale = model_colour_scale(*served->model.members().front());
   // One forward pass before the model serves: the first request then costs what every later one does, and the
   // memory that torch's allocator keeps is in place before the service reports ready.

@@ -3,7 +3,6 @@
 
 #include <ATen/ATen.h>
 #include <httplib.h>
-#include <malloc.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
 
@@ -246,11 +245,6 @@ void serve(const ServiceOptions& options) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   // A client that hangs up must not end the process when its answer is written.
   ::signal(SIGPIPE, SIG_IGN);
-  // glibc raises its mmap threshold to the size of each large block freed, so after a reload frees a model, the next
-  // model's and the images' buffers come from the heap, whose freed space fragments and is never returned: resident
-  // memory would climb with every reload. A fixed threshold keeps large buffers in their own mappings, returned
-  // to the system when freed.
-  mallopt(M_MMAP_THRESHOLD, 1 << 20);
 
   Service service(options);
   httplib::Server server;
