@@ -113,6 +113,7 @@ void BM_ExactPrunedNN(benchmark::State& state) {
   for (const auto& q : data().queries) nn.search(state.range(0), q, &stats);
   state.counters["refined_per_query"] = static_cast<double>(stats.refined) / static_cast<double>(stats.queries);
   state.counters["exact_per_query"] = static_cast<double>(stats.exact) / static_cast<double>(stats.queries);
+  state.counters["dense_share"] = static_cast<double>(stats.dense) / static_cast<double>(stats.queries);
 }
 BENCHMARK(BM_ExactPrunedNN)->Arg(1)->Arg(3)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3.0);
 

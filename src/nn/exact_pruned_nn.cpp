@@ -67,6 +67,7 @@ std::pair<at::Tensor, at::Tensor> ExactPrunedNN::search(int64_t k, const at::Ten
     stats->queries += queries.size(0);
     stats->refined += counts.refined;
     stats->exact += counts.exact;
+    stats->dense += counts.dense;
   }
   return result;
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -22,6 +23,14 @@ using simd::v8f;
 // twice as often; items of four rows leave too few items to balance the threads.
 constexpr int64_t kChunk = 56;
 constexpr int64_t kGroup = 4;  // blocks whose first-tier bounds are computed together
+// The dense search: the first tier over the second tier's axes for every slot, as one matrix product per block of
+// queries (8 MB of dot products for 128 queries and 16,464 slots), then refined query by query, kTask per task. It
+// costs about as much on every bank; the cell walk costs less where it refines fewer than about a tenth of the rows
+// (tire: 2%, magnetic_tile: 42%).
+constexpr int64_t kQueryBlock = 128;
+constexpr int64_t kTask = 8;
+constexpr double kDenseShare = 0.1;
+constexpr int64_t kSampledChunks = 4;  // work items the cell walk searches first, to choose between the two
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // sum((a - b)^2) over n floats in 16 lanes. Every term is non-negative, so the relative error is at most
@@ -206,6 +215,53 @@ PATCHCORE_SIMD_KERNEL int64_t refine(const RefineTiers& bank, const int32_t* ids
   return refined;
 }
 
+// Dense first-tier bounds of one query against n slots: |q|^2 + |r|^2 - 2 q.r over the leading axes, given the dot
+// products, plus the squared difference of the remaining norms. → bounds[n].
+PATCHCORE_SIMD_KERNEL void dense_bounds(const float* dots, const float* norms, const float* tails, int64_t n,
+                                        float q_norm, float q_tail, float* bounds) {
+  int64_t r = 0;
+  for (; r + kLanes <= n; r += kLanes) {
+    v8f dot, rn, rt;
+    load8(dot, dots + r);
+    load8(rn, norms + r);
+    load8(rt, tails + r);
+    const v8f rest = q_tail - rt;
+    store8(bounds + r, ((q_norm + rn) - 2.0f * dot) + rest * rest);
+  }
+  for (; r < n; ++r) {
+    const float rest = q_tail - tails[r];
+    bounds[r] = ((q_norm + norms[r]) - 2.0f * dots[r]) + rest * rest;
+  }
+}
+
+// The slots whose bound is below `threshold` (or at most it, with `inclusive`), 8 at a time, each handed to
+// `take(slot, threshold)`, which returns the threshold for the slots after it; the 8 slots of one comparison are
+// handed over against the threshold from before them, so `take` checks its slot again.
+template <typename Take>
+inline __attribute__((always_inline)) void for_each_passing(const float* bounds, int64_t n, float threshold,
+                                                            bool inclusive, Take take) {
+  for (int64_t r = 0; r < n; r += kLanes) {
+    const int64_t lanes = std::min(kLanes, n - r);
+    v8f b;
+    if (lanes == kLanes) {
+      load8(b, bounds + r);
+    } else {
+      b = v8f{} + kInf;
+      std::memcpy(&b, bounds + r, static_cast<size_t>(lanes) * sizeof(float));
+    }
+    for (uint32_t pass = lane_bits(inclusive ? b <= threshold : b < threshold); pass != 0; pass &= pass - 1)
+      threshold = take(r + __builtin_ctz(pass), threshold);
+  }
+}
+
+// The dense search's refinement of a slot: its first tier's |q|^2 + |r|^2 - 2 q.r (`first`) plus the squared
+// difference of the last tier's further coordinates and of the norms beyond them.
+PATCHCORE_SIMD_KERNEL float dense_refined_bound(float first, const float* q, const float* r, int64_t from, int64_t to,
+                                                float q_tail, float r_tail) {
+  const float rest = q_tail - r_tail;
+  return (first + sum_of_squared_differences(q + from, r + from, to - from)) + rest * rest;
+}
+
 struct Neighbour {
   float distance;
   int64_t row;
@@ -219,7 +275,8 @@ struct Query {
   float first_norm = 0.f, box_tail = 0.f, tails[kTiers] = {};
   double slack = 0.0, first_absolute = 0.0;
   float first_threshold = kInf, refine_threshold = kInf;
-  std::vector<Neighbour> best;  // max-heap of the k best so far
+  double reach2 = std::numeric_limits<double>::infinity();  // square of the reach the thresholds encode
+  std::vector<Neighbour> best;                              // max-heap of the k best so far
   int64_t seed_cell = 0;
 };
 
@@ -241,6 +298,10 @@ struct Search {
   // which moves gap^2 by at most that times (|q| + |centre|)^2, within first_absolute. And the box bounds:
   // (box_axes / 2 + 5) units relative, below (first + 8) as box_axes <= first.
   double first_error;
+  // The dense first tier's |q|^2 + |r|^2 - 2 q.r over axes[1]: the dot product, in whatever order the matrix
+  // product sums it, is off by at most axes[1] units of |q| |r|, the norms, the tail term and the sums by a few
+  // units of (|q| + |r|)^2 each: all of it within dense_error (|q| + dense_reach)^2.
+  double dense_error;
 
   Search(const PruningIndex& index, int64_t neighbours, const at::Tensor& queries, const at::Tensor& centred_queries,
          const at::Tensor& rotated, at::Tensor& distances, at::Tensor& indices)
@@ -257,7 +318,8 @@ struct Search {
                                 kFloatUnit),
         exact_error(relative_error_of_sum(index.dim) + 2.0 * kFloatUnit),
         refine_error(relative_error_of_sum(index.width()) + 4.0 * kFloatUnit),
-        first_error(std::max((index.axes[0] + 8) * kFloatUnit * 1.01, relative_error_of_sum(index.axes[0]))) {
+        first_error(std::max((index.axes[0] + 8) * kFloatUnit * 1.01, relative_error_of_sum(index.axes[0]))),
+        dense_error((index.axes[1] + 16) * kFloatUnit * 1.01) {
     for (int t = 0; t < kTiers; ++t) {
       tiers.tails[t] = index.tails[t].data();
       tiers.axes[t] = index.axes[t];
@@ -306,24 +368,60 @@ class Searcher {
         visit(query, ci);
       }
     }
-    for (int64_t i = 0; i < count; ++i) {
-      std::vector<Neighbour>& best = queries_[i].best;
-      std::sort_heap(best.begin(), best.end());
-      const int64_t qi = begin + i;
-      for (int64_t j = 0; j < s_.k; ++j) {
-        s_.out_distances[qi * s_.k + j] = best[j].distance;
-        s_.out_indices[qi * s_.k + j] = best[j].row;
-      }
+    for (int64_t i = 0; i < count; ++i) finish(queries_[i], begin + i);
+  }
+
+  // Query qi by the dense search, given its dense first-tier dot products with every slot. Slots are refined in slot
+  // order once the k lowest bounds have their exact distances, which most often hold the nearest rows.
+  void search_dense(int64_t qi, const float* dots) {
+    Query& query = queries_[0];
+    double norm = 0.0;
+    start_query(query, qi, &norm);
+    const int64_t n = p_.slots, axes = p_.axes[1], width = p_.width();
+    double dense_norm = 0.0;
+    for (int64_t j = 0; j < axes; ++j) dense_norm += static_cast<double>(query.coords[j]) * query.coords[j];
+    const double absolute = s_.dense_error * std::pow(norm + query.slack + p_.dense_reach, 2.0);
+    const float q_norm = static_cast<float>(dense_norm);
+    bounds_.resize(static_cast<size_t>(n));
+    dense_bounds(dots, p_.dense_norms.data(), p_.tails[1].data(), n, q_norm, query.tails[1], bounds_.data());
+    // The k lowest bounds, lowest first.
+    lowest_.clear();
+    for_each_passing(bounds_.data(), n, kInf, false, [&](int64_t slot, float current) {
+      const std::pair<float, int64_t> c{bounds_[slot], slot};
+      if (!(c.first < current)) return current;
+      if (static_cast<int64_t>(lowest_.size()) == s_.k) lowest_.pop_back();
+      lowest_.insert(std::upper_bound(lowest_.begin(), lowest_.end(), c), c);
+      return static_cast<int64_t>(lowest_.size()) == s_.k ? lowest_.back().first : kInf;
+    });
+    for (const auto& [bound, slot] : lowest_) {
+      bounds_[slot] = kInf;  // not refined again below
+      consider(query, p_.row_of_slot[slot]);
     }
+    // Thresholds for these bounds: they carry the first tier's absolute error.
+    auto threshold = [&](double relative) { return round_up_to_float(query.reach2 * (1.0 + relative) + absolute); };
+    float first_threshold = threshold(s_.dense_error), refine_threshold = threshold(s_.refine_error);
+    const float* q = query.coords;
+    for_each_passing(bounds_.data(), n, first_threshold, true, [&](int64_t slot, float current) {
+      if (bounds_[slot] > first_threshold) return current;
+      ++refined;
+      const float first = (q_norm + p_.dense_norms[slot]) - 2.0f * dots[slot];
+      if (dense_refined_bound(first, q, p_.coordinates.data() + slot * width, axes, width, query.tails[kTiers - 1],
+                              p_.tails[kTiers - 1][slot]) <= refine_threshold) {
+        consider(query, p_.row_of_slot[slot]);
+        first_threshold = threshold(s_.dense_error);
+        refine_threshold = threshold(s_.refine_error);
+      }
+      return first_threshold;
+    });
+    finish(query, qi);
   }
 
   int64_t refined = 0;  // rows whose first-tier bound did not exclude them
   int64_t exact = 0;    // rows whose exact distance was computed
 
  private:
-  // Prepares query qi: its tails, error margins, and the bound of every cell (into row_bounds), and picks the
-  // cell with the nearest centre as its seed.
-  void start(Query& query, int64_t qi, float* row_bounds) {
+  // Prepares query qi: its features, coordinates, tails and error margins; → its centred norm in `norm`.
+  void start_query(Query& query, int64_t qi, double* norm) {
     const int64_t d = p_.dim, first = p_.axes[0];
     query.features = s_.rows + qi * d;
     query.coords = s_.coords + qi * p_.width();
@@ -331,23 +429,42 @@ class Searcher {
     const float* c = query.coords;
     double squared = 0.0;
     for (int64_t j = 0; j < d; ++j) squared += static_cast<double>(xc[j]) * xc[j];
-    const double norm = std::sqrt(squared);
-    const double coordinate_error = s_.coordinate_error_factor * norm;
+    *norm = std::sqrt(squared);
+    const double coordinate_error = s_.coordinate_error_factor * *norm;
     float level_tails[kTiers + 1];
     const double worst_tail =
-        tails_beyond(c, squared, d, p_.tail_levels, level_tails, norm, coordinate_error, kFloatUnit);
+        tails_beyond(c, squared, d, p_.tail_levels, level_tails, *norm, coordinate_error, kFloatUnit);
     query.box_tail = level_tails[0];
     std::copy(level_tails + 1, level_tails + kTiers + 1, query.tails);
     double first_norm = 0.0;
     for (int64_t j = 0; j < first; ++j) first_norm += static_cast<double>(c[j]) * c[j];
     query.first_norm = static_cast<float>(first_norm);
     // + 2 units of the norm: centring the query in float moves it by at most one.
-    query.slack = (coordinate_error + 2.0 * kFloatUnit * norm + worst_tail) * 1.01 + p_.row_error;
+    query.slack = (coordinate_error + 2.0 * kFloatUnit * *norm + worst_tail) * 1.01 + p_.row_error;
     query.first_absolute = s_.first_error * std::pow(std::sqrt(first_norm) + p_.first_tier_norm, 2.0);
     query.first_threshold = query.refine_threshold = kInf;
+    query.reach2 = std::numeric_limits<double>::infinity();
     query.best.clear();
     query.best.reserve(static_cast<size_t>(s_.k));
+  }
 
+  // Writes query qi's k best, nearest first.
+  void finish(Query& query, int64_t qi) {
+    std::vector<Neighbour>& best = query.best;
+    std::sort_heap(best.begin(), best.end());
+    for (int64_t j = 0; j < s_.k; ++j) {
+      s_.out_distances[qi * s_.k + j] = best[j].distance;
+      s_.out_indices[qi * s_.k + j] = best[j].row;
+    }
+  }
+
+  // Prepares query qi for the cell walk: start_query, the bound of every cell (into row_bounds), and the cell with
+  // the nearest centre as its seed.
+  void start(Query& query, int64_t qi, float* row_bounds) {
+    double norm;
+    start_query(query, qi, &norm);
+    const int64_t first = p_.axes[0];
+    const float* c = query.coords;
     // Bound of every cell: |q - centre| - radius over the first-tier axes, and the gap between the query's tail
     // and the cell's range of tails.
     double nearest = kInf;
@@ -427,6 +544,7 @@ class Searcher {
     }
     if (static_cast<int64_t>(best.size()) < s_.k) return;
     const double reach = std::sqrt(best.front().distance * (1.0 + s_.exact_error)) + query.slack;
+    query.reach2 = reach * reach;
     query.refine_threshold = round_up_to_float(reach * reach * (1.0 + s_.refine_error));
     query.first_threshold = round_up_to_float(reach * reach * (1.0 + s_.first_error) + query.first_absolute);
   }
@@ -440,7 +558,9 @@ class Searcher {
   std::vector<float> to_centres_;
   std::vector<int32_t> passing_;  // blocks of a cell whose box passed, then padding to a whole group
   std::vector<uint8_t> masks_;
-  std::vector<Candidate> candidates_;  // min-heap by bound
+  std::vector<Candidate> candidates_;              // min-heap by bound
+  std::vector<float> bounds_;                      // the dense search's bounds, [slots]
+  std::vector<std::pair<float, int64_t>> lowest_;  // its k lowest bounds and their slots
 };
 
 }  // namespace
@@ -456,10 +576,47 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
   at::Tensor indices = at::empty({nq, k}, at::kLong);
   const Search search(p, k, queries, centred, rotated, distances, indices);
   const int64_t chunks = (nq + kChunk - 1) / kChunk;
-  std::vector<Searcher> searchers(static_cast<size_t>(parallel_threads(chunks, max_threads)), Searcher(search));
+  std::vector<Searcher> searchers(static_cast<size_t>(parallel_threads(std::max(chunks, nq / kTask), max_threads)),
+                                  Searcher(search));
+  // The cell walk over a few work items, spread over the queries, measures how well the cells prune this bank for
+  // them: where it refines more than kDenseShare of the rows per query, the dense search costs less for the rest.
+  const int64_t sampled = std::min(chunks, kSampledChunks);
+  auto sample_chunk = [&](int64_t i) { return i * chunks / sampled; };
   parallel_for(
-      chunks, [&](int64_t chunk, int worker) { searchers[worker].search_chunk(chunk); }, max_threads);
+      sampled, [&](int64_t i, int worker) { searchers[worker].search_chunk(sample_chunk(i)); }, max_threads);
+  int64_t refined = 0, walked = 0;
+  for (const Searcher& searcher : searchers) refined += searcher.refined;
+  for (int64_t i = 0; i < sampled; ++i) walked += std::min(kChunk, nq - sample_chunk(i) * kChunk);
+  std::vector<char> done(static_cast<size_t>(chunks), 0);
+  for (int64_t i = 0; i < sampled; ++i) done[sample_chunk(i)] = 1;
+  const bool dense = refined > kDenseShare * static_cast<double>(walked) * static_cast<double>(p.count);
+  if (!dense) {
+    parallel_for(
+        chunks,
+        [&](int64_t chunk, int worker) {
+          if (!done[chunk]) searchers[worker].search_chunk(chunk);
+        },
+        max_threads);
+  } else {
+    const at::Tensor coordinates =
+        at::from_blob(const_cast<float*>(p.coordinates.data()), {p.slots, p.width()}, at::kFloat);
+    const at::Tensor dense_rows = coordinates.slice(1, 0, p.axes[1]).t();
+    at::Tensor dots = at::empty({std::min(nq, kQueryBlock), p.slots}, at::kFloat);
+    for (int64_t begin = 0; begin < nq; begin += kQueryBlock) {
+      const int64_t end = std::min(nq, begin + kQueryBlock);
+      at::Tensor block = dots.slice(0, 0, end - begin);
+      at::mm_out(block, rotated.slice(0, begin, end).slice(1, 0, p.axes[1]), dense_rows);
+      const float* block_dots = block.data_ptr<float>();
+      parallel_for((end - begin + kTask - 1) / kTask,
+                   [&](int64_t task, int worker) {
+                     for (int64_t qi = begin + task * kTask; qi < std::min(end, begin + (task + 1) * kTask); ++qi)
+                       if (!done[qi / kChunk]) searchers[worker].search_dense(qi, block_dots + (qi - begin) * p.slots);
+                   },
+                   max_threads);
+    }
+  }
   if (counts) {
+    if (dense) counts->dense += nq - walked;
     for (const Searcher& searcher : searchers) {
       counts->refined += searcher.refined;
       counts->exact += searcher.exact;

@@ -203,6 +203,21 @@ double tail_error(double norm, double coordinate_error, double tail, double unit
   return through_square + kFloatUnit * tail;  // + rounding the tail to float
 }
 
+void derive_dense_norms(PruningIndex& p) {
+  const int64_t width = p.width(), axes = p.axes[1];
+  p.dense_norms.assign(static_cast<size_t>(p.slots), kInf);
+  double reach = 0.0;
+  for (int64_t s = 0; s < p.slots; ++s) {
+    if (p.row_of_slot[s] < 0) continue;
+    const float* c = p.coordinates.data() + s * width;
+    double squared = 0.0;
+    for (int64_t a = 0; a < axes; ++a) squared += static_cast<double>(c[a]) * c[a];
+    p.dense_norms[s] = static_cast<float>(squared);
+    reach = std::max(reach, std::sqrt(squared) + p.tails[1][s]);
+  }
+  p.dense_reach = static_cast<float>(reach * (1.0 + 4.0 * kFloatUnit));
+}
+
 std::shared_ptr<const PruningIndex> build_pruning_index(const float* rows, int64_t n, int64_t d) {
   auto p = std::make_shared<PruningIndex>();
   p->rows = rows;
@@ -222,6 +237,7 @@ std::shared_ptr<const PruningIndex> build_pruning_index(const float* rows, int64
   p->basis = basis64.to(at::kFloat).contiguous();
   const RotatedRows rotated = rotate_rows(*p, x, basis64);
   lay_out(*p, rotated, cells_of(*p, rotated));
+  derive_dense_norms(*p);
   use_huge_pages(rows, static_cast<size_t>(n * d) * sizeof(float));
   use_huge_pages(p->coordinates.data(), p->coordinates.size() * sizeof(float));
   use_huge_pages(p->blocks.data(), p->blocks.size() * sizeof(float));

@@ -61,9 +61,16 @@ struct PruningIndex {
   std::vector<float> centres;   // [cell groups of 8, axes[0], 8]: interleaved, 8 cells per lane group
   float row_error = 0.f;        // bound on every row's representation error (see tail_error)
   float first_tier_norm = 0.f;  // largest first-tier norm of a row
+  // The dense search's first tier (pruned_search.cpp): the second tier's axes, bounded for every slot at once by a
+  // matrix product. Derived from the coordinates when the structure is built or read.
+  std::vector<float> dense_norms;  // [slots] squared norms over those axes; infinite on padding
+  float dense_reach = 0.f;         // largest norm over those axes plus tail beyond them, of a row
 
   int64_t width() const { return axes[kTiers - 1]; }
 };
+
+// Fills dense_norms and dense_reach from the coordinates.
+void derive_dense_norms(PruningIndex& index);
 
 // The pruning structure of the bank `rows` ([n, d] float32, finite, kept alive by the caller).
 std::shared_ptr<const PruningIndex> build_pruning_index(const float* rows, int64_t n, int64_t d);
@@ -82,6 +89,7 @@ std::shared_ptr<const PruningIndex> read_pruning_index(const std::string& path, 
 struct SearchCounts {
   int64_t refined = 0;  // rows whose first-tier bound did not exclude them
   int64_t exact = 0;    // rows whose exact distance was computed
+  int64_t dense = 0;    // queries searched by the dense search
 };
 
 // The k nearest bank rows of each query ([nq, d] float32 contiguous, k <= count): (squared distances [nq, k],

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "common_fixtures.h"
+#include "patchcore/memory_bank/sampler.h"
 #include "patchcore/nn/exact_pruned_nn.h"
 #include "patchcore/patchcore.h"
 
@@ -105,6 +106,58 @@ TEST(ExactPrunedNN, TireFeaturesGiveTheBruteForceNeighbours) {
   ExactPrunedNN nn(2);
   nn.fit(bank);
   for (int64_t k : {1, 3}) expect_same_as_faiss(bank, queries, k, nn);
+}
+
+// magnetic_tile's patches spread their variance over many principal axes, so the cells prune little there and most
+// queries take the dense search (docs/exact_search.md); a coreset of them, like fit's, is the bank.
+TEST(ExactPrunedNN, MagneticTileFeaturesGiveTheBruteForceNeighbours) {
+  PATCHCORE_REQUIRE_SHARED(weights, "weights/resnet18-imagenet-stem-to-layer3.pth");
+  PATCHCORE_REQUIRE_SHARED(data, "data/magnetic_tile");
+  PatchCore model("cpu");
+  model.load(load_backbone("resnet18", weights, {"layer2", "layer3"}), PatchCoreParams{});
+  auto embed = [&](const std::string& folder, size_t count) {
+    std::vector<std::string> paths;
+    for (const auto& entry : fs::directory_iterator(data + "/" + folder)) paths.push_back(entry.path().string());
+    std::sort(paths.begin(), paths.end());
+    std::vector<torch::Tensor> images;
+    for (size_t i = 0; i < count && i < paths.size(); ++i) images.push_back(ImageTransform{}.load(paths[i]));
+    return model.embed(torch::stack(images)).contiguous();
+  };
+  const torch::Tensor bank = ApproximateGreedyCoresetSampler(0.1).run(embed("train/good", 24));
+  const torch::Tensor queries = torch::cat({embed("test/good", 1), embed("test/crack", 1)}).contiguous();
+  ExactPrunedNN nn(2);
+  nn.fit(bank);
+  for (int64_t k : {1, 3}) expect_same_as_faiss(bank, queries, k, nn);
+  ExactPrunedNN::Stats stats;
+  nn.search(1, queries, &stats);
+  EXPECT_GT(stats.dense, 0) << "the brute-force check above covers the dense search";
+}
+
+// Unstructured data: no principal axis holds much of the variance, the cells prune nothing, and the queries after
+// the first work items take the dense search.
+TEST(ExactPrunedNN, UnstructuredDataTakeTheDenseSearchAndGiveTheBruteForceNeighbours) {
+  torch::manual_seed(5);
+  const torch::Tensor bank = torch::randn({2000, 300});
+  torch::Tensor queries = torch::randn({700, 300});
+  queries.slice(0, 600, 620) = bank.slice(0, 10, 30);  // at distance 0
+  queries.slice(0, 620, 640) = 0.0;                    // near the centre, where every row is about as far
+  ExactPrunedNN nn(2);
+  nn.fit(bank);
+  for (int64_t k : {1, 4, 17}) expect_same_as_faiss(bank, queries, k, nn);
+  ExactPrunedNN::Stats stats;
+  auto [d, i] = nn.search(1, queries, &stats);
+  EXPECT_GT(stats.dense, 400);
+  EXPECT_TRUE(torch::equal(i.slice(0, 600, 620).squeeze(1), torch::arange(10, 30)));
+
+  // Duplicated rows: equal distances come in row order in the dense search too.
+  const torch::Tensor twice = torch::cat({bank, bank}).contiguous();
+  ExactPrunedNN doubled(2);
+  doubled.fit(twice);
+  ExactPrunedNN::Stats twice_stats;
+  auto [dd, di] = doubled.search(2, queries, &twice_stats);
+  EXPECT_GT(twice_stats.dense, 400);
+  EXPECT_TRUE(torch::equal(di.select(1, 1) - di.select(1, 0), torch::full({700}, 2000, torch::kLong)));
+  EXPECT_TRUE(torch::equal(dd.select(1, 0), dd.select(1, 1)));
 }
 
 TEST(ExactPrunedNN, ClusteredDataGiveTheBruteForceNeighbours) {

@@ -48,6 +48,7 @@ class ExactPrunedNN : public NearestNeighbourSearch {
     int64_t queries = 0;
     int64_t refined = 0;  // rows whose first-tier bound did not exclude them
     int64_t exact = 0;    // rows whose exact distance was computed
+    int64_t dense = 0;    // queries searched by the dense search rather than the cell walk (docs/exact_search.md)
   };
   // run() without index_features, also adding its work to `stats`.
   std::pair<at::Tensor, at::Tensor> search(int64_t n_nearest_neighbours, const at::Tensor& query_features,
