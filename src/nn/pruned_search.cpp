@@ -30,7 +30,7 @@ constexpr int64_t kGroup = 4;  // blocks whose first-tier bounds are computed to
 constexpr int64_t kQueryBlock = 128;
 constexpr int64_t kTask = 8;
 constexpr double kDenseShare = 0.1;
-constexpr int64_t kSampledChunks = 4;  // work items the cell walk searches first, to choose between the two
+constexpr int64_t kSampledChunks = 2;  // work items the cell walk searches first, to choose between the two
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // sum((a - b)^2) over n floats in 16 lanes. Every term is non-negative, so the relative error is at most
@@ -341,9 +341,11 @@ class Searcher {
 
   // A work item is two rows of the patch grid. Its queries look alike and need mostly the same cells, so the
   // cells are visited in one order for all of them and each cell's rows are read from memory once for the whole
-  // item rather than once per query.
-  void search_chunk(int64_t chunk) {
+  // item rather than once per query. The walk gives up once it has refined more than `budget` rows, leaving the
+  // item's results unwritten, and says whether it finished.
+  bool search_chunk(int64_t chunk, int64_t budget = std::numeric_limits<int64_t>::max()) {
     const int64_t begin = chunk * kChunk, count = std::min(s_.nq, begin + kChunk) - begin;
+    const int64_t refined_before = refined;
     for (int64_t i = 0; i < count; ++i) {
       start(queries_[i], begin + i, cell_bounds_.data() + i * cell_count_);
       // The cell with the nearest centre first: it most often holds the nearest row, so the threshold is tight
@@ -362,6 +364,7 @@ class Searcher {
       float loosest = 0.f;
       for (int64_t i = 0; i < count; ++i) loosest = std::max(loosest, queries_[i].first_threshold);
       if (lowest > loosest) break;
+      if (refined - refined_before > budget) return false;
       for (int64_t i = 0; i < count; ++i) {
         Query& query = queries_[i];
         if (ci == query.seed_cell || cell_bounds_[i * cell_count_ + ci] > query.first_threshold) continue;
@@ -369,6 +372,7 @@ class Searcher {
       }
     }
     for (int64_t i = 0; i < count; ++i) finish(queries_[i], begin + i);
+    return true;
   }
 
   // Query qi by the dense search, given its dense first-tier dot products with every slot. Slots are refined in slot
@@ -579,17 +583,26 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
   std::vector<Searcher> searchers(static_cast<size_t>(parallel_threads(std::max(chunks, nq / kTask), max_threads)),
                                   Searcher(search));
   // The cell walk over a few work items, spread over the queries, measures how well the cells prune this bank for
-  // them: where it refines more than kDenseShare of the rows per query, the dense search costs less for the rest.
+  // them: where it refines more than kDenseShare of the rows per query, the dense search costs less. A sampled item
+  // stops at that share, so that a bank the cells prune poorly costs little walking, and the dense search takes the
+  // rest of the call when at least half of the sampled items stopped. Their queries are searched again with the rest.
   const int64_t sampled = std::min(chunks, kSampledChunks);
   auto sample_chunk = [&](int64_t i) { return i * chunks / sampled; };
-  parallel_for(
-      sampled, [&](int64_t i, int worker) { searchers[worker].search_chunk(sample_chunk(i)); }, max_threads);
-  int64_t refined = 0, walked = 0;
-  for (const Searcher& searcher : searchers) refined += searcher.refined;
-  for (int64_t i = 0; i < sampled; ++i) walked += std::min(kChunk, nq - sample_chunk(i) * kChunk);
+  auto chunk_size = [&](int64_t chunk) { return std::min(kChunk, nq - chunk * kChunk); };
+  auto share = [&](int64_t queries) {
+    return static_cast<int64_t>(kDenseShare * static_cast<double>(queries) * static_cast<double>(p.count));
+  };
   std::vector<char> done(static_cast<size_t>(chunks), 0);
-  for (int64_t i = 0; i < sampled; ++i) done[sample_chunk(i)] = 1;
-  const bool dense = refined > kDenseShare * static_cast<double>(walked) * static_cast<double>(p.count);
+  parallel_for(
+      sampled,
+      [&](int64_t i, int worker) {
+        const int64_t chunk = sample_chunk(i);
+        done[chunk] = searchers[worker].search_chunk(chunk, share(chunk_size(chunk)));
+      },
+      max_threads);
+  int64_t stopped = 0;
+  for (int64_t i = 0; i < sampled; ++i) stopped += done[sample_chunk(i)] ? 0 : 1;
+  const bool dense = 2 * stopped >= sampled;
   if (!dense) {
     parallel_for(
         chunks,
@@ -616,7 +629,8 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
     }
   }
   if (counts) {
-    if (dense) counts->dense += nq - walked;
+    if (dense)
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) counts->dense += done[chunk] ? 0 : chunk_size(chunk);
     for (const Searcher& searcher : searchers) {
       counts->refined += searcher.refined;
       counts->exact += searcher.exact;
