@@ -34,8 +34,8 @@ std::vector<std::pair<std::string, std::string>> given_options(const CLI::App& c
 // Every batch allocates and frees tensors of a few to tens of MB. With glibc's defaults the larger ones are mapped
 // afresh or handed back to the system each time, and faulting their pages in again is expensive on virtual
 // machines: fit on magnetic_tile spends 1.2 s of system time more (docs/performance.md). Keeping freed memory for
-// reuse costs no peak memory, as the largest batch's tensors are in use at once anyway; the service hands memory
-// back after a model reload (malloc_trim).
+// reuse costs no peak memory in a command that runs once, as the largest batch's tensors are in use at once anyway.
+// The service keeps glibc's defaults: it runs for months, and what a reload frees must go back to the system.
 void keep_freed_memory() {
   mallopt(M_MMAP_THRESHOLD, 32 << 20);  // the largest glibc accepts
   mallopt(M_TRIM_THRESHOLD, 256 << 20);
@@ -45,7 +45,6 @@ void keep_freed_memory() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  keep_freed_memory();
   // stdout carries results only; logs and progress go to stderr.
   spdlog::set_default_logger(spdlog::stderr_color_mt("patchcore"));
   spdlog::set_pattern("%^[%l]%$ %v");
@@ -267,6 +266,7 @@ int main(int argc, char** argv) {
       if (o->sampler != "identity" && !(o->coreset > 0 && o->coreset < 1))
         throw std::invalid_argument("--coreset must be strictly between 0 and 1, got " + std::to_string(o->coreset));
     set_num_threads(threads);
+    if (!serve_cmd->parsed()) keep_freed_memory();
     if (fit_cmd->parsed()) {
       fit_options.given = given_options(*fit_cmd);
       return fit(fit_options, threads);
