@@ -571,7 +571,7 @@ class Searcher {
 
 std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const at::Tensor& queries, int max_threads,
                                          SearchCounts* counts) {
-  if (!at::isfinite(queries).all().item<bool>())
+  if (!all_finite(queries.data_ptr<float>(), queries.numel()))
     throw std::invalid_argument("ExactPrunedNN: query features contain NaN or infinite values");
   const int64_t nq = queries.size(0);
   const at::Tensor centred = (queries - p.mean).contiguous();

@@ -16,17 +16,16 @@ namespace {
 
 constexpr int64_t kRowsPerCell = 64;  // k-means cells over the first-tier coordinates
 constexpr int kKMeansIterations = 8;
-constexpr int64_t kSlice = 4096;  // rows per slice of the bank's temporaries
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 int64_t aligned(int64_t slots) { return (slots + kLanes - 1) / kLanes * kLanes; }
 
 // Lloyd's k-means from evenly spaced rows (deterministic, no seed): → the cell of every row of x [n, axes].
 at::Tensor kmeans_cells(const at::Tensor& x, int64_t cells) {
-  const int64_t n = x.size(0);
+  const int64_t n = x.size(0), slice = slice_rows(cells * static_cast<int64_t>(sizeof(float)));
   at::Tensor centres = x.index_select(0, (at::arange(cells, at::kLong) * n).div(cells, "floor"));
   const at::Tensor norms = x.pow(2).sum(1, true);
-  at::Tensor scores = at::empty({std::min(n, kSlice), cells}, at::kFloat);
+  at::Tensor scores = at::empty({std::min(n, slice), cells}, at::kFloat);
   at::Tensor assignment;
   for (int i = 0;; ++i) {
     // In slices of rows, into one reused buffer: the whole distance matrix of a large bank would take
@@ -34,8 +33,8 @@ at::Tensor kmeans_cells(const at::Tensor& x, int64_t cells) {
     const at::Tensor centre_norms = centres.pow(2).sum(1).unsqueeze(0);
     const at::Tensor centres_t = centres.t();
     std::vector<at::Tensor> slices;
-    for (int64_t s = 0; s < n; s += kSlice) {
-      const int64_t e = std::min(n, s + kSlice);
+    for (int64_t s = 0; s < n; s += slice) {
+      const int64_t e = std::min(n, s + slice);
       at::Tensor d = scores.slice(0, 0, e - s);
       at::mm_out(d, x.slice(0, s, e), centres_t);
       slices.push_back(d.mul_(-2.0).add_(norms.slice(0, s, e)).add_(centre_norms).argmin(1));
@@ -77,10 +76,11 @@ RotatedRows rotate_rows(PruningIndex& p, const at::Tensor& x, const at::Tensor& 
   for (auto& t : out.tails) t.resize(static_cast<size_t>(n));
   out.box_tails.resize(static_cast<size_t>(n));
   const at::Tensor mean64 = p.mean.to(at::kDouble);
+  const int64_t slice = slice_rows(d * static_cast<int64_t>(sizeof(double)));
   const double coordinate_error_factor = std::sqrt(static_cast<double>(width)) * 2.0 * (d + 2) * kDoubleUnit;
   double row_error = 0.0;
-  for (int64_t s = 0; s < n; s += kSlice) {
-    const int64_t e = std::min(n, s + kSlice);
+  for (int64_t s = 0; s < n; s += slice) {
+    const int64_t e = std::min(n, s + slice);
     const at::Tensor centred = x.slice(0, s, e).to(at::kDouble) - mean64;
     const at::Tensor squared = centred.pow(2).sum(1).contiguous();
     const at::Tensor coords = centred.mm(basis64).contiguous();
@@ -227,10 +227,10 @@ std::shared_ptr<const PruningIndex> build_pruning_index(const float* rows, int64
   p->box_axes = std::min(kBoxAxes, p->axes[0]);
   p->tail_levels[0] = p->box_axes;
   for (int t = 0; t < kTiers; ++t) p->tail_levels[t + 1] = p->axes[t];
-  const at::Tensor x = at::from_blob(const_cast<float*>(rows), {n, d}, at::kFloat);
   // Non-finite values would make every bound meaningless.
-  if (!at::isfinite(x).all().item<bool>())
+  if (!all_finite(rows, n * d))
     throw std::invalid_argument("ExactPrunedNN: the memory bank contains NaN or infinite values");
+  const at::Tensor x = at::from_blob(const_cast<float*>(rows), {n, d}, at::kFloat);
   PrincipalAxes principal = principal_axes(x, p->width(), n);
   p->mean = principal.mean;
   const at::Tensor basis64 = principal.axes.t().contiguous();

@@ -81,12 +81,6 @@ class Reader {
   size_t at_ = 0;
 };
 
-bool all_finite(const std::vector<float>& values) {
-  for (float v : values)
-    if (!std::isfinite(v)) return false;
-  return true;
-}
-
 int64_t aligned(int64_t slots) { return (slots + kLanes - 1) / kLanes * kLanes; }
 
 }  // namespace
@@ -203,7 +197,7 @@ std::shared_ptr<const PruningIndex> read_pruning_index(const std::string& path, 
   }
   if (next_slot != p->padding_block * kLanes || next_group != groups) in.fail("the cells do not tile the slots");
   for (const auto* values : {&p->blocks, &p->coordinates, &p->centres, &p->tails[0], &p->tails[1], &p->tails[2]})
-    if (!all_finite(*values)) in.fail("a coordinate is not finite");
+    if (!all_finite(values->data(), static_cast<int64_t>(values->size()))) in.fail("a coordinate is not finite");
   for (const auto* values : {&p->box_low, &p->box_high, &p->box_tail_low, &p->box_tail_high})
     for (float v : *values)
       if (std::isnan(v)) in.fail("a box bound is not a number");

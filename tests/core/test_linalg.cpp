@@ -2,10 +2,15 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
 #include <numeric>
+#include <random>
 #include <set>
 
 #include "patchcore/core/linalg.h"
+#include "patchcore/core/numeric.h"
 
 using namespace patchcore;
 
@@ -54,4 +59,24 @@ TEST(KdOrder, IsAPermutationWhoseLeavesAreAlignedAndCompact) {
   }
   // Leaves of 64 uniform points in a unit cube hold about 1/16 of it each, far below the whole cube.
   EXPECT_LT(leaf_extent / static_cast<double>(leaves.size()), 0.2);
+}
+
+TEST(AllFinite, AgreesWithIsfiniteOnEveryKindOfFloat) {
+  // Random bit patterns cover every exponent, both signs and NaN payloads; each is checked alone and amid finite
+  // values, at every position of a vector-width run.
+  std::mt19937 random(11);
+  std::vector<float> values(37, 1.5f);
+  for (int trial = 0; trial < 20000; ++trial) {
+    const uint32_t bits = trial < 4 ? std::array<uint32_t, 4>{0x7f800000u, 0xff800000u, 0x7f7fffffu, 0x00000001u}[trial]
+                                    : static_cast<uint32_t>(random());
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    const size_t at = static_cast<size_t>(trial) % values.size();
+    values[at] = v;
+    EXPECT_EQ(all_finite(values.data(), static_cast<int64_t>(values.size())), static_cast<bool>(std::isfinite(v)))
+        << std::hex << bits;
+    EXPECT_EQ(all_finite(&values[at], 1), static_cast<bool>(std::isfinite(v))) << std::hex << bits;
+    values[at] = 1.5f;
+  }
+  EXPECT_TRUE(all_finite(values.data(), 0));
 }
