@@ -17,8 +17,8 @@ figures.
 usage: /usr/bin/python3 scripts/bench/vs_published.py [DATA ...] [--runs 3] [--threads 2] [--out DIR]
 DATA are names under ../shared/data (default: tire magnetic_tile) or paths. Needs Debian's python3-torch,
 -torchvision, -faiss, -sklearn, -scipy, -pil, -tqdm for the published code and a built build/patchcore
-(PATCHCORE_CLI overrides). A run of both shared sets takes about a quarter of an hour on 2 cores, most of it the published
-fit.
+(PATCHCORE_CLI overrides). A run of both shared sets takes about a quarter of an hour on 2 cores, most of it the
+published code.
 """
 import argparse
 import json
