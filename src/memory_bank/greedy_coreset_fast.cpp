@@ -455,7 +455,7 @@ void process_blocks(const Index& x, const FastState& st, int64_t b0, int64_t b1,
                     const BlocksView& blocks, Scratch& sc) {
   const BatchView batch = centres.view();
   const size_t room = static_cast<size_t>(x.block_begin[b1] - x.block_begin[b0]);
-  int64_t* out[8];
+  int64_t* out[8] = {};  // lanes past the batch stay null: block_candidates never writes them
   int64_t found[8] = {};
   for (int64_t j = 0; j < batch.size; ++j) {
     if (sc.slots[j].size() < room) sc.slots[j].resize(room);
