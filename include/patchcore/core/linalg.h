@@ -11,8 +11,8 @@ namespace patchcore {
 
 // Rows per slice when a large matrix is processed through temporaries of `row_bytes` bytes per row. A slice's
 // temporaries stay well below glibc's largest mmap threshold (32 MiB), so they come from the heap and are reused;
-// at or above it every one is mapped afresh and each of its pages faulted in, which costs more than the
-// arithmetic on a virtual machine.
+// at or above it every one is mapped afresh and each of its pages faulted in, which on a virtual machine costs
+// a large share of the work.
 inline int64_t slice_rows(int64_t row_bytes) {
   constexpr int64_t kSliceBytes = int64_t{8} << 20;
   return row_bytes >= kSliceBytes ? 1 : kSliceBytes / row_bytes;

@@ -19,8 +19,8 @@ inline float round_up_to_float(double x) {
 }
 
 // Whether values[0, count) are all finite. On the bit patterns, as an integer maximum that vectorises: a float is
-// finite when its magnitude bits are below the all-ones exponent. at::isfinite(t).all() writes a bool tensor the
-// size of t first, which costs more than 20 times this on a large bank.
+// finite when its magnitude bits are below the all-ones exponent. at::isfinite(t).all() would first write a bool
+// tensor the size of t: 16 MB of fresh pages for tire's bank.
 inline bool all_finite(const float* values, int64_t count) {
   uint32_t largest = 0;
   for (int64_t i = 0; i < count; ++i) {
