@@ -124,6 +124,7 @@ Header parse_tiff(const unsigned char* d, size_t n, const std::string& name) {
   const size_t count = u16(ifd);
   if (ifd + 2 + count * 12 > n) fail(name, "truncated TIFF directory");
   Header h{Format::tiff};
+  bool seen_width = false, seen_height = false;
   for (size_t i = 0; i < count; ++i) {
     const size_t e = ifd + 2 + i * 12;
     const int tag = u16(e);
@@ -138,6 +139,11 @@ Header parse_tiff(const unsigned char* d, size_t n, const std::string& name) {
       continue;
     }
     if (tag != 256 && tag != 257) continue;
+    // libtiff keeps the first of repeated tags and PIL the last, so the two would decode different sizes,
+    // and the pixel limit would hold for only one of them.
+    bool& seen = tag == 256 ? seen_width : seen_height;
+    if (seen) fail(name, std::string("corrupt TIFF: more than one ") + (tag == 256 ? "ImageWidth" : "ImageLength") + " tag");
+    seen = true;
     const int type = u16(e + 2);
     int64_t value;
     if (type == 3) {

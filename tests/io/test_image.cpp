@@ -7,6 +7,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <utility>
+#include <vector>
 
 #include "patchcore/io/image.h"
 #include "patchcore/io/npy.h"
@@ -164,6 +166,21 @@ std::string png_header_only(uint32_t width, uint32_t height) {
   std::string out("\x89PNG\r\n\x1a\n", 8);
   out += std::string("\x00\x00\x00\x0d", 4) + ihdr;
   for (int i = 3; i >= 0; --i) out.push_back(static_cast<char>(crc >> (8 * i)));
+  return out;
+}
+
+// A little-endian TIFF holding only its first directory, with the given (tag, SHORT value) entries.
+std::string tiff_directory_only(const std::vector<std::pair<uint16_t, uint16_t>>& entries) {
+  std::string out("II*\0\x08\0\0\0", 8);
+  auto put16 = [&](uint32_t v) { out += {static_cast<char>(v), static_cast<char>(v >> 8)}; };
+  put16(static_cast<uint32_t>(entries.size()));
+  for (const auto& [tag, value] : entries) {
+    put16(tag);
+    put16(3);  // SHORT
+    put16(1), put16(0);  // count
+    put16(value), put16(0);
+  }
+  put16(0), put16(0);  // no next directory
   return out;
 }
 
@@ -416,6 +433,20 @@ TEST(ImageErrors, HugeDeclaredSizeIsRejectedBeforeDecoding) {
   write_bytes(path, png_header_only(100000, 100000));
   expect_image_error([&] { load_image_rgb(path); }, "bomb.png", "exceeds the limit");
   expect_image_error([&] { load_mask(path); }, "bomb.png", "exceeds the limit");
+}
+
+// libtiff reads the first of two ImageWidth tags and PIL the last: the small one must not vouch for the large.
+TEST(ImageErrors, RepeatedTiffSizeTagsAreRefusedInEitherOrder) {
+  for (const uint16_t tag : {256, 257}) {
+    const uint16_t other = tag == 256 ? 257 : 256;
+    for (const bool large_first : {true, false}) {
+      SCOPED_TRACE(std::to_string(tag) + (large_first ? " large first" : " small first"));
+      const uint16_t a = large_first ? 65000 : 1, b = large_first ? 1 : 65000;
+      const std::string bytes = tiff_directory_only({{tag, a}, {other, 65000}, {tag, b}});
+      expect_image_error([&] { decode_image_rgb(bytes, "twice.tif"); }, "twice.tif", "more than one");
+      expect_image_error([&] { decode_mask(bytes, "twice.tif"); }, "twice.tif", "more than one");
+    }
+  }
 }
 
 TEST(ImageErrors, PixelLimitIsInclusiveAndConfigurableForEveryContainer) {
