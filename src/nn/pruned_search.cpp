@@ -247,11 +247,36 @@ PATCHCORE_SIMD_KERNEL void dense_bounds(const float* dots, const float* norms, c
   }
 }
 
+// For each set of passing lanes (bit l for lane l), the passing lanes first, in order.
+struct LanePacks {
+  int32_t order[256][kLanes];
+  constexpr LanePacks() : order{} {
+    for (int bits = 0; bits < 256; ++bits) {
+      int at = 0;
+      for (int lane = 0; lane < kLanes; ++lane)
+        if (bits & (1 << lane)) order[bits][at++] = lane;
+    }
+  }
+};
+constexpr LanePacks kLanePacks;
+
 // The slots whose bound is at most `threshold`, in slot order → slots; returns how many. Without branches: whether a
-// slot passes is unpredictable, and mispredicted branches cost more than writing every slot.
+// slot passes is unpredictable. Each 8 slots are written whole, the passing ones first, and the count advances past
+// those only; the writes stay within slots[n].
 PATCHCORE_SIMD_KERNEL int64_t slots_within(const float* bounds, int64_t n, float threshold, int32_t* slots) {
-  int64_t count = 0;
-  for (int64_t r = 0; r < n; ++r) {
+  int64_t count = 0, r = 0;
+  v8i slot = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (; r + kLanes <= n; r += kLanes, slot += static_cast<int32_t>(kLanes)) {
+    v8f b;
+    load8(b, bounds + r);
+    const uint32_t pass = lane_bits(b <= threshold);
+    v8i order;
+    std::memcpy(&order, kLanePacks.order[pass], sizeof order);
+    const v8i packed = __builtin_shuffle(slot, order);
+    std::memcpy(slots + count, &packed, sizeof packed);
+    count += __builtin_popcount(pass);
+  }
+  for (; r < n; ++r) {
     slots[count] = static_cast<int32_t>(r);
     count += bounds[r] <= threshold ? 1 : 0;
   }
