@@ -142,7 +142,8 @@ Header parse_tiff(const unsigned char* d, size_t n, const std::string& name) {
     // libtiff keeps the first of repeated tags and PIL the last, so the two would decode different sizes,
     // and the pixel limit would hold for only one of them.
     bool& seen = tag == 256 ? seen_width : seen_height;
-    if (seen) fail(name, std::string("corrupt TIFF: more than one ") + (tag == 256 ? "ImageWidth" : "ImageLength") + " tag");
+    if (seen)
+      fail(name, std::string("corrupt TIFF: more than one ") + (tag == 256 ? "ImageWidth" : "ImageLength") + " tag");
     seen = true;
     const int type = u16(e + 2);
     int64_t value;

@@ -601,9 +601,9 @@ class Searcher {
   std::vector<float> to_centres_;
   std::vector<int32_t> passing_;  // blocks of a cell whose box passed, then padding to a whole group
   std::vector<uint8_t> masks_;
-  std::vector<Candidate> candidates_;              // min-heap by bound
-  std::vector<float> bounds_;                      // the dense search's bounds, [slots]
-  std::vector<int32_t> dense_passing_;             // the slots its first tier passes, [slots]
+  std::vector<Candidate> candidates_;   // min-heap by bound
+  std::vector<float> bounds_;           // the dense search's bounds, [slots]
+  std::vector<int32_t> dense_passing_;  // the slots its first tier passes, [slots]
 };
 
 }  // namespace

@@ -176,7 +176,7 @@ std::string tiff_directory_only(const std::vector<std::pair<uint16_t, uint16_t>>
   put16(static_cast<uint32_t>(entries.size()));
   for (const auto& [tag, value] : entries) {
     put16(tag);
-    put16(3);  // SHORT
+    put16(3);            // SHORT
     put16(1), put16(0);  // count
     put16(value), put16(0);
   }
