@@ -261,18 +261,17 @@ struct LanePacks {
 constexpr LanePacks kLanePacks;
 
 // The slots whose bound is at most `threshold`, in slot order → slots; returns how many. Without branches: whether a
-// slot passes is unpredictable. Each 8 slots are written whole, the passing ones first, and the count advances past
-// those only; the writes stay within slots[n].
+// slot passes is unpredictable. Each 8 slots are written whole, the passing ones first (their lanes from a table,
+// plus the first slot), and the count advances past those only; the writes stay within slots[n].
 PATCHCORE_SIMD_KERNEL int64_t slots_within(const float* bounds, int64_t n, float threshold, int32_t* slots) {
   int64_t count = 0, r = 0;
-  v8i slot = {0, 1, 2, 3, 4, 5, 6, 7};
-  for (; r + kLanes <= n; r += kLanes, slot += static_cast<int32_t>(kLanes)) {
+  for (; r + kLanes <= n; r += kLanes) {
     v8f b;
     load8(b, bounds + r);
     const uint32_t pass = lane_bits(b <= threshold);
-    v8i order;
-    std::memcpy(&order, kLanePacks.order[pass], sizeof order);
-    const v8i packed = __builtin_shuffle(slot, order);
+    v8i packed;
+    std::memcpy(&packed, kLanePacks.order[pass], sizeof packed);
+    packed += static_cast<int32_t>(r);
     std::memcpy(slots + count, &packed, sizeof packed);
     count += __builtin_popcount(pass);
   }
