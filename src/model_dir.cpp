@@ -3,6 +3,7 @@
 #include <zlib.h>
 
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -31,6 +32,8 @@ int64_t bounded(const json& value, const std::string& key, int64_t low, int64_t 
   return value.get<int64_t>();
 }
 
+constexpr int64_t kMaxCount = std::numeric_limits<int64_t>::max();
+
 json threshold_json(const Threshold& t) {
   return {{"value", t.value},
           {"method", to_string(t.method)},
@@ -58,10 +61,9 @@ std::optional<Threshold> read_threshold(const json& calibration, const std::stri
   t.method = parse_threshold_method(j.at("method").get<std::string>());
   t.quantile = finite(j.at("quantile"), key + ".quantile");
   t.f1 = finite(j.at("f1"), key + ".f1");
-  const int64_t kMax = std::numeric_limits<int64_t>::max();
-  t.good_images = bounded(j.at("good_images"), key + ".good_images", 0, kMax);
-  t.defective_images = bounded(j.at("defective_images"), key + ".defective_images", 0, kMax);
-  t.scores = bounded(j.at("scores"), key + ".scores", 1, kMax);
+  t.good_images = bounded(j.at("good_images"), key + ".good_images", 0, kMaxCount);
+  t.defective_images = bounded(j.at("defective_images"), key + ".defective_images", 0, kMaxCount);
+  t.scores = bounded(j.at("scores"), key + ".scores", 1, kMaxCount);
   t.min = finite(j.at("min"), key + ".min");
   t.max = finite(j.at("max"), key + ".max");
   if (t.min > t.max) throw std::invalid_argument(key + ": min is above max");
@@ -190,10 +192,12 @@ ModelDescription read_model_description(const std::string& dir, const std::strin
                                       : parse_batchnorm_statistics(j.at("batchnorm_statistics").get<std::string>());
     d.backbone = j.at("backbone.name").get<std::string>();
     d.nn_method = j.at("nn_method").get<std::string>();
-    d.memory_bank_size = j.value("memory_bank_size", int64_t{0});
+    if (j.contains("memory_bank_size"))
+      d.memory_bank_size = bounded(j.at("memory_bank_size"), "memory_bank_size", 0, kMaxCount);
     if (j.contains("normal_patch_scores")) {
       const json& s = j.at("normal_patch_scores");
-      d.normal_scores = {s.at("max").get<float>(), s.at("p99").get<float>(), s.at("patches").get<int64_t>()};
+      d.normal_scores = {s.at("max").get<float>(), s.at("p99").get<float>(),
+                         bounded(s.at("patches"), "normal_patch_scores.patches", 0, kMaxCount)};
       if (!std::isfinite(d.normal_scores.max) || !std::isfinite(d.normal_scores.p99) || d.normal_scores.patches < 0)
         throw std::runtime_error(params_path + ": normal_patch_scores must be finite");
     }
@@ -202,7 +206,8 @@ ModelDescription read_model_description(const std::string& dir, const std::strin
       d.provenance.tool = p.value("tool", "");
       d.provenance.created = p.value("created", "");
       d.provenance.data = p.value("data", "");
-      d.provenance.train_images = p.value("train_images", int64_t{0});
+      if (p.contains("train_images"))
+        d.provenance.train_images = bounded(p.at("train_images"), "provenance.train_images", 0, kMaxCount);
       if (p.contains("options"))
         d.provenance.options = p.at("options").get<std::vector<std::pair<std::string, std::string>>>();
     }
@@ -222,7 +227,8 @@ ModelDescription read_model_description(const std::string& dir, const std::strin
       throw std::runtime_error(params_path +
                                ": backbone.weights.file must name a file inside the model directory, got '" +
                                d.weights_file + "'");
-    d.weights = {weights.at("bytes").get<uint64_t>(), weights.at("crc32").get<uint32_t>()};
+    d.weights = {static_cast<uint64_t>(bounded(weights.at("bytes"), "backbone.weights.bytes", 0, kMaxCount)),
+                 static_cast<uint32_t>(bounded(weights.at("crc32"), "backbone.weights.crc32", 0, UINT32_MAX))};
     const std::string weights_path = d.weights_path(dir);
     if (!fs::is_regular_file(weights_path))
       throw std::runtime_error(weights_path + ": backbone weights missing from the model");

@@ -160,6 +160,13 @@ TEST(PatchCore, ModelDirectoryRoundTripNeedsNoOtherFlags) {
             std::string::npos);
   EXPECT_NE(edited("missing", [](nlohmann::json& j) { j.erase("patchsize"); }).find("bad or missing field"),
             std::string::npos);
+  // A float where an integer belongs is refused, never converted: beyond the integer's range that is undefined.
+  EXPECT_NE(edited("float_crc", [](nlohmann::json& j) { j["backbone.weights"]["crc32"] = 4.29e19; })
+                .find("backbone.weights.crc32 must be an integer in [0, 4294967295]"),
+            std::string::npos);
+  EXPECT_NE(edited("float_patches", [](nlohmann::json& j) { j["normal_patch_scores"]["patches"] = 1e30; })
+                .find("normal_patch_scores.patches must be an integer"),
+            std::string::npos);
   EXPECT_NE(edited("escape", [](nlohmann::json& j) { j["backbone.weights"]["file"] = "../backbone.pth"; })
                 .find("backbone.weights.file must name a file inside the model directory, got '../backbone.pth'"),
             std::string::npos);
