@@ -198,7 +198,7 @@ ModelDescription read_model_description(const std::string& dir, const std::strin
       const json& s = j.at("normal_patch_scores");
       d.normal_scores = {s.at("max").get<float>(), s.at("p99").get<float>(),
                          bounded(s.at("patches"), "normal_patch_scores.patches", 0, kMaxCount)};
-      if (!std::isfinite(d.normal_scores.max) || !std::isfinite(d.normal_scores.p99) || d.normal_scores.patches < 0)
+      if (!std::isfinite(d.normal_scores.max) || !std::isfinite(d.normal_scores.p99))
         throw std::runtime_error(params_path + ": normal_patch_scores must be finite");
     }
     if (j.contains("provenance")) {
