@@ -18,7 +18,8 @@ struct ExactPrunedNN::Bank {
   std::shared_ptr<const pruning::PruningIndex> pruning;
 };
 
-ExactPrunedNN::ExactPrunedNN(int num_workers) : num_workers_(num_workers) {
+ExactPrunedNN::ExactPrunedNN(int num_workers, bool bf16_products)
+    : num_workers_(num_workers), bf16_products_(bf16_products) {
   if (num_workers < 1) throw std::invalid_argument("ExactPrunedNN: num_workers must be at least 1");
 }
 
@@ -33,6 +34,8 @@ void ExactPrunedNN::install(std::unique_ptr<Bank> bank, const std::string& pruni
                       : pruning::read_pruning_index(pruning_file, rows, bank->flat->ntotal, bank->flat->d);
   bank_ = std::move(bank);
 }
+
+bool ExactPrunedNN::bf16_products_native() { return pruning::native_bf16_products(); }
 
 std::string ExactPrunedNN::pruning_filename(const std::string& index_filename) {
   const std::string extension = ".faiss";
@@ -62,7 +65,7 @@ std::pair<at::Tensor, at::Tensor> ExactPrunedNN::search(int64_t k, const at::Ten
   const pruning::PruningIndex& p = *bank->pruning;
   const at::Tensor queries = checked_queries(k, query_features, p.count, p.dim);
   pruning::SearchCounts counts;
-  auto result = pruning::search(p, k, queries, num_workers_, &counts);
+  auto result = pruning::search(p, k, queries, num_workers_, bf16_products_, &counts);
   if (stats) {
     stats->queries += queries.size(0);
     stats->refined += counts.refined;

@@ -33,6 +33,11 @@ constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kTask = 8;
 constexpr int64_t kPrefetchAhead = 4;  // slots whose refined coordinates the dense search fetches ahead
 constexpr double kDenseShare = 0.1;
+// The dense tier's product in bfloat16: both sides rounded to bfloat16 (relative error u = 2^-8 each), the products
+// exact in float and summed in float (that error is the float product's, within dense_error), the sum rounded to
+// bfloat16 (u again). The dot product is then off from the float one by at most (3u + 4u^2) |q| |r|, the bound by
+// twice that: 0.02356 |q| |r|, which 0.024 covers with room for rounding the term itself.
+constexpr double kBf16DotError = 0.024;
 constexpr int64_t kSampledChunks = 2;  // work items the cell walk searches first, to choose between the two
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -218,21 +223,50 @@ PATCHCORE_SIMD_KERNEL int64_t refine(const RefineTiers& bank, const int32_t* ids
   return refined;
 }
 
+// The dense tier's dot products of one query with every slot: float, or bfloat16 as the bfloat16 product writes
+// them (the upper half of a float's bits).
+struct DenseDots {
+  const float* f32 = nullptr;
+  const uint16_t* bf16 = nullptr;
+
+  float at(int64_t slot) const {
+    if (!bf16) return f32[slot];
+    const uint32_t bits = static_cast<uint32_t>(bf16[slot]) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
+  }
+};
+
+using v8u16 = uint16_t __attribute__((vector_size(16)));
+using v8u = uint32_t __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline void load8_dots(v8f& v, const DenseDots& dots, int64_t r) {
+  if (!dots.bf16) return load8(v, dots.f32 + r);
+  v8u16 half;
+  std::memcpy(&half, dots.bf16 + r, sizeof half);
+  const v8u bits = __builtin_convertvector(half, v8u) << 16;
+  std::memcpy(&v, &bits, sizeof v);
+}
+
 // Dense first-tier bounds of one query against n slots: |q|^2 + |r|^2 - 2 q.r over the leading axes, given the dot
-// products, plus the squared difference of the remaining norms. → bounds[n], and in lowest[kLanes] the slot with the
+// products, plus the squared difference of the remaining norms, less `q_error` |r| (lengths: |r|) for the products'
+// rounding beyond the float error that the thresholds carry. → bounds[n], and in lowest[kLanes] the slot with the
 // lowest bound among those of each lane (slot % kLanes), or -1: the lowest bound of all is one of them.
-PATCHCORE_SIMD_KERNEL void dense_bounds(const float* dots, const float* norms, const float* tails, int64_t n,
-                                        float q_norm, float q_tail, float* bounds, int32_t* lowest) {
+PATCHCORE_SIMD_KERNEL void dense_bounds(const DenseDots& dots, const float* norms, const float* lengths,
+                                        const float* tails, int64_t n, float q_norm, float q_tail, float q_error,
+                                        float* bounds, int32_t* lowest) {
   v8f best = v8f{} + kInf;
   v8i best_slot = v8i{} - 1, slot = {0, 1, 2, 3, 4, 5, 6, 7};
   int64_t r = 0;
   for (; r + kLanes <= n; r += kLanes, slot += static_cast<int32_t>(kLanes)) {
-    v8f dot, rn, rt;
-    load8(dot, dots + r);
+    v8f dot, rn, rl, rt;
+    load8_dots(dot, dots, r);
     load8(rn, norms + r);
+    load8(rl, lengths + r);
     load8(rt, tails + r);
     const v8f rest = q_tail - rt;
-    const v8f b = ((q_norm + rn) - 2.0f * dot) + rest * rest;
+    const v8f b = (((q_norm + rn) - 2.0f * dot) + rest * rest) - q_error * rl;
     store8(bounds + r, b);
     const v8i lower = b < best;
     best = lower ? b : best;
@@ -241,7 +275,7 @@ PATCHCORE_SIMD_KERNEL void dense_bounds(const float* dots, const float* norms, c
   std::memcpy(lowest, &best_slot, sizeof best_slot);
   for (; r < n; ++r) {
     const float rest = q_tail - tails[r];
-    bounds[r] = ((q_norm + norms[r]) - 2.0f * dots[r]) + rest * rest;
+    bounds[r] = (((q_norm + norms[r]) - 2.0f * dots.at(r)) + rest * rest) - q_error * lengths[r];
     int32_t& lane = lowest[r % kLanes];
     if (lane < 0 || bounds[r] < bounds[lane]) lane = static_cast<int32_t>(r);
   }
@@ -411,7 +445,7 @@ class Searcher {
 
   // Query qi by the dense search, given its dense first-tier dot products with every slot. Slots are refined in slot
   // order once the k lowest bounds have their exact distances, which most often hold the nearest rows.
-  void search_dense(int64_t qi, const float* dots) {
+  void search_dense(int64_t qi, const DenseDots& dots) {
     Query& query = queries_[0];
     double norm = 0.0;
     start_query(query, qi, &norm);
@@ -420,9 +454,11 @@ class Searcher {
     for (int64_t j = 0; j < axes; ++j) dense_norm += static_cast<double>(query.coords[j]) * query.coords[j];
     const double absolute = s_.dense_error * std::pow(norm + query.slack + p_.dense_reach, 2.0);
     const float q_norm = static_cast<float>(dense_norm);
+    const float q_error = dots.bf16 ? static_cast<float>(kBf16DotError * std::sqrt(dense_norm)) : 0.0f;
     bounds_.resize(static_cast<size_t>(n));
     int32_t lowest[kLanes];
-    dense_bounds(dots, p_.dense_norms.data(), p_.tails[1].data(), n, q_norm, query.tails[1], bounds_.data(), lowest);
+    dense_bounds(dots, p_.dense_norms.data(), p_.dense_lengths.data(), p_.tails[1].data(), n, q_norm, query.tails[1],
+                 q_error, bounds_.data(), lowest);
     // The lowest bound of each lane, lowest first; the first is the lowest of all, and most often the nearest row's.
     std::sort(lowest, lowest + kLanes, [&](int32_t a, int32_t b) {
       if (a < 0 || b < 0) return b < 0 && a >= 0;
@@ -447,7 +483,7 @@ class Searcher {
       const int64_t slot = dense_passing_[i];
       if (!(bounds_[slot] <= first_threshold)) continue;  // the threshold fell since slots_within
       ++refined;
-      const float first = (q_norm + p_.dense_norms[slot]) - 2.0f * dots[slot];
+      const float first = ((q_norm + p_.dense_norms[slot]) - 2.0f * dots.at(slot)) - q_error * p_.dense_lengths[slot];
       if (dense_refined_bound(first, q, p_.coordinates.data() + slot * width, axes, width, query.tails[kTiers - 1],
                               p_.tails[kTiers - 1][slot]) <= refine_threshold) {
         consider(query, p_.row_of_slot[slot]);
@@ -608,7 +644,7 @@ class Searcher {
 }  // namespace
 
 std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const at::Tensor& queries, int max_threads,
-                                         SearchCounts* counts) {
+                                         bool bf16_products, SearchCounts* counts) {
   if (!all_finite(queries.data_ptr<float>(), queries.numel()))
     throw std::invalid_argument("ExactPrunedNN: query features contain NaN or infinite values");
   const int64_t nq = queries.size(0);
@@ -652,19 +688,33 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
         },
         max_threads);
   } else {
-    const at::Tensor coordinates =
-        at::from_blob(const_cast<float*>(p.coordinates.data()), {p.slots, p.width()}, at::kFloat);
-    const at::Tensor dense_rows = coordinates.slice(1, 0, p.axes[1]).t();
-    at::Tensor dots = at::empty({std::min(nq, kQueryBlock), p.slots}, at::kFloat);
+    const bool bf16 = bf16_products && p.dense_rows_bf16.defined();
+    at::Tensor left = rotated.slice(1, 0, p.axes[1]), right;
+    if (bf16) {
+      left = left.to(at::kBFloat16);
+      right = p.dense_rows_bf16;
+    } else {
+      right = at::from_blob(const_cast<float*>(p.coordinates.data()), {p.slots, p.width()}, at::kFloat)
+                  .slice(1, 0, p.axes[1])
+                  .t();
+    }
+    at::Tensor dots = at::empty({std::min(nq, kQueryBlock), p.slots}, left.scalar_type());
     for (int64_t begin = 0; begin < nq; begin += kQueryBlock) {
       const int64_t end = std::min(nq, begin + kQueryBlock);
       at::Tensor block = dots.slice(0, 0, end - begin);
-      at::mm_out(block, rotated.slice(0, begin, end).slice(1, 0, p.axes[1]), dense_rows);
-      const float* block_dots = block.data_ptr<float>();
+      at::mm_out(block, left.slice(0, begin, end), right);
+      const auto query_dots = [&](int64_t qi) {
+        DenseDots d;
+        if (bf16)
+          d.bf16 = reinterpret_cast<const uint16_t*>(block.data_ptr<at::BFloat16>()) + (qi - begin) * p.slots;
+        else
+          d.f32 = block.data_ptr<float>() + (qi - begin) * p.slots;
+        return d;
+      };
       parallel_for((end - begin + kTask - 1) / kTask,
                    [&](int64_t task, int worker) {
                      for (int64_t qi = begin + task * kTask; qi < std::min(end, begin + (task + 1) * kTask); ++qi)
-                       if (!done[qi / kChunk]) searchers[worker].search_dense(qi, block_dots + (qi - begin) * p.slots);
+                       if (!done[qi / kChunk]) searchers[worker].search_dense(qi, query_dots(qi));
                    },
                    max_threads);
     }

@@ -203,9 +203,22 @@ double tail_error(double norm, double coordinate_error, double tail, double unit
   return through_square + kFloatUnit * tail;  // + rounding the tail to float
 }
 
+bool native_bf16_products() {
+#if defined(__x86_64__)
+  static const bool native = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return native;
+#else
+  return false;
+#endif
+}
+
 void derive_dense_norms(PruningIndex& p) {
   const int64_t width = p.width(), axes = p.axes[1];
   p.dense_norms.assign(static_cast<size_t>(p.slots), kInf);
+  p.dense_lengths.assign(static_cast<size_t>(p.slots), 0.0f);
   double reach = 0.0;
   for (int64_t s = 0; s < p.slots; ++s) {
     if (p.row_of_slot[s] < 0) continue;
@@ -213,9 +226,14 @@ void derive_dense_norms(PruningIndex& p) {
     double squared = 0.0;
     for (int64_t a = 0; a < axes; ++a) squared += static_cast<double>(c[a]) * c[a];
     p.dense_norms[s] = static_cast<float>(squared);
+    p.dense_lengths[s] = static_cast<float>(std::sqrt(squared) * (1.0 + 4.0 * kFloatUnit));
     reach = std::max(reach, std::sqrt(squared) + p.tails[1][s]);
   }
   p.dense_reach = static_cast<float>(reach * (1.0 + 4.0 * kFloatUnit));
+  if (native_bf16_products()) {
+    const at::Tensor coordinates = at::from_blob(p.coordinates.data(), {p.slots, width}, at::kFloat).slice(1, 0, axes);
+    p.dense_rows_bf16 = coordinates.t().to(at::kBFloat16).contiguous();
+  }
 }
 
 std::shared_ptr<const PruningIndex> build_pruning_index(const float* rows, int64_t n, int64_t d) {

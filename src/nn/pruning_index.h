@@ -63,13 +63,22 @@ struct PruningIndex {
   float first_tier_norm = 0.f;  // largest first-tier norm of a row
   // The dense search's first tier (pruned_search.cpp): the second tier's axes, bounded for every slot at once by a
   // matrix product. Derived from the coordinates when the structure is built or read.
-  std::vector<float> dense_norms;  // [slots] squared norms over those axes; infinite on padding
-  float dense_reach = 0.f;         // largest norm over those axes plus tail beyond them, of a row
+  std::vector<float> dense_norms;    // [slots] squared norms over those axes; infinite on padding
+  std::vector<float> dense_lengths;  // [slots] their square roots, 0 on padding: the bfloat16 product's error term
+  float dense_reach = 0.f;           // largest norm over those axes plus tail beyond them, of a row
+  // Where native_bf16_products(): those coordinates rounded to bfloat16, [axes[1], slots], the product's right side.
+  at::Tensor dense_rows_bf16;
 
   int64_t width() const { return axes[kTiers - 1]; }
 };
 
-// Fills dense_norms and dense_reach from the coordinates.
+// Whether this CPU multiplies bfloat16 natively (AVX512_BF16). There the dense tier's product runs in bfloat16,
+// several times the float rate, through oneDNN, which accumulates in float; elsewhere bfloat16 products are slower
+// than float ones, so the product stays in float.
+bool native_bf16_products();
+
+// Fills dense_norms, dense_lengths, dense_reach and, where native_bf16_products(), dense_rows_bf16 from the
+// coordinates.
 void derive_dense_norms(PruningIndex& index);
 
 // The pruning structure of the bank `rows` ([n, d] float32, finite, kept alive by the caller).
@@ -94,9 +103,10 @@ struct SearchCounts {
 
 // The k nearest bank rows of each query ([nq, d] float32 contiguous, k <= count): (squared distances [nq, k],
 // row indices [nq, k]), those of brute force, with ties in distance broken by the lower row index. Runs on at most
-// max_threads threads (0: the thread setting); adds its work to `counts` when given.
+// max_threads threads (0: the thread setting); adds its work to `counts` when given. With `bf16_products`, the dense
+// tier's product runs in bfloat16 where the index holds dense_rows_bf16; the neighbours are the same either way.
 std::pair<at::Tensor, at::Tensor> search(const PruningIndex& index, int64_t k, const at::Tensor& queries,
-                                         int max_threads, SearchCounts* counts);
+                                         int max_threads, bool bf16_products, SearchCounts* counts);
 
 // Relative error bound of a float sum of n non-negative terms in 16 lanes (sum_of_squared_differences).
 inline double relative_error_of_sum(int64_t n) { return (static_cast<double>(n) / 16.0 + 24.0) * kFloatUnit * 1.01; }

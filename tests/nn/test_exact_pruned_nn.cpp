@@ -125,12 +125,15 @@ TEST(ExactPrunedNN, MagneticTileFeaturesGiveTheBruteForceNeighbours) {
   };
   const torch::Tensor bank = ApproximateGreedyCoresetSampler(0.1).run(embed("train/good", 24));
   const torch::Tensor queries = torch::cat({embed("test/good", 1), embed("test/crack", 1)}).contiguous();
-  ExactPrunedNN nn(2);
-  nn.fit(bank);
-  for (int64_t k : {1, 3}) expect_same_as_faiss(bank, queries, k, nn);
-  ExactPrunedNN::Stats stats;
-  nn.search(1, queries, &stats);
-  EXPECT_GT(stats.dense, 0) << "the brute-force check above covers the dense search";
+  for (bool bf16 : {true, false}) {
+    SCOPED_TRACE(bf16 ? "bfloat16 products where native" : "float products");
+    ExactPrunedNN nn(2, bf16);
+    nn.fit(bank);
+    for (int64_t k : {1, 3}) expect_same_as_faiss(bank, queries, k, nn);
+    ExactPrunedNN::Stats stats;
+    nn.search(1, queries, &stats);
+    EXPECT_GT(stats.dense, 0) << "the brute-force check above covers the dense search";
+  }
 }
 
 // Unstructured data: no principal axis holds much of the variance, the cells prune nothing, and the queries after
@@ -141,9 +144,14 @@ TEST(ExactPrunedNN, UnstructuredDataTakeTheDenseSearchAndGiveTheBruteForceNeighb
   torch::Tensor queries = torch::randn({700, 300});
   queries.slice(0, 600, 620) = bank.slice(0, 10, 30);  // at distance 0
   queries.slice(0, 620, 640) = 0.0;                    // near the centre, where every row is about as far
+  for (bool bf16 : {true, false}) {
+    SCOPED_TRACE(bf16 ? "bfloat16 products where native" : "float products");
+    ExactPrunedNN nn(2, bf16);
+    nn.fit(bank);
+    for (int64_t k : {1, 4, 17}) expect_same_as_faiss(bank, queries, k, nn);
+  }
   ExactPrunedNN nn(2);
   nn.fit(bank);
-  for (int64_t k : {1, 4, 17}) expect_same_as_faiss(bank, queries, k, nn);
   ExactPrunedNN::Stats stats;
   auto [d, i] = nn.search(1, queries, &stats);
   EXPECT_GT(stats.dense, 400);
@@ -158,6 +166,28 @@ TEST(ExactPrunedNN, UnstructuredDataTakeTheDenseSearchAndGiveTheBruteForceNeighb
   EXPECT_GT(twice_stats.dense, 400);
   EXPECT_TRUE(torch::equal(di.select(1, 1) - di.select(1, 0), torch::full({700}, 2000, torch::kLong)));
   EXPECT_TRUE(torch::equal(dd.select(1, 0), dd.select(1, 1)));
+}
+
+// The dense search's bounds take a bfloat16 product to be the float one rounded thrice: both inputs and the float
+// sum to bfloat16 (relative error u = 2^-8 each), so off by at most (3u + 4u^2) |q| |r| plus the float sum's own
+// error. oneDNN's product must keep to that, which it does only by summing in float.
+TEST(ExactPrunedNN, BFloat16ProductsStayWithinTheErrorTheBoundsAllowFor) {
+  if (!ExactPrunedNN::bf16_products_native()) GTEST_SKIP() << "this CPU has no native bfloat16 products";
+  torch::manual_seed(3);
+  // Principal coordinates: decaying spread, mixed signs, a few large values, a column of zeros.
+  const torch::Tensor spread = torch::exp(-torch::arange(128, torch::kFloat32) / 40.0);
+  torch::Tensor q = torch::randn({300, 128}) * spread * 20.0;
+  torch::Tensor r = torch::randn({5000, 128}) * spread * 20.0;
+  q.slice(0, 0, 10) *= 1e3;
+  r.select(1, 127) = 0.0;
+  const torch::Tensor product = q.to(torch::kBFloat16).mm(r.t().contiguous().to(torch::kBFloat16)).to(torch::kFloat64);
+  const torch::Tensor exact = q.to(torch::kFloat64).mm(r.to(torch::kFloat64).t());
+  const double u = std::ldexp(1.0, -8);
+  const double allowed = 3.0 * u + 4.0 * u * u + 128.0 * std::ldexp(1.0, -24) * 1.01;
+  const torch::Tensor lengths = q.to(torch::kFloat64).norm(2, 1, true) * r.to(torch::kFloat64).norm(2, 1).unsqueeze(0);
+  const double worst = ((product - exact).abs() / lengths).max().item<double>();
+  EXPECT_LE(worst, allowed);
+  EXPECT_GT(worst, u / 16) << "the product was not rounded to bfloat16 at all";
 }
 
 TEST(ExactPrunedNN, ClusteredDataGiveTheBruteForceNeighbours) {
