@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -44,6 +45,9 @@ TEST(ParallelFor, AnExceptionIsRethrownAfterTheLoopAndStopsFurtherItems) {
   const std::string message = test::error_of([&] {
     parallel_for(100000, [&](int64_t item, int) {
       if (item == 10) throw std::runtime_error("item 10 failed");
+      // Slow enough that the other thread cannot finish every item while the throwing one is descheduled or
+      // unwinding for the first time (milliseconds on a busy machine), which made this test fail now and then.
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
       done.fetch_add(1);
     });
   });
