@@ -58,7 +58,7 @@ void BM_GreedyCoresetFast(benchmark::State& state) {
   patchcore::GreedyStats stats;
   for (auto _ : state) benchmark::DoNotOptimize(patchcore::greedy_coreset_fast(bank().z, bank().scores, count, &stats));
   state.counters["selections"] = static_cast<double>(count);
-  state.counters["passes"] = static_cast<double>(stats.passes);
+  state.counters["catch_ups"] = static_cast<double>(stats.catch_ups);
   // Share of the straightforward loop's N * count exact distances that were still computed.
   state.counters["exact_share"] =
       static_cast<double>(stats.exact_distances) / (static_cast<double>(kPatches) * static_cast<double>(count));

@@ -14,6 +14,11 @@ namespace patchcore::coreset {
 void distance_kernel(const float* const* rows, const float* row_norms, int64_t count, const float* centre,
                      float centre_norm, int64_t dim, float* out);
 
+// out[r] = d(point, rows[r]), bit for bit what distance_kernel gives for `point` as a row and rows[r] as the
+// centre: one point against many centres.
+void distances_from_point(const float* point, float point_norm, const float* const* rows, const float* row_norms,
+                          int64_t count, int64_t dim, float* out);
+
 // out[i * out_dim + k] = x_i . w_k for `count` rows x_i of `in_dim` values and `out_dim` rows w_k.
 void projection_kernel(const float* x, int64_t count, int64_t in_dim, const float* w, int64_t out_dim, float* out);
 

@@ -78,6 +78,18 @@ PATCHCORE_SIMD_KERNEL void distance_kernel(const float* const* rows, const float
   }
 }
 
+PATCHCORE_SIMD_KERNEL void distances_from_point(const float* point, float point_norm, const float* const* rows,
+                                                 const float* row_norms, int64_t count, int64_t dim, float* out) {
+  // dot_rows with the roles swapped: a product is the same either way round and the lanes add in the same order.
+  int64_t r = 0;
+  for (; r + 4 <= count; r += 4) dot_rows<4>(rows + r, point, dim, out + r);
+  for (; r < count; ++r) dot_rows<1>(rows + r, point, dim, out + r);
+  for (r = 0; r < count; ++r) {
+    const float v = (-2.0f * out[r] + point_norm) + row_norms[r];
+    out[r] = std::sqrt(v > 0.0f ? v : 0.0f);
+  }
+}
+
 PATCHCORE_SIMD_KERNEL void squared_norm_kernel(const float* const* rows, int64_t count, int64_t dim, float* out) {
   for (int64_t r = 0; r < count; ++r) dot_rows<1>(rows + r, rows[r], dim, out + r);
 }

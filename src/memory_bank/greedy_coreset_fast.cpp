@@ -2,10 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
-#include <numeric>
-#include <queue>
-#include <utility>
 #include <vector>
 
 #include "coreset_points.h"
@@ -19,77 +15,40 @@ namespace patchcore {
 
 using coreset::Best;
 using coreset::better;
-using coreset::distance_kernel;
+using coreset::distances_from_point;
 using coreset::Points;
 using simd::lane_bits;
 using simd::load8;
 using simd::v8f;
 
-// The straightforward loop (greedy_coreset.cpp) measures every point against every new centre, yet a score only drops
-// when the new centre lands inside the point's current radius (for PatchCore features about 0.3% of the points per
-// selection). The fast loop rules points out with cheap lower bounds on their distance to the new centre and
-// computes the exact distance (same kernel, same bits) only for the others:
-//  - Points are expressed in the leading principal directions of the data (an orthonormal basis from the
-//    covariance of a sample). For orthonormal rows P with complement Q, |z - c|^2 = |P(z - c)|^2 + |Q(z - c)|^2
-//    >= |Pz - Pc|^2 + (|Qz| - |Qc|)^2, so k coordinates plus the residual norm |Qz| bound the distance from
-//    below, tighter as k grows; the bound is tried with k = 8, 16, 32, 64 in turn, each reusing the last sum,
-//    on eight points at a time.
-//  - Points are ordered along a k-d tree of their first-level values (kd_order). Each leaf block, and each group of
-//  eight
-//    slots in it, keeps its bounding box and the largest threshold of its points, so one box distance rules out
-//    a whole block or group.
-//  - The argmax is a max-tree over the blocks' best points, (score, row) ordered so ties go to the first row.
-//  - Each pass over the data serves a batch of speculated centres (see greedy_coreset_fast).
+// The straightforward loop (greedy_coreset.cpp) measures every point against every new centre, yet only the
+// argmax has to be exact. Scores only fall, so a point's score is an upper bound on what it will be later: the
+// fast loop keeps points in a max-heap by their score so far and brings a point up to date (measures it against
+// the centres it has not seen) only when it reaches the top. It stops as soon as the point falls below the next
+// one in the heap, and a point that has seen every centre and stays on top is the argmax. Most points fall far
+// below the coreset's radius early and are never measured again.
+//  - Unseen centres are taken newest first: the newest centres lie nearest the points still on top, so the score
+//    falls below the next point's soonest. A point keeps its unseen centres as a few spans of selection order;
+//    when there would be more, the two nearest spans merge and the centres between them are measured again,
+//    which only repeats a min.
+//  - Bounds. Points and centres are expressed in the leading principal directions of the data (an orthonormal
+//    basis from the covariance of a sample). For orthonormal rows P with complement Q, |z - c|^2 = |P(z - c)|^2
+//    + |Q(z - c)|^2 >= |Pz - Pc|^2 + (|Qz| - |Qc|)^2, so k coordinates plus the residual norm |Qz| bound the
+//    distance from below, tighter as k grows; the bound is tried with k = 8, 16, 32, 64 in turn, each reusing
+//    the last sum, on 32 centres at a time (eight side by side per group, in selection order). Only the centres
+//    that no bound rules out get the exact distance.
+//  - A catch-up takes microseconds, too little to share out, so each round catches up the leading points of
+//    the heap at once, each until it falls below the best point left in the heap.
 //
-// Exactness: a point is skipped only when its bound proves that the computed distance is >= its score, so
-// min(score, distance) keeps the score bit for bit and both loops select the same rows. The proof covers the
-// floats: Points::delta bounds the kernel's rounding of squared distances (computed distance >= s whenever the
-// exact one is >= sqrt(s^2 + delta), up to 1 + kMargin for the sqrt roundings); kEta * max |z| bounds the error
-// of the stored coordinates and residual norms (computed in double from an orthonormalised basis, then rounded
-// to float); kBoundSlack bounds the relative rounding of the float sums of squares that evaluate the bounds.
-// skip_threshold folds all of it into one squared value per point.
+// Exactness: min over the same distances does not depend on their order, so each score is, once every centre
+// is seen, bit for bit the straightforward loop's. A centre is skipped only when its bound proves that the
+// computed distance is >= the point's score. The proof covers the floats: Points::delta bounds the kernel's
+// rounding of squared distances (computed distance >= s whenever the exact one is >= sqrt(s^2 + delta), up to
+// 1 + kMargin for the sqrt roundings); kEta * max |z| bounds the error of the stored coordinates and residual
+// norms (computed in double from an orthonormalised basis, then rounded to float); kBoundSlack bounds the
+// relative rounding of the float sums of squares that evaluate the bounds. skip_threshold folds all of it into
+// one squared value per point.
 namespace {
-
-// Max-tree over the blocks' best points: the root is the global argmax (first index on ties), kept up to date
-// in O(log blocks) per changed block instead of a scan over all points.
-class BestTree {
- public:
-  explicit BestTree(int64_t leaves) {
-    size_ = 1;
-    while (size_ < leaves) size_ *= 2;
-    nodes_.assign(static_cast<size_t>(2 * size_), Best{});
-  }
-  void set(int64_t leaf, Best value) {
-    int64_t i = leaf + size_;
-    nodes_[i] = value;
-    for (i /= 2; i >= 1; i /= 2)
-      nodes_[i] = better(nodes_[2 * i + 1], nodes_[2 * i]) ? nodes_[2 * i + 1] : nodes_[2 * i];
-  }
-  const Best& root() const { return nodes_[1]; }
-  // The `count` leaves with the best values, best first (best-first walk down the tree).
-  std::vector<int64_t> leading_leaves(int64_t count) const {
-    std::vector<int64_t> leaves;
-    const auto worse = [&](int64_t a, int64_t b) { return better(nodes_[b], nodes_[a]); };
-    std::priority_queue<int64_t, std::vector<int64_t>, decltype(worse)> open(worse);
-    open.push(1);
-    while (!open.empty() && static_cast<int64_t>(leaves.size()) < count) {
-      const int64_t node = open.top();
-      open.pop();
-      if (nodes_[node].index == std::numeric_limits<int64_t>::max()) continue;  // empty subtree
-      if (node >= size_) {
-        leaves.push_back(node - size_);
-      } else {
-        open.push(2 * node);
-        open.push(2 * node + 1);
-      }
-    }
-    return leaves;
-  }
-
- private:
-  int64_t size_;
-  std::vector<Best> nodes_;
-};
 
 constexpr double kMargin = 1e-6;
 constexpr double kBoundSlack = 256.0 * kFloatUnit;  // float sums of at most ~70 squares, with room to spare
@@ -97,12 +56,13 @@ constexpr double kBoundSlack = 256.0 * kFloatUnit;  // float sums of at most ~70
 // difference off by ~3e-13 |z|^2, which the square root turns into ~6e-7 |z| per norm: ~1.2e-6 in all.
 constexpr double kEta = 1e-5;
 constexpr int64_t kLevelDims[] = {8, 16, 32, 64};
-// Leaf and task sizes, measured on tire features (164,640 x 128): 64-point leaves beat 16, 32, 128 and 256.
-constexpr int64_t kLeafSize = 64;
-constexpr int64_t kBlocksPerTask = 16;
-constexpr int64_t kBatch = 8;              // most centres speculated per pass over the data: the lanes of one vector
 constexpr int64_t kPcaSamples = 8192;      // rows whose covariance gives the principal directions
 constexpr int64_t kProjectionRows = 4096;  // rows per chunk when projecting onto them
+// Spans of unseen centres kept per point. On tire and magnetic_tile features, 3 measure within 2% as many pairs
+// as unlimited spans; 1 measures 20-25% more.
+constexpr int kSpans = 3;
+constexpr int kWindow = 4;           // groups of eight centres bounded at once
+constexpr int kRoundPerThread = 16;  // points caught up per thread in a round: 4 to 64 measured, 16 fastest
 
 // Squared lower bound at or above which a point with this score provably keeps it.
 float skip_threshold(float score, double delta, double eta) {
@@ -110,35 +70,6 @@ float skip_threshold(float score, double delta, double eta) {
   const double t = (std::sqrt(s * s + delta) * (1.0 + kMargin) + eta) / (1.0 - kBoundSlack);
   return round_up_to_float(t * t * (1.0 + kMargin));
 }
-
-// Everything the fast loop precomputes. Points live in "slots": tree order, each leaf padded to a multiple of
-// eight with empty slots (original -1) whose threshold 0 no bound is below. The rows of Z stay where they are
-// (the fast loop reads them through `original`), so the loop needs far less memory than Z itself.
-struct Index {
-  int64_t dim = 0;
-  int64_t slots = 0;
-  int64_t blocks = 0;
-  // Coordinates used up to each level, ascending (levels[0] may be 0: residual norm only).
-  std::vector<int64_t> levels;
-  // Per level, [slots / 8][width][8]: the level's new coordinates then the residual norm, eight slots side by
-  // side so that a level's bound runs on whole vectors and reads contiguous memory.
-  std::vector<std::vector<float>> level_data;
-  std::vector<int64_t> level_width;
-  std::vector<int64_t> original;          // slot -> row
-  std::vector<int64_t> slot_of;           // row -> slot
-  std::vector<int64_t> block_begin;       // blocks + 1 slot offsets, multiples of 8
-  std::vector<int32_t> block_of;          // slot -> block
-  std::vector<float> box_lo, box_hi;      // [blocks][level_width[0]]: bounding boxes of the first level
-  std::vector<float> group_lo, group_hi;  // [slots / 8][level_width[0]]: the same per group of eight slots
-  const float* data = nullptr;            // Z, [n][dim], row order
-  std::vector<float> norms;               // [slots]
-  double eta = 0.0;
-
-  float level_value(int64_t level, int64_t slot, int64_t j) const {
-    return level_data[level][((slot / 8) * level_width[level] + j) * 8 + slot % 8];
-  }
-  const float* row(int64_t slot) const { return data + original[slot] * dim; }
-};
 
 // The levels used for points of dimension `dim`.
 std::vector<int64_t> level_dims(int64_t dim) {
@@ -156,17 +87,15 @@ std::vector<int64_t> level_widths(const std::vector<int64_t>& levels) {
   return widths;
 }
 
-// Calls fill(row, values) for every row with its level values (each level's new principal coordinates, then
-// the residual norm after all coordinates so far), levels [0, nlevels) back to back. Returns max |z|^2.
-template <typename Fill>
-double for_each_level_values(const Points& p, const at::Tensor& projected, const at::Tensor& basis,
-                             const std::vector<int64_t>& levels, int64_t nlevels, Fill fill) {
-  const int64_t coords = levels[nlevels - 1];
+// Every row's level values, [n][stride]: each level's new principal coordinates, then the residual norm after
+// all coordinates so far. Returns max |z|^2.
+double level_values(const Points& p, const at::Tensor& projected, const std::vector<int64_t>& levels,
+                    std::vector<float>& out) {
+  const int64_t coords = levels.back();
   at::Tensor basis_t;
-  if (coords > 0) basis_t = basis.slice(0, 0, coords).t();
-  const std::vector<int64_t> widths = level_widths(levels);
-  const int64_t stride = std::accumulate(widths.begin(), widths.begin() + nlevels, int64_t{0});
-  std::vector<float> values(static_cast<size_t>(stride));
+  if (coords > 0) basis_t = principal_axes(projected, coords, kPcaSamples).axes.t();
+  const int64_t stride = coords + static_cast<int64_t>(levels.size());
+  out.assign(static_cast<size_t>(p.n * stride), 0.0f);
   double max_norm = 0.0;
   for (int64_t b = 0; b < p.n; b += kProjectionRows) {
     const int64_t e = std::min(p.n, b + kProjectionRows);
@@ -179,330 +108,179 @@ double for_each_level_values(const Points& p, const at::Tensor& projected, const
       max_norm = std::max(max_norm, norm);
       const double* c = coords > 0 ? pc.data_ptr<double>() + (i - b) * coords : nullptr;
       double captured = 0.0;
-      float* out = values.data();
-      for (int64_t l = 0, j = 0; l < nlevels; ++l) {
-        for (; j < levels[l]; ++j) {
+      float* v = out.data() + i * stride;
+      for (size_t l = 0, j = 0; l < levels.size(); ++l) {
+        for (; static_cast<int64_t>(j) < levels[l]; ++j) {
           captured += c[j] * c[j];
-          *out++ = static_cast<float>(c[j]);
+          *v++ = static_cast<float>(c[j]);
         }
-        *out++ = static_cast<float>(std::sqrt(std::max(0.0, norm - captured)));
+        *v++ = static_cast<float>(std::sqrt(std::max(0.0, norm - captured)));
       }
-      fill(i, values.data());
     }
   }
   return max_norm;
 }
 
-Index build_index(const Points& p, const at::Tensor& projected) {
-  Index x;
-  x.dim = p.dim;
-  x.data = p.data;
-  x.levels = level_dims(p.dim);
-  const int64_t nlevels = static_cast<int64_t>(x.levels.size());
-  x.level_width = level_widths(x.levels);
-  const int64_t width0 = x.level_width[0];
-  at::Tensor basis;
-  if (x.levels.back() > 0) basis = principal_axes(projected, x.levels.back(), kPcaSamples).axes;
-
-  // Tree order over the first level's values; only they are kept for every row at once.
-  std::vector<float> first(static_cast<size_t>(p.n * width0));
-  const double max_norm = for_each_level_values(
-      p, projected, basis, x.levels, 1, [&](int64_t i, const float* v) { std::copy_n(v, width0, &first[i * width0]); });
-  x.eta = kEta * std::sqrt(max_norm) + 1e-30;
-  std::vector<int64_t> order(static_cast<size_t>(p.n));
-  for (int64_t i = 0; i < p.n; ++i) order[i] = i;
-  std::vector<std::pair<int64_t, int64_t>> leaves;
-  kd_order(order.data(), p.n, first.data(), width0, width0, kLeafSize, 8, &leaves);
-  first = std::vector<float>();
-
-  x.blocks = static_cast<int64_t>(leaves.size());
-  x.block_begin.push_back(0);
-  for (const auto& leaf : leaves)
-    x.block_begin.push_back(x.block_begin.back() + (leaf.second - leaf.first + 7) / 8 * 8);
-  x.slots = x.block_begin.back();
-  x.original.assign(static_cast<size_t>(x.slots), -1);
-  x.slot_of.resize(static_cast<size_t>(p.n));
-  x.block_of.resize(static_cast<size_t>(x.slots));
-  x.norms.assign(static_cast<size_t>(x.slots), 0.0f);
-  for (int64_t b = 0; b < x.blocks; ++b) {
-    for (int64_t s = x.block_begin[b]; s < x.block_begin[b + 1]; ++s) x.block_of[s] = static_cast<int32_t>(b);
-    for (int64_t q = leaves[b].first; q < leaves[b].second; ++q) {
-      const int64_t i = order[q], s = x.block_begin[b] + (q - leaves[b].first);
-      x.original[s] = i;
-      x.slot_of[i] = s;
-      x.norms[s] = p.norms[i];
-    }
-  }
-  order = std::vector<int64_t>();
-
-  // Every level's values straight into slot order, in a second pass over Z.
-  for (int64_t l = 0; l < nlevels; ++l)
-    x.level_data.emplace_back(static_cast<size_t>(x.slots * x.level_width[l]), 0.0f);
-  for_each_level_values(p, projected, basis, x.levels, nlevels, [&](int64_t i, const float* v) {
-    const int64_t s = x.slot_of[i];
-    for (int64_t l = 0; l < nlevels; ++l) {
-      for (int64_t j = 0; j < x.level_width[l]; ++j)
-        x.level_data[l][((s / 8) * x.level_width[l] + j) * 8 + s % 8] = v[j];
-      v += x.level_width[l];
-    }
-  });
-
-  // Bounding boxes of the first level per block and per group of eight, from the values the bounds use.
-  x.box_lo.assign(static_cast<size_t>(x.blocks * width0), std::numeric_limits<float>::infinity());
-  x.box_hi.assign(static_cast<size_t>(x.blocks * width0), -std::numeric_limits<float>::infinity());
-  x.group_lo.assign(static_cast<size_t>(x.slots / 8 * width0), std::numeric_limits<float>::infinity());
-  x.group_hi.assign(static_cast<size_t>(x.slots / 8 * width0), -std::numeric_limits<float>::infinity());
-  for (int64_t s = 0; s < x.slots; ++s) {
-    if (x.original[s] < 0) continue;
-    const int64_t b = x.block_of[s];
-    for (int64_t j = 0; j < width0; ++j) {
-      const float v = x.level_value(0, s, j);
-      x.box_lo[b * width0 + j] = std::min(x.box_lo[b * width0 + j], v);
-      x.box_hi[b * width0 + j] = std::max(x.box_hi[b * width0 + j], v);
-      x.group_lo[(s / 8) * width0 + j] = std::min(x.group_lo[(s / 8) * width0 + j], v);
-      x.group_hi[(s / 8) * width0 + j] = std::max(x.group_hi[(s / 8) * width0 + j], v);
-    }
-  }
-  return x;
-}
-
-}  // namespace
-
-int64_t greedy_coreset_fast_bytes_per_row(int64_t dim) {
-  const std::vector<int64_t> widths = level_widths(level_dims(dim));
-  const int64_t level_floats = std::accumulate(widths.begin(), widths.end(), int64_t{0});
-  const int64_t width0 = widths[0];
-  // level data and first-level values (build) + original, slot_of, order (build) + block_of + norms twice +
-  // row pointers + scores twice + score, threshold + group boxes.
-  const int64_t per_point = 4 * level_floats + 4 * width0 + 3 * 8 + 4 + 2 * 4 + 8 + 2 * 4 + 2 * 4 + 2 * 4 * width0 / 8;
-  return per_point + per_point / 8;  // leaves padded to multiples of eight slots: at most 7 in 64
-}
-
-namespace {
-
-// The blocks' data as the bound kernel reads it.
-struct BlocksView {
-  const float* const* level_data;  // per level, [groups][width][8]
-  const int64_t* level_width;
-  int64_t levels;
-  const int64_t* block_begin;  // first slot of each block (and one past the last)
-  const float* box_lo;         // [blocks][level_width[0]]
-  const float* box_hi;
-  const float* group_lo;  // [groups][level_width[0]]
-  const float* group_hi;
-  const float* block_threshold;  // per block: >= every threshold in it
-  const float* group_threshold;  // per group of eight slots: >= every threshold in it
-  const float* threshold;        // per slot
+// How the bound kernel reads the level values: `widths` per level, the point's values back to back and each
+// group of eight centres as [stride][8].
+struct Levels {
+  const int64_t* widths;
+  int64_t count;
+  int64_t stride;
 };
 
-// A batch of up to eight centres as the bound kernel reads it.
-struct BatchView {
-  int64_t size;
-  const float* first;          // [level_width[0]][8]: the centres' first-level values side by side
-  const float* const* centre;  // [size * levels]: centre j's values of level l at centre[j * levels + l]
-};
-
-// Squared distances of the eight centres (first level, side by side) to the box [lo, hi].
-// (Returned through a reference: a 32-byte vector return value has a target-dependent ABI.)
-__attribute__((always_inline)) inline void box_gap2(v8f& gap2, const float* box_lo, const float* box_hi, int64_t width,
-                                                    const float* centres) {
+// Bounds of the centres in groups hi - 1 down to lo against one point, kWindow groups at a time for independent
+// sums: returns the lowest group w of the first window (the highest) with a centre whose bound over every level
+// stays below `threshold`, with the lanes of those centres in group w + h in bits 8h to 8h + 7 of *found, or
+// lo - kWindow when there is none. Only the lanes in `live_hi` of group hi - 1 and in `live_lo` of group lo count.
+PATCHCORE_SIMD_KERNEL int64_t next_candidates(const Levels& levels, const float* groups, const float* point,
+                                              float threshold, int64_t lo, int64_t hi, uint32_t live_lo,
+                                              uint32_t live_hi, uint32_t* found) {
   const v8f zero = {};
-  v8f c, lo, hi, gap;
-  gap2 = zero;
-  for (int64_t k = 0; k < width; ++k) {
-    load8(c, centres + k * 8);
-    lo = box_lo[k] - c;
-    hi = c - box_hi[k];
-    gap = lo > hi ? lo : hi;
-    gap = gap > zero ? gap : zero;
-    gap2 += gap * gap;
-  }
-}
-
-// The slots of blocks [b0, b1) whose bounds stay below their thresholds through every level, per centre of the
-// batch: appended to out[j] (room for all the slots), with found[j] counting them. A centre is dropped for a
-// block, or for a group of eight slots, when its distance to the block's bounding box (a lower bound for every
-// slot in it) reaches the largest threshold there; a group leaves a centre as soon as none of its lanes is left.
-// Returns the number of group bounds evaluated.
-PATCHCORE_SIMD_KERNEL int64_t block_candidates(const BlocksView& blocks, const BatchView& batch, int64_t b0, int64_t b1,
-                                               int64_t* const* out, int64_t* found) {
-  const int64_t width0 = blocks.level_width[0];
-  const unsigned lanes = (1u << batch.size) - 1u;
-  const v8f zero = {};
-  int64_t evaluated = 0;
-  for (int64_t b = b0; b < b1; ++b) {
-    v8f gap2;
-    box_gap2(gap2, blocks.box_lo + b * width0, blocks.box_hi + b * width0, width0, batch.first);
-    const unsigned near = lane_bits(gap2 < zero + blocks.block_threshold[b]) & lanes;
-    if (near == 0) continue;
-    for (int64_t g = blocks.block_begin[b] / 8; g < blocks.block_begin[b + 1] / 8; ++g) {
-      box_gap2(gap2, blocks.group_lo + g * width0, blocks.group_hi + g * width0, width0, batch.first);
-      const unsigned group_near = near & lane_bits(gap2 < zero + blocks.group_threshold[g]);
-      if (group_near == 0) continue;
-      v8f threshold, d;
-      load8(threshold, blocks.threshold + g * 8);
-      for (int64_t j = 0; j < batch.size; ++j) {
-        if (!(group_near & (1u << j))) continue;
-        ++evaluated;
-        v8f acc = {};
-        unsigned alive = 0xFFu;
-        for (int64_t l = 0; l < blocks.levels && alive != 0; ++l) {
-          const int64_t width = blocks.level_width[l];
-          const float* x = blocks.level_data[l] + g * width * 8;
-          const float* cj = batch.centre[j * blocks.levels + l];
-          // Four independent sums keep the adder pipeline busy (any order is fine for a bound).
-          v8f a0 = {}, a1 = {}, a2 = {}, a3 = {}, d1, d2, d3;
-          int64_t k = 0;
-          for (; k + 4 < width; k += 4) {
-            load8(d, x + k * 8);
-            load8(d1, x + (k + 1) * 8);
-            load8(d2, x + (k + 2) * 8);
-            load8(d3, x + (k + 3) * 8);
-            d -= cj[k];
-            d1 -= cj[k + 1];
-            d2 -= cj[k + 2];
-            d3 -= cj[k + 3];
-            a0 += d * d;
-            a1 += d1 * d1;
-            a2 += d2 * d2;
-            a3 += d3 * d3;
-          }
-          for (; k + 1 < width; ++k) {
-            load8(d, x + k * 8);
-            d -= cj[k];
-            a0 += d * d;
-          }
-          acc += (a0 + a1) + (a2 + a3);
-          load8(d, x + (width - 1) * 8);
-          d -= cj[width - 1];
-          alive &= lane_bits(acc + d * d < threshold);
-        }
-        for (int lane = 0; alive != 0; ++lane, alive >>= 1)
-          if (alive & 1u) out[j][found[j]++] = g * 8 + lane;
+  for (int64_t w = hi - kWindow; w > lo - kWindow; w -= kWindow) {
+    uint32_t alive[kWindow], any = 0;
+    const float* x[kWindow];
+    for (int h = 0; h < kWindow; ++h) {
+      const int64_t g = w + h;
+      alive[h] = g < lo ? 0u : 0xFFu;
+      if (g == hi - 1) alive[h] &= live_hi;
+      if (g == lo) alive[h] &= live_lo;
+      any |= alive[h];
+      // Groups below lo are never read: their lanes are dead, so they read group hi - 1 instead.
+      x[h] = groups + (g < lo ? hi - 1 : g) * levels.stride * 8;
+    }
+    const float* c = point;
+    static_assert(kWindow == 4, "the sums below are written out for four groups");
+    v8f acc0 = zero, acc1 = zero, acc2 = zero, acc3 = zero, d0, d1, d2, d3;
+    for (int64_t l = 0; l < levels.count && any != 0; ++l) {
+      const int64_t width = levels.widths[l];
+      // Four independent sums, one per group (any order is fine for a bound).
+      for (int64_t k = 0; k + 1 < width; ++k) {
+        load8(d0, x[0] + k * 8);
+        load8(d1, x[1] + k * 8);
+        load8(d2, x[2] + k * 8);
+        load8(d3, x[3] + k * 8);
+        d0 -= c[k];
+        d1 -= c[k];
+        d2 -= c[k];
+        d3 -= c[k];
+        acc0 += d0 * d0;
+        acc1 += d1 * d1;
+        acc2 += d2 * d2;
+        acc3 += d3 * d3;
       }
+      const int64_t r = width - 1;
+      load8(d0, x[0] + r * 8);
+      load8(d1, x[1] + r * 8);
+      load8(d2, x[2] + r * 8);
+      load8(d3, x[3] + r * 8);
+      d0 -= c[r];
+      d1 -= c[r];
+      d2 -= c[r];
+      d3 -= c[r];
+      alive[0] &= lane_bits(acc0 + d0 * d0 < threshold);
+      alive[1] &= lane_bits(acc1 + d1 * d1 < threshold);
+      alive[2] &= lane_bits(acc2 + d2 * d2 < threshold);
+      alive[3] &= lane_bits(acc3 + d3 * d3 < threshold);
+      any = alive[0] | alive[1] | alive[2] | alive[3];
+      for (int h = 0; h < kWindow; ++h) x[h] += width * 8;
+      c += width;
+    }
+    if (any != 0) {
+      *found = 0;
+      for (int h = 0; h < kWindow; ++h) *found |= alive[h] << (8 * h);
+      return w;
     }
   }
-  return evaluated;
+  return lo - kWindow;
 }
 
-struct FastState {
-  std::vector<float> score;            // per slot
-  std::vector<float> threshold;        // per slot: skip_threshold(score), 0 for empty slots
-  std::vector<float> group_threshold;  // per group of eight slots: >= every threshold in it
-  std::vector<float> block_threshold;  // per block: >= every threshold in it
-  std::vector<Best> block_best;
+// Centres [begin, end) of the selection order that a point has not seen.
+struct Span {
+  int32_t begin;
+  int32_t end;
 };
 
-void refresh_block(const Index& x, FastState& st, int64_t b) {
-  Best best;
-  float block_threshold = 0.0f;
-  for (int64_t g = x.block_begin[b] / 8; g < x.block_begin[b + 1] / 8; ++g) {
-    float threshold = 0.0f;
-    for (int64_t s = g * 8; s < g * 8 + 8; ++s) {
-      if (x.original[s] < 0) continue;
-      threshold = std::max(threshold, st.threshold[s]);
-      if (better(Best{st.score[s], x.original[s]}, best)) best = {st.score[s], x.original[s]};
+// What the loop keeps per point, in one place: the score so far, its skip_threshold, and the unseen centres as a
+// few spans, ascending and disjoint, newest last, plus every centre from `seen_until` on.
+struct PointState {
+  float score;
+  float threshold;
+  int32_t seen_until = 0;
+  int32_t spans = 0;
+  Span span[kSpans];
+
+  void add_span(Span s) {
+    if (spans > 0 && span[spans - 1].end == s.begin) {
+      span[spans - 1].end = s.end;
+      return;
     }
-    st.group_threshold[g] = threshold;
-    block_threshold = std::max(block_threshold, threshold);
+    if (spans == kSpans) {  // merge the two spans with the fewest seen centres between them
+      int best = 0;
+      for (int k = 1; k + 1 < spans; ++k)
+        if (span[k + 1].begin - span[k].end < span[best + 1].begin - span[best].end) best = k;
+      span[best].end = span[best + 1].end;
+      for (int k = best + 1; k + 1 < spans; ++k) span[k] = span[k + 1];
+      --spans;
+    }
+    span[spans++] = s;
   }
-  st.block_threshold[b] = block_threshold;
-  st.block_best[b] = best;
-}
-
-// A point's exact distance to a speculated centre, kept when it is below the point's score at pass time.
-struct Update {
-  int64_t slot;
-  float distance;
 };
 
+// The selected centres: their level values, eight per group side by side, and their rows and norms, in selection
+// order, so that a point's pass over them reads contiguous memory.
+class Centres {
+ public:
+  Centres(const Points& p, int64_t stride, int64_t capacity)
+      : p_(p), stride_(stride), groups_(static_cast<size_t>((capacity + 7) / 8 * stride * 8), 0.0f) {
+    rows_.reserve(static_cast<size_t>(capacity * p.dim));
+    norms_.reserve(static_cast<size_t>(capacity));
+  }
+  void append(int64_t point, const float* values) {
+    const int64_t c = size();
+    float* group = groups_.data() + (c / 8) * stride_ * 8;
+    for (int64_t k = 0; k < stride_; ++k) group[k * 8 + c % 8] = values[k];
+    rows_.insert(rows_.end(), p_.rows[point], p_.rows[point] + p_.dim);
+    norms_.push_back(p_.norms[point]);
+  }
+  int64_t size() const { return static_cast<int64_t>(norms_.size()); }
+  const float* groups() const { return groups_.data(); }
+  const float* row(int64_t c) const { return rows_.data() + c * p_.dim; }
+  float norm(int64_t c) const { return norms_[c]; }
+
+ private:
+  const Points& p_;
+  int64_t stride_;
+  std::vector<float> groups_;
+  std::vector<float> rows_;
+  std::vector<float> norms_;
+};
+
+// Per thread: room for the candidates of one window, and counts.
 struct Scratch {
-  std::vector<std::vector<int64_t>> slots;   // per centre: room for the candidates of a task
-  std::vector<std::vector<Update>> updates;  // per centre: updates found by this thread in the pass
-  std::vector<float> dist, norms;
-  std::vector<const float*> rows;
-  int64_t exact = 0, bounds = 0;
+  const float* rows[8 * kWindow];
+  float norms[8 * kWindow];
+  float distances[8 * kWindow];
+  GreedyStats stats;
 };
 
-// The speculated centres of a pass.
-struct Batch {
-  std::vector<int64_t> slots;
-  std::vector<float> first;                // [level_width[0]][8], unused lanes +inf (never near anything)
-  std::vector<std::vector<float>> values;  // [size * levels]: each centre's values of each level
-  std::vector<const float*> pointers;
-
-  void assign(const Index& x, std::vector<int64_t> centre_slots) {
-    const int64_t levels = static_cast<int64_t>(x.levels.size()), width0 = x.level_width[0];
-    slots = std::move(centre_slots);
-    first.assign(static_cast<size_t>(width0 * 8), std::numeric_limits<float>::infinity());
-    values.resize(slots.size() * static_cast<size_t>(levels));
-    pointers.resize(values.size());
-    for (size_t j = 0; j < slots.size(); ++j) {
-      for (int64_t l = 0; l < levels; ++l) {
-        std::vector<float>& v = values[j * levels + l];
-        v.resize(static_cast<size_t>(x.level_width[l]));
-        for (int64_t k = 0; k < x.level_width[l]; ++k) v[k] = x.level_value(l, slots[j], k);
-        pointers[j * levels + l] = v.data();
-      }
-      for (int64_t k = 0; k < width0; ++k) first[k * 8 + j] = values[j * levels][k];
-    }
-  }
-  BatchView view() const { return BatchView{static_cast<int64_t>(slots.size()), first.data(), pointers.data()}; }
+// Orders the heap so that its front is the best (score, row).
+struct HeapOrder {
+  bool operator()(const Best& a, const Best& b) const { return better(b, a); }
 };
-
-// Blocks [b0, b1) against every centre of the batch: the exact distances that would lower a score.
-void process_blocks(const Index& x, const FastState& st, int64_t b0, int64_t b1, const Batch& centres,
-                    const BlocksView& blocks, Scratch& sc) {
-  const BatchView batch = centres.view();
-  const size_t room = static_cast<size_t>(x.block_begin[b1] - x.block_begin[b0]);
-  int64_t* out[8] = {};  // lanes past the batch stay null: block_candidates never writes them
-  int64_t found[8] = {};
-  for (int64_t j = 0; j < batch.size; ++j) {
-    if (sc.slots[j].size() < room) sc.slots[j].resize(room);
-    out[j] = sc.slots[j].data();
-  }
-  sc.bounds += 8 * block_candidates(blocks, batch, b0, b1, out, found);
-  for (int64_t j = 0; j < batch.size; ++j) {
-    const int64_t* slots = out[j];
-    const int64_t count = found[j];
-    if (count == 0) continue;
-    sc.rows.resize(static_cast<size_t>(count));
-    sc.norms.resize(static_cast<size_t>(count));
-    sc.dist.resize(static_cast<size_t>(count));
-    for (int64_t q = 0; q < count; ++q) {
-      sc.rows[q] = x.row(slots[q]);
-      sc.norms[q] = x.norms[slots[q]];
-    }
-    const int64_t cs = centres.slots[j];
-    distance_kernel(sc.rows.data(), sc.norms.data(), count, x.row(cs), x.norms[cs], x.dim, sc.dist.data());
-    sc.exact += count;
-    for (int64_t q = 0; q < count; ++q)
-      if (sc.dist[q] < st.score[slots[q]]) sc.updates[j].push_back(Update{slots[q], sc.dist[q]});
-  }
-}
-
-// The `count` best points by (score, row), best first: they lie in the `count` best blocks.
-std::vector<int64_t> leading_slots(const Index& x, const FastState& st, const BestTree& tree, int64_t count) {
-  std::vector<int64_t> slots;
-  for (int64_t b : tree.leading_leaves(count))
-    for (int64_t s = x.block_begin[b]; s < x.block_begin[b + 1]; ++s)
-      if (x.original[s] >= 0) slots.push_back(s);
-  const auto key = [&](int64_t s) { return Best{st.score[s], x.original[s]}; };
-  const int64_t keep = std::min(count, static_cast<int64_t>(slots.size()));
-  std::partial_sort(slots.begin(), slots.begin() + keep, slots.end(),
-                    [&](int64_t a, int64_t b) { return better(key(a), key(b)); });
-  slots.resize(static_cast<size_t>(keep));
-  return slots;
-}
 
 }  // namespace
 
-// Speculation: a centre changes few scores, so the points ranked 2nd, 3rd, ... before a selection usually
-// become the next argmaxes in that order. Each pass over the data therefore measures the points against the
-// leading points at once (up to kBatch; each block's data read once for all of them) and records the distances
-// that would lower a score. The selections are then replayed one by one: a speculated point is selected only if it
-// is the true argmax after the previous ones' updates, and the first miss discards the rest of the batch. The
-// recorded updates of an accepted centre are complete, since later scores are never above those of the pass.
+int64_t greedy_coreset_fast_bytes_per_row(int64_t dim, double percentage) {
+  const std::vector<int64_t> levels = level_dims(dim);
+  const int64_t stride = levels.back() + static_cast<int64_t>(levels.size());
+  // Level values of every point and, per selection, a centre's values and row; per point its state, heap entry,
+  // row pointer, norm and the score passed in.
+  const double per_point = 4.0 * stride + (4.0 * stride + 4.0 * dim + 4) * std::max(0.0, percentage) +
+                           sizeof(PointState) + sizeof(Best) + 8 + 4 + 4;
+  return static_cast<int64_t>(std::ceil(per_point));
+}
+
 std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vector<float> scores, int64_t count,
                                          GreedyStats* stats) {
   const Points p = coreset::prepare_points(projected, "greedy_coreset_fast");
@@ -511,83 +289,98 @@ std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vecto
   std::vector<int64_t> selected;
   if (count > 0) {
     selected.reserve(static_cast<size_t>(count));
-    const Index x = build_index(p, projected);
-    FastState st;
-    st.score.assign(static_cast<size_t>(x.slots), 0.0f);
-    st.threshold.assign(static_cast<size_t>(x.slots), 0.0f);
-    for (int64_t s = 0; s < x.slots; ++s) {
-      if (x.original[s] < 0) continue;
-      st.score[s] = scores[x.original[s]];
-      st.threshold[s] = skip_threshold(st.score[s], p.delta, x.eta);
-    }
-    st.group_threshold.resize(static_cast<size_t>(x.slots / 8));
-    st.block_threshold.resize(static_cast<size_t>(x.blocks));
-    st.block_best.resize(static_cast<size_t>(x.blocks));
-    BestTree tree(x.blocks);
-    for (int64_t b = 0; b < x.blocks; ++b) {
-      refresh_block(x, st, b);
-      tree.set(b, st.block_best[b]);
-    }
+    const std::vector<int64_t> level_ends = level_dims(p.dim);
+    const std::vector<int64_t> widths = level_widths(level_ends);
+    const Levels levels{widths.data(), static_cast<int64_t>(widths.size()),
+                        level_ends.back() + static_cast<int64_t>(widths.size())};
+    std::vector<float> values;
+    const double eta = kEta * std::sqrt(level_values(p, projected, level_ends, values)) + 1e-30;
 
-    std::vector<const float*> level_data;
-    for (const auto& level : x.level_data) level_data.push_back(level.data());
-    const BlocksView blocks{level_data.data(),         x.level_width.data(), static_cast<int64_t>(x.levels.size()),
-                            x.block_begin.data(),      x.box_lo.data(),      x.box_hi.data(),
-                            x.group_lo.data(),         x.group_hi.data(),    st.block_threshold.data(),
-                            st.group_threshold.data(), st.threshold.data()};
-    Batch centres;
-    const int64_t tasks = (x.blocks + kBlocksPerTask - 1) / kBlocksPerTask;
-    std::vector<Scratch> scratch(static_cast<size_t>(parallel_threads(tasks)));
-    for (Scratch& sc : scratch) {
-      sc.slots.resize(static_cast<size_t>(kBatch));
-      sc.updates.resize(static_cast<size_t>(kBatch));
+    std::vector<PointState> state(static_cast<size_t>(p.n));
+    std::vector<Best> heap(static_cast<size_t>(p.n));
+    for (int64_t i = 0; i < p.n; ++i) {
+      state[i].score = scores[i];
+      state[i].threshold = skip_threshold(scores[i], p.delta, eta);
+      heap[i] = Best{scores[i], i};
     }
-    std::vector<int64_t> changed;
-    int64_t batch = kBatch;
+    scores = std::vector<float>();
+    std::make_heap(heap.begin(), heap.end(), HeapOrder{});
+    Centres centres(p, levels.stride, count);
+    const int threads = parallel_threads(kRoundPerThread * num_threads());
+    std::vector<Scratch> scratch(static_cast<size_t>(threads));
+
+    // Measures point i against the centres it has not seen, newest first, until it has seen them all or falls
+    // below `next`.
+    const auto catch_up = [&](int64_t i, const Best& next, Scratch& sc) {
+      ++sc.stats.catch_ups;
+      PointState& st = state[i];
+      const auto selections = static_cast<int32_t>(centres.size());
+      if (st.seen_until < selections) st.add_span(Span{st.seen_until, selections});
+      st.seen_until = selections;
+      const float* point = values.data() + i * levels.stride;
+      while (st.spans > 0) {
+        Span& s = st.span[st.spans - 1];
+        const int64_t lo = s.begin / 8, hi = (s.end + 7) / 8;
+        uint32_t lanes = 0;
+        const int64_t w = next_candidates(levels, centres.groups(), point, st.threshold, lo, hi,
+                                          0xFFu << (s.begin - 8 * lo) & 0xFFu, 0xFFu >> (8 * hi - s.end), &lanes);
+        const int64_t done_from = w > lo - kWindow ? std::max<int64_t>(s.begin, 8 * w) : s.begin;
+        sc.stats.lower_bounds += s.end - done_from;
+        s.end = static_cast<int32_t>(done_from);
+        if (s.end == s.begin) --st.spans;
+        int64_t found = 0;
+        for (; lanes != 0; lanes &= lanes - 1) {
+          const int64_t c = 8 * w + __builtin_ctz(lanes);
+          sc.rows[found] = centres.row(c);
+          sc.norms[found] = centres.norm(c);
+          ++found;
+        }
+        if (found == 0) continue;
+        distances_from_point(p.rows[i], p.norms[i], sc.rows, sc.norms, found, p.dim, sc.distances);
+        sc.stats.exact_distances += found;
+        const float old = st.score;
+        for (int64_t k = 0; k < found; ++k) st.score = std::min(st.score, sc.distances[k]);
+        if (st.score < old) {
+          st.threshold = skip_threshold(st.score, p.delta, eta);
+          if (!better(Best{st.score, i}, next)) return;
+        }
+      }
+    };
+
+    std::vector<Best> round;
     while (static_cast<int64_t>(selected.size()) < count) {
-      const int64_t remaining = count - static_cast<int64_t>(selected.size());
-      if (remaining == 1) {  // the last selection's updates would never be used
-        selected.push_back(tree.root().index);
-        break;
+      const Best top = heap.front();
+      const PointState& st = state[top.index];
+      if (st.spans == 0 && st.seen_until == centres.size()) {  // exact and above every upper bound: the argmax
+        selected.push_back(top.index);
+        centres.append(top.index, values.data() + top.index * levels.stride);
+        continue;
       }
-      centres.assign(x, leading_slots(x, st, tree, std::min(batch, remaining)));
-      parallel_for(tasks, [&](int64_t t, int worker) {
-        process_blocks(x, st, t * kBlocksPerTask, std::min(x.blocks, (t + 1) * kBlocksPerTask), centres, blocks,
-                       scratch[worker]);
-      });
-      ++total.passes;
-      const int64_t speculated = static_cast<int64_t>(centres.slots.size());
-      int64_t accepted = 0;
-      for (; accepted < speculated; ++accepted) {
-        const int64_t j = accepted;
-        if (j > 0 && tree.root().index != x.original[centres.slots[j]]) break;
-        selected.push_back(x.original[centres.slots[j]]);
-        changed.clear();
-        for (const Scratch& sc : scratch) {
-          for (const Update& u : sc.updates[j]) {
-            if (u.distance < st.score[u.slot]) {
-              st.score[u.slot] = u.distance;
-              st.threshold[u.slot] = skip_threshold(u.distance, p.delta, x.eta);
-              changed.push_back(x.block_of[u.slot]);
-            }
-          }
-        }
-        std::sort(changed.begin(), changed.end());
-        changed.erase(std::unique(changed.begin(), changed.end()), changed.end());
-        for (int64_t b : changed) {
-          refresh_block(x, st, b);
-          tree.set(b, st.block_best[b]);
-        }
+      // A round catches up the leading points at once, each until it falls below the best point outside it.
+      round.clear();
+      for (int64_t k = 0; k < kRoundPerThread * threads && !heap.empty(); ++k) {
+        std::pop_heap(heap.begin(), heap.end(), HeapOrder{});
+        round.push_back(heap.back());
+        heap.pop_back();
       }
-      for (Scratch& sc : scratch)
-        for (auto& u : sc.updates) u.clear();
-      // Early on a centre lowers many scores and speculation often misses; measuring for centres that are then
-      // discarded is wasted, so the batch follows the recent acceptance.
-      batch = accepted == speculated ? std::min(kBatch, 2 * batch) : accepted + 1;
+      const Best next = heap.empty() ? Best{} : heap.front();
+      // The next point is most often caught up next: start fetching its state, values and row.
+      if (!heap.empty()) {
+        __builtin_prefetch(&state[next.index]);
+        for (int64_t k = 0; k < levels.stride; k += 16) __builtin_prefetch(values.data() + next.index * levels.stride + k);
+        for (int64_t k = 0; k < p.dim; k += 16) __builtin_prefetch(p.rows[next.index] + k);
+      }
+      parallel_for(static_cast<int64_t>(round.size()),
+                   [&](int64_t k, int worker) { catch_up(round[k].index, next, scratch[worker]); }, threads);
+      for (const Best& b : round) {
+        heap.push_back(Best{state[b.index].score, b.index});
+        std::push_heap(heap.begin(), heap.end(), HeapOrder{});
+      }
     }
     for (const Scratch& sc : scratch) {
-      total.exact_distances += sc.exact;
-      total.lower_bounds += sc.bounds;
+      total.exact_distances += sc.stats.exact_distances;
+      total.lower_bounds += sc.stats.lower_bounds;
+      total.catch_ups += sc.stats.catch_ups;
     }
   }
   if (stats) *stats = total;

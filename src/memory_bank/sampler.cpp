@@ -185,7 +185,7 @@ std::vector<float> GreedyCoresetSampler::initial_scores(const at::Tensor& projec
 int64_t GreedyCoresetSampler::selection_size(int64_t n) const { return selection_count(n, percentage_); }
 
 int64_t GreedyCoresetSampler::selection_bytes_per_row(int64_t) const {
-  return dimension_ * static_cast<int64_t>(sizeof(float)) + greedy_coreset_fast_bytes_per_row(dimension_);
+  return dimension_ * static_cast<int64_t>(sizeof(float)) + greedy_coreset_fast_bytes_per_row(dimension_, percentage_);
 }
 
 std::vector<int64_t> GreedyCoresetSampler::select_from_summary(const at::Tensor& summary) {

@@ -5,8 +5,8 @@
 // with d(a, b) = sqrt(max(0, (-2 a.b + |a|^2) + |b|^2)) in float32. With z = sampler.project(x) and
 // s = sampler.initial_scores(z), greedy_coreset_fast(z, s, count) is what select() runs, and
 // greedy_coreset_reference(z, s, count), a plain scan per selection as the Python reference does, selects the
-// same. Every distance of both goes through one kernel, and the fast loop only skips points whose computed
-// distance provably cannot lower their score (docs/coreset.md).
+// same. Every distance of both goes through one kernel, and the fast loop only skips distances that provably
+// cannot lower a score or that cannot change the argmax (docs/coreset.md).
 //
 // `projected` is always [N, dim] float32 contiguous CPU with N >= 1; equal inputs give bit-identical distances in
 // every function, whatever the thread count.
@@ -27,8 +27,8 @@ std::vector<float> distance_matrix_row_norms(const at::Tensor& projected);
 // Work done by greedy_coreset_fast, for benchmarks.
 struct GreedyStats {
   int64_t exact_distances = 0;  // point-to-centre distances computed by the kernel
-  int64_t lower_bounds = 0;     // first-level lower bounds evaluated, one per point and speculated centre
-  int64_t passes = 0;           // passes over the data, each for a batch of speculated centres
+  int64_t lower_bounds = 0;     // point-centre pairs whose first-level lower bound was evaluated
+  int64_t catch_ups = 0;        // times a point on top of the heap was measured against centres it had not seen
 };
 
 // Both run `count` (>= 0) greedy selections starting from `scores` (one finite value per row) and return the
@@ -37,7 +37,8 @@ std::vector<int64_t> greedy_coreset_reference(const at::Tensor& projected, std::
 std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vector<float> scores, int64_t count,
                                          GreedyStats* stats = nullptr);
 
-// Peak bytes per point that greedy_coreset_fast holds beside the points themselves, for planning fit's memory.
-int64_t greedy_coreset_fast_bytes_per_row(int64_t dim);
+// Peak bytes per point that greedy_coreset_fast holds beside the points themselves when it selects `percentage`
+// of them, for planning fit's memory.
+int64_t greedy_coreset_fast_bytes_per_row(int64_t dim, double percentage);
 
 }  // namespace patchcore
