@@ -322,12 +322,22 @@ inline void prefetch(const float* data, size_t bytes) {
   for (size_t at = 0; at < bytes; at += 64) __builtin_prefetch(begin + at);
 }
 
-// The dense search's refinement of a slot: its first tier's |q|^2 + |r|^2 - 2 q.r (`first`) plus the squared
-// difference of the last tier's further coordinates and of the norms beyond them.
-PATCHCORE_SIMD_KERNEL float dense_refined_bound(float first, const float* q, const float* r, int64_t from, int64_t to,
-                                                float q_tail, float r_tail) {
-  const float rest = q_tail - r_tail;
-  return (first + sum_of_squared_differences(q + from, r + from, to - from)) + rest * rest;
+// The dense search's refinement of a slot: its first tier's |q|^2 + |r|^2 - 2 q.r (`first`) plus, tier by tier
+// while the bound stays within `threshold`, the squared differences of the tier's further coordinates and of the
+// norms beyond them.
+PATCHCORE_SIMD_KERNEL float dense_refined_bound(const RefineTiers& bank, int64_t slot, float first, const float* q,
+                                                const float* q_tails, float threshold) {
+  const float* rc = bank.coordinates + slot * bank.width;
+  float sum = first, rest = q_tails[1] - bank.tails[1][slot];
+  float bound = sum + rest * rest;
+  for (int64_t t = 2, done = bank.axes[1]; t < kTiers && bound <= threshold; ++t) {
+    if (bank.axes[t] == bank.axes[t - 1]) continue;
+    sum += sum_of_squared_differences(q + done, rc + done, bank.axes[t] - done);
+    done = bank.axes[t];
+    rest = q_tails[t] - bank.tails[t][slot];
+    bound = sum + rest * rest;
+  }
+  return bound;
 }
 
 struct Neighbour {
@@ -476,7 +486,7 @@ class Searcher {
     const int64_t count = slots_within(bounds_.data(), n, first_threshold, dense_passing_.data());
     const float* q = query.coords;
     // The slots left are read all over the coordinates: fetching a few slots ahead hides most of the memory latency.
-    const size_t refined_bytes = static_cast<size_t>(width - axes) * sizeof(float);
+    const size_t refined_bytes = static_cast<size_t>(p_.axes[2] - axes) * sizeof(float);  // the next tier's
     for (int64_t i = 0; i < count; ++i) {
       if (i + kPrefetchAhead < count)
         prefetch(p_.coordinates.data() + dense_passing_[i + kPrefetchAhead] * width + axes, refined_bytes);
@@ -484,8 +494,7 @@ class Searcher {
       if (!(bounds_[slot] <= first_threshold)) continue;  // the threshold fell since slots_within
       ++refined;
       const float first = ((q_norm + p_.dense_norms[slot]) - 2.0f * dots.at(slot)) - q_error * p_.dense_lengths[slot];
-      if (dense_refined_bound(first, q, p_.coordinates.data() + slot * width, axes, width, query.tails[kTiers - 1],
-                              p_.tails[kTiers - 1][slot]) <= refine_threshold) {
+      if (dense_refined_bound(s_.tiers, slot, first, q, query.tails, refine_threshold) <= refine_threshold) {
         consider(query, p_.row_of_slot[slot]);
         first_threshold = threshold(s_.dense_error);
         refine_threshold = threshold(s_.refine_error);

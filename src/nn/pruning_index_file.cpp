@@ -14,7 +14,9 @@
 namespace patchcore::pruning {
 namespace {
 
-constexpr char kMagic[8] = {'P', 'C', 'P', 'R', 'U', 'N', 'E', '1'};
+constexpr char kMagic[8] = {'P', 'C', 'P', 'R', 'U', 'N', 'E', '2'};
+// Earlier layouts: three tiers of 32, 128 and 256 axes.
+constexpr char kEarlierMagic[8] = {'P', 'C', 'P', 'R', 'U', 'N', 'E', '1'};
 
 uint32_t crc_of(const void* data, size_t bytes) {
   return static_cast<uint32_t>(crc32_z(0, static_cast<const Bytef*>(data), bytes));
@@ -125,6 +127,8 @@ std::shared_ptr<const PruningIndex> read_pruning_index(const std::string& path, 
                                                        int64_t d) {
   const std::string bytes = read_file(path);
   Reader r(path, bytes);
+  if (bytes.size() >= sizeof kEarlierMagic && std::memcmp(bytes.data(), kEarlierMagic, sizeof kEarlierMagic) == 0)
+    return nullptr;
   if (bytes.size() < sizeof kMagic + 4 || std::memcmp(bytes.data(), kMagic, sizeof kMagic) != 0) r.fail("bad magic");
   uint32_t stored_crc;
   std::memcpy(&stored_crc, bytes.data() + bytes.size() - 4, 4);
@@ -196,8 +200,10 @@ std::shared_ptr<const PruningIndex> read_pruning_index(const std::string& path, 
     next_group += ((c.end - c.begin) / kLanes + kLanes - 1) / kLanes;
   }
   if (next_slot != p->padding_block * kLanes || next_group != groups) in.fail("the cells do not tile the slots");
-  for (const auto* values : {&p->blocks, &p->coordinates, &p->centres, &p->tails[0], &p->tails[1], &p->tails[2]})
+  for (const auto* values : {&p->blocks, &p->coordinates, &p->centres})
     if (!all_finite(values->data(), static_cast<int64_t>(values->size()))) in.fail("a coordinate is not finite");
+  for (const auto& values : p->tails)
+    if (!all_finite(values.data(), static_cast<int64_t>(values.size()))) in.fail("a coordinate is not finite");
   for (const auto* values : {&p->box_low, &p->box_high, &p->box_tail_low, &p->box_tail_high})
     for (float v : *values)
       if (std::isnan(v)) in.fail("a box bound is not a number");

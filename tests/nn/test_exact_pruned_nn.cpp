@@ -293,6 +293,11 @@ TEST(ExactPrunedNN, ItsPruningStructureIsSavedBesideTheIndexAndCheckedWhenLoaded
   std::filesystem::copy_file(dir + "/other.pruning", pruning, std::filesystem::copy_options::overwrite_existing);
   EXPECT_NE(error_of([&] { ExactPrunedNN(1).load(dir + "/bank.faiss"); }).find("built for another memory bank"),
             std::string::npos);
+  // A structure of the earlier three-tier layout is derived again, as if the file were missing.
+  std::ofstream(pruning, std::ios::binary) << "PCPRUNE1" << bytes.substr(8);
+  ExactPrunedNN earlier(2);
+  earlier.load(dir + "/bank.faiss");
+  EXPECT_TRUE(torch::equal(earlier.run(3, queries).second, expected.second));
   // Without the file the structure is derived again.
   std::filesystem::remove(pruning);
   ExactPrunedNN rebuilt(2);
