@@ -365,6 +365,8 @@ struct Search {
   const float* rows;     // queries as given, [nq, d]
   const float* centred;  // minus the bank's mean, [nq, d]
   const float* coords;   // rotated, [nq, width]
+  int64_t width;         // of the rotation: the tiers beyond it are not used
+  int64_t levels[kTiers + 1];  // the index's tail levels, clamped to width
   int64_t nq;
   float* out_distances;  // [nq, k]
   int64_t* out_indices;  // [nq, k]
@@ -388,11 +390,12 @@ struct Search {
         rows(queries.data_ptr<float>()),
         centred(centred_queries.data_ptr<float>()),
         coords(rotated.data_ptr<float>()),
+        width(rotated.size(1)),
         nq(queries.size(0)),
         out_distances(distances.data_ptr<float>()),
         out_indices(indices.data_ptr<int64_t>()),
         tiers{index.coordinates.data(), index.width(), {}, {}, index.row_of_slot.data()},
-        coordinate_error_factor(std::sqrt(static_cast<double>(index.width())) * ((index.dim + 2) * 1.01 + 1.0) *
+        coordinate_error_factor(std::sqrt(static_cast<double>(rotated.size(1))) * ((index.dim + 2) * 1.01 + 1.0) *
                                 kFloatUnit),
         exact_error(relative_error_of_sum(index.dim) + 2.0 * kFloatUnit),
         refine_error(relative_error_of_sum(index.width()) + 4.0 * kFloatUnit),
@@ -400,8 +403,9 @@ struct Search {
         dense_error((index.axes[1] + 16) * kFloatUnit * 1.01) {
     for (int t = 0; t < kTiers; ++t) {
       tiers.tails[t] = index.tails[t].data();
-      tiers.axes[t] = index.axes[t];
+      tiers.axes[t] = std::min(index.axes[t], width);  // a tier of no further axes is passed over
     }
+    for (int t = 0; t <= kTiers; ++t) levels[t] = std::min(index.tail_levels[t], width);
   }
 };
 
@@ -409,7 +413,7 @@ struct Search {
 class Searcher {
  public:
   explicit Searcher(const Search& search)
-      : s_(search),
+      : s_(&search),
         p_(search.p),
         cell_count_(static_cast<int64_t>(search.p.cells.size())),
         queries_(static_cast<size_t>(kChunk)),
@@ -422,7 +426,7 @@ class Searcher {
   // item rather than once per query. The walk gives up once it has refined more than `budget` rows, leaving the
   // item's results unwritten, and says whether it finished.
   bool search_chunk(int64_t chunk, int64_t budget = std::numeric_limits<int64_t>::max()) {
-    const int64_t begin = chunk * kChunk, count = std::min(s_.nq, begin + kChunk) - begin;
+    const int64_t begin = chunk * kChunk, count = std::min(s_->nq, begin + kChunk) - begin;
     const int64_t refined_before = refined;
     for (int64_t i = 0; i < count; ++i) {
       start(queries_[i], begin + i, cell_bounds_.data() + i * cell_count_);
@@ -462,7 +466,7 @@ class Searcher {
     const int64_t n = p_.slots, axes = p_.axes[1], width = p_.width();
     double dense_norm = 0.0;
     for (int64_t j = 0; j < axes; ++j) dense_norm += static_cast<double>(query.coords[j]) * query.coords[j];
-    const double absolute = s_.dense_error * std::pow(norm + query.slack + p_.dense_reach, 2.0);
+    const double absolute = s_->dense_error * std::pow(norm + query.slack + p_.dense_reach, 2.0);
     const float q_norm = static_cast<float>(dense_norm);
     const float q_error = dots.bf16 ? static_cast<float>(kBf16DotError * std::sqrt(dense_norm)) : 0.0f;
     bounds_.resize(static_cast<size_t>(n));
@@ -474,14 +478,14 @@ class Searcher {
       if (a < 0 || b < 0) return b < 0 && a >= 0;
       return bounds_[a] < bounds_[b] || (bounds_[a] == bounds_[b] && a < b);
     });
-    for (int64_t i = 0; i < std::min(s_.k, kLanes) && lowest[i] >= 0; ++i) {
+    for (int64_t i = 0; i < std::min(s_->k, kLanes) && lowest[i] >= 0; ++i) {
       // Not refined again below: NaN passes no threshold, not even the infinite one of fewer than k rows.
       bounds_[lowest[i]] = std::numeric_limits<float>::quiet_NaN();
       consider(query, p_.row_of_slot[lowest[i]]);
     }
     // Thresholds for these bounds: they carry the first tier's absolute error.
     auto threshold = [&](double relative) { return round_up_to_float(query.reach2 * (1.0 + relative) + absolute); };
-    float first_threshold = threshold(s_.dense_error), refine_threshold = threshold(s_.refine_error);
+    float first_threshold = threshold(s_->dense_error), refine_threshold = threshold(s_->refine_error);
     dense_passing_.resize(static_cast<size_t>(n));
     const int64_t count = slots_within(bounds_.data(), n, first_threshold, dense_passing_.data());
     const float* q = query.coords;
@@ -494,14 +498,17 @@ class Searcher {
       if (!(bounds_[slot] <= first_threshold)) continue;  // the threshold fell since slots_within
       ++refined;
       const float first = ((q_norm + p_.dense_norms[slot]) - 2.0f * dots.at(slot)) - q_error * p_.dense_lengths[slot];
-      if (dense_refined_bound(s_.tiers, slot, first, q, query.tails, refine_threshold) <= refine_threshold) {
+      if (dense_refined_bound(s_->tiers, slot, first, q, query.tails, refine_threshold) <= refine_threshold) {
         consider(query, p_.row_of_slot[slot]);
-        first_threshold = threshold(s_.dense_error);
-        refine_threshold = threshold(s_.refine_error);
+        first_threshold = threshold(s_->dense_error);
+        refine_threshold = threshold(s_->refine_error);
       }
     }
     finish(query, qi);
   }
+
+  // Serves `search`, the same queries with the same index, from now on: the dense search's own rotation and tiers.
+  void switch_to(const Search& search) { s_ = &search; }
 
   int64_t refined = 0;  // rows whose first-tier bound did not exclude them
   int64_t exact = 0;    // rows whose exact distance was computed
@@ -510,17 +517,17 @@ class Searcher {
   // Prepares query qi: its features, coordinates, tails and error margins; → its centred norm in `norm`.
   void start_query(Query& query, int64_t qi, double* norm) {
     const int64_t d = p_.dim, first = p_.axes[0];
-    query.features = s_.rows + qi * d;
-    query.coords = s_.coords + qi * p_.width();
-    const float* xc = s_.centred + qi * d;
+    query.features = s_->rows + qi * d;
+    query.coords = s_->coords + qi * s_->width;
+    const float* xc = s_->centred + qi * d;
     const float* c = query.coords;
     double squared = 0.0;
     for (int64_t j = 0; j < d; ++j) squared += static_cast<double>(xc[j]) * xc[j];
     *norm = std::sqrt(squared);
-    const double coordinate_error = s_.coordinate_error_factor * *norm;
+    const double coordinate_error = s_->coordinate_error_factor * *norm;
     float level_tails[kTiers + 1];
     const double worst_tail =
-        tails_beyond(c, squared, d, p_.tail_levels, level_tails, *norm, coordinate_error, kFloatUnit);
+        tails_beyond(c, squared, d, s_->levels, level_tails, *norm, coordinate_error, kFloatUnit);
     query.box_tail = level_tails[0];
     std::copy(level_tails + 1, level_tails + kTiers + 1, query.tails);
     double first_norm = 0.0;
@@ -528,20 +535,20 @@ class Searcher {
     query.first_norm = static_cast<float>(first_norm);
     // + 2 units of the norm: centring the query in float moves it by at most one.
     query.slack = (coordinate_error + 2.0 * kFloatUnit * *norm + worst_tail) * 1.01 + p_.row_error;
-    query.first_absolute = s_.first_error * std::pow(std::sqrt(first_norm) + p_.first_tier_norm, 2.0);
+    query.first_absolute = s_->first_error * std::pow(std::sqrt(first_norm) + p_.first_tier_norm, 2.0);
     query.first_threshold = query.refine_threshold = kInf;
     query.reach2 = std::numeric_limits<double>::infinity();
     query.best.clear();
-    query.best.reserve(static_cast<size_t>(s_.k));
+    query.best.reserve(static_cast<size_t>(s_->k));
   }
 
   // Writes query qi's k best, nearest first.
   void finish(Query& query, int64_t qi) {
     std::vector<Neighbour>& best = query.best;
     std::sort_heap(best.begin(), best.end());
-    for (int64_t j = 0; j < s_.k; ++j) {
-      s_.out_distances[qi * s_.k + j] = best[j].distance;
-      s_.out_indices[qi * s_.k + j] = best[j].row;
+    for (int64_t j = 0; j < s_->k; ++j) {
+      s_->out_distances[qi * s_->k + j] = best[j].distance;
+      s_->out_indices[qi * s_->k + j] = best[j].row;
     }
   }
 
@@ -600,7 +607,7 @@ class Searcher {
                static_cast<int64_t>(passing_.size()), p_.axes[0], query.coords, query.first_norm, query.tails[0],
                query.first_threshold, masks_.data());
     candidates_.clear();
-    refined += refine(s_.tiers, passing_.data(), masks_.data(), count, query.coords, query.tails,
+    refined += refine(s_->tiers, passing_.data(), masks_.data(), count, query.coords, query.tails,
                       query.refine_threshold, candidates_);
     std::make_heap(candidates_.begin(), candidates_.end());
     while (!candidates_.empty() && candidates_.front().bound <= query.refine_threshold) {
@@ -619,7 +626,7 @@ class Searcher {
     const int64_t d = p_.dim;
     const Neighbour candidate{squared_distance(query.features, p_.rows + r * d, d), r};
     std::vector<Neighbour>& best = query.best;
-    if (static_cast<int64_t>(best.size()) < s_.k) {
+    if (static_cast<int64_t>(best.size()) < s_->k) {
       best.push_back(candidate);
       std::push_heap(best.begin(), best.end());
     } else if (candidate < best.front()) {
@@ -629,14 +636,14 @@ class Searcher {
     } else {
       return;
     }
-    if (static_cast<int64_t>(best.size()) < s_.k) return;
-    const double reach = std::sqrt(best.front().distance * (1.0 + s_.exact_error)) + query.slack;
+    if (static_cast<int64_t>(best.size()) < s_->k) return;
+    const double reach = std::sqrt(best.front().distance * (1.0 + s_->exact_error)) + query.slack;
     query.reach2 = reach * reach;
-    query.refine_threshold = round_up_to_float(reach * reach * (1.0 + s_.refine_error));
-    query.first_threshold = round_up_to_float(reach * reach * (1.0 + s_.first_error) + query.first_absolute);
+    query.refine_threshold = round_up_to_float(reach * reach * (1.0 + s_->refine_error));
+    query.first_threshold = round_up_to_float(reach * reach * (1.0 + s_->first_error) + query.first_absolute);
   }
 
-  const Search& s_;
+  const Search* s_;
   const PruningIndex& p_;
   int64_t cell_count_;
   std::vector<Query> queries_;
@@ -658,7 +665,10 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
     throw std::invalid_argument("ExactPrunedNN: query features contain NaN or infinite values");
   const int64_t nq = queries.size(0);
   const at::Tensor centred = (queries - p.mean).contiguous();
-  const at::Tensor rotated = centred.mm(p.basis).contiguous();  // [nq, width], float GEMM
+  // The walk leaves few rows to its last tier, so it stops a tier short and rotates the queries to fewer axes: on
+  // tire the wider rotation cost more than the exact distances it spared.
+  const int64_t walk_width = p.axes[kTiers - 2];
+  const at::Tensor rotated = centred.mm(p.basis.slice(1, 0, walk_width)).contiguous();  // float GEMM
   at::Tensor distances = at::empty({nq, k}, at::kFloat);
   at::Tensor indices = at::empty({nq, k}, at::kLong);
   const Search search(p, k, queries, centred, rotated, distances, indices);
@@ -697,6 +707,11 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
         },
         max_threads);
   } else {
+    const at::Tensor all_axes =
+        walk_width == p.width() ? rotated
+                                : at::cat({rotated, centred.mm(p.basis.slice(1, walk_width, p.width()))}, 1).contiguous();
+    const Search dense_search(p, k, queries, centred, all_axes, distances, indices);
+    for (Searcher& searcher : searchers) searcher.switch_to(dense_search);
     const bool bf16 = bf16_products && p.dense_rows_bf16.defined();
     at::Tensor left = rotated.slice(1, 0, p.axes[1]), right;
     if (bf16) {

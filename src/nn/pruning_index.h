@@ -26,7 +26,7 @@ namespace patchcore::pruning {
 // computed for every row of each block whose box passes; each refinement cuts the rows that reach the next,
 // costlier stage about threefold on CNN patch features. The last tier spares exact distances, which read a whole
 // row: on magnetic_tile's features, rows left per query at the nearest distance are 51 over 256 axes and 12 over
-// 384.
+// 384. Only the dense search uses it (pruned_search.cpp).
 constexpr int kTiers = 4;
 constexpr int64_t kTierAxes[kTiers] = {32, 128, 256, 384};
 // Leading axes of the bounding box of each block of 8 rows, checked before the block's first-tier bounds.
