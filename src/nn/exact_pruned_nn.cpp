@@ -25,12 +25,19 @@ ExactPrunedNN::ExactPrunedNN(int num_workers, bool bf16_products)
 
 ExactPrunedNN::~ExactPrunedNN() = default;
 
-void ExactPrunedNN::install(std::unique_ptr<Bank> bank, const std::string& pruning_file) {
+void ExactPrunedNN::install(std::unique_ptr<Bank> bank, const std::string& source, const std::string& pruning_file) {
   // The new bank replaces the old one even when it cannot be searched: never a half-fitted object.
   bank_.reset();
   const float* rows = bank->flat->get_xb();
   if (!pruning_file.empty()) bank->pruning = pruning::read_pruning_index(pruning_file, rows, bank->flat->ntotal, bank->flat->d);
-  if (!bank->pruning) bank->pruning = pruning::build_pruning_index(rows, bank->flat->ntotal, bank->flat->d);
+  if (!bank->pruning) {
+    try {
+      bank->pruning = pruning::build_pruning_index(rows, bank->flat->ntotal, bank->flat->d);
+    } catch (const std::exception& e) {
+      if (source.empty()) throw;
+      throw std::runtime_error(source + ": the exact search cannot be built on this memory bank: " + e.what());
+    }
+  }
   bank_ = std::move(bank);
 }
 
@@ -48,7 +55,7 @@ void ExactPrunedNN::fit(const at::Tensor& features) {
   auto bank = std::make_unique<Bank>();
   bank->flat = std::make_unique<faiss::IndexFlatL2>(rows.size(1));
   bank->flat->add(rows.size(0), rows.data_ptr<float>());
-  install(std::move(bank), "");
+  install(std::move(bank), "", "");
 }
 
 std::pair<at::Tensor, at::Tensor> ExactPrunedNN::run(int64_t k, const at::Tensor& query_features,
@@ -89,7 +96,7 @@ void ExactPrunedNN::load(const std::string& filename) {
   index.release();
   std::error_code ec;
   const std::string pruning_file = pruning_filename(filename);
-  install(std::move(bank), std::filesystem::exists(pruning_file, ec) ? pruning_file : "");
+  install(std::move(bank), filename, std::filesystem::exists(pruning_file, ec) ? pruning_file : "");
 }
 
 void ExactPrunedNN::reset_index() { bank_.reset(); }

@@ -61,8 +61,10 @@ class ExactPrunedNN : public NearestNeighbourSearch {
 
  private:
   struct Bank;  // the flat index and the pruning structure derived from it
-  // Makes `bank` the searched one, with its pruning structure read from `pruning_file`, or derived when empty.
-  void install(std::unique_ptr<Bank> bank, const std::string& pruning_file);
+  // Makes `bank` the searched one, with its pruning structure read from `pruning_file`, or derived when that is
+  // empty or of an earlier layout. `source`, the file the bank came from (empty after fit), names the bank in the
+  // error when the structure cannot be derived.
+  void install(std::unique_ptr<Bank> bank, const std::string& source, const std::string& pruning_file);
 
   int num_workers_;
   bool bf16_products_;
