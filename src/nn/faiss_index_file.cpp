@@ -50,12 +50,18 @@ class IndexFileCheck {
   }
 
   // Layout: int32 d, int64 ntotal, two int64 unused, uint8 is_trained, int32 metric, [float if metric > 1].
+  // Every index the scorers write, and the published code's, is trained and measures squared L2 (metric 1); FAISS
+  // searches another metric code, or an untrained index, through state it never set up.
   std::pair<int32_t, int64_t> index_header() {
     const auto d = read<int32_t>();
     const auto ntotal = read<int64_t>();
-    read<int64_t>(), read<int64_t>(), read<uint8_t>();
-    if (read<int32_t>() > 1) read<float>();
+    read<int64_t>(), read<int64_t>();
+    const auto trained = read<uint8_t>();
+    const auto metric = read<int32_t>();
+    if (metric > 1) read<float>();
     if (d < 1 || ntotal < 0) fail("dimension " + std::to_string(d) + ", " + std::to_string(ntotal) + " vectors");
+    if (metric != 1) fail("metric " + std::to_string(metric) + " is not squared L2 (1)");
+    if (trained != 1) fail("the index is not trained");
     return {d, ntotal};
   }
   // A flat index after its fourcc: the header, then uint64 n and n floats, exactly ntotal x d of them.
