@@ -16,6 +16,7 @@ namespace patchcore {
 struct ExactPrunedNN::Bank {
   std::unique_ptr<faiss::IndexFlatL2> flat;
   std::shared_ptr<const pruning::PruningIndex> pruning;
+  mutable pruning::SearchHistory history;  // of the searches on this bank, which leave it unchanged
 };
 
 ExactPrunedNN::ExactPrunedNN(int num_workers, bool bf16_products)
@@ -71,7 +72,7 @@ std::pair<at::Tensor, at::Tensor> ExactPrunedNN::search(int64_t k, const at::Ten
   const pruning::PruningIndex& p = *bank->pruning;
   const at::Tensor queries = checked_queries(k, query_features, p.count, p.dim);
   pruning::SearchCounts counts;
-  auto result = pruning::search(p, k, queries, num_workers_, bf16_products_, &counts);
+  auto result = pruning::search(p, k, queries, num_workers_, bf16_products_, &bank->history, &counts);
   if (stats) {
     stats->queries += queries.size(0);
     stats->refined += counts.refined;

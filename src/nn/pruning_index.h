@@ -12,6 +12,7 @@
 // first-tier norm so that no bound lets them through.
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -97,6 +98,16 @@ void write_pruning_index(const PruningIndex& index, const std::string& path);
 std::shared_ptr<const PruningIndex> read_pruning_index(const std::string& path, const float* rows, int64_t n,
                                                        int64_t d);
 
+// Which search the calls on one bank have chosen, shared by them (and safe to share between threads). Once
+// kTrustedChoices sampled calls in a row chose the dense search, later calls take it without sampling, except every
+// kResampleEvery-th call, which samples again and so notices queries that the cells prune well.
+struct SearchHistory {
+  static constexpr int kTrustedChoices = 3;
+  static constexpr int64_t kResampleEvery = 16;
+  std::atomic<int64_t> calls{0};
+  std::atomic<int> dense_in_a_row{0};
+};
+
 // How much work a search did.
 struct SearchCounts {
   int64_t refined = 0;  // rows whose first-tier bound did not exclude them
@@ -106,10 +117,12 @@ struct SearchCounts {
 
 // The k nearest bank rows of each query ([nq, d] float32 contiguous, k <= count): (squared distances [nq, k],
 // row indices [nq, k]), those of brute force, with ties in distance broken by the lower row index. Runs on at most
-// max_threads threads (0: the thread setting); adds its work to `counts` when given. With `bf16_products`, the dense
+// max_threads threads (0: the thread setting); learns which search suits the bank in `history` when given; adds
+// its work to `counts` when given. With `bf16_products`, the dense
 // tier's product runs in bfloat16 where the index holds dense_rows_bf16; the neighbours are the same either way.
 std::pair<at::Tensor, at::Tensor> search(const PruningIndex& index, int64_t k, const at::Tensor& queries,
-                                         int max_threads, bool bf16_products, SearchCounts* counts);
+                                         int max_threads, bool bf16_products, SearchHistory* history,
+                                         SearchCounts* counts);
 
 // Relative error bound of a float sum of n non-negative terms in 16 lanes (sum_of_squared_differences).
 inline double relative_error_of_sum(int64_t n) { return (static_cast<double>(n) / 16.0 + 24.0) * kFloatUnit * 1.01; }

@@ -168,6 +168,29 @@ TEST(ExactPrunedNN, UnstructuredDataTakeTheDenseSearchAndGiveTheBruteForceNeighb
   EXPECT_TRUE(torch::equal(dd.select(1, 0), dd.select(1, 1)));
 }
 
+// Once a bank's calls have kept choosing the dense search, later calls take it without walking a sample first, and
+// every 16th call samples again; the neighbours stay the same.
+TEST(ExactPrunedNN, ABankThatKeepsTakingTheDenseSearchSparesTheSample) {
+  torch::manual_seed(6);
+  const torch::Tensor bank = torch::randn({2000, 300});
+  const torch::Tensor queries = torch::randn({700, 300});
+  ExactPrunedNN nn(2);
+  nn.fit(bank);
+  std::vector<int64_t> refined;
+  torch::Tensor first;
+  for (int call = 0; call < 17; ++call) {
+    ExactPrunedNN::Stats stats;
+    const torch::Tensor indices = nn.search(1, queries, &stats).second;
+    if (call == 0) first = indices;
+    EXPECT_TRUE(torch::equal(indices, first)) << "call " << call;
+    EXPECT_EQ(stats.dense, 700) << "call " << call;
+    refined.push_back(stats.refined);
+  }
+  for (int call : {1, 2}) EXPECT_EQ(refined[call], refined[0]) << "call " << call << " samples";
+  for (int call = 3; call < 16; ++call) EXPECT_LT(refined[call], refined[0]) << "call " << call << " spares the sample";
+  EXPECT_EQ(refined[16], refined[0]) << "the 17th call samples again";
+}
+
 // The dense search's bounds take a bfloat16 product to be the float one rounded thrice: both inputs and the float
 // sum to bfloat16 (relative error u = 2^-8 each), so off by at most (3u + 4u^2) |q| |r| plus the float sum's own
 // error. oneDNN's product must keep to that, which it does only by summing in float.
