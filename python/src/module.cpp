@@ -153,9 +153,9 @@ void bind_nearest_neighbours(py::module_& m) {
   py::class_<ApproximateFaissNN, FaissNN, std::shared_ptr<ApproximateFaissNN>>(m, "ApproximateFaissNN")
       .def(py::init<bool, int>(), py::arg("on_gpu") = false, py::arg("num_workers") = 4);
   py::class_<ExactPrunedNN, NearestNeighbourSearch, std::shared_ptr<ExactPrunedNN>>(m, "ExactPrunedNN")
-      .def(py::init<int, bool>(), py::arg("num_workers") = 4, py::arg("bf16_products") = true)
+      .def(py::init<int, bool>(), py::arg("num_workers") = 4, py::arg("quantized_products") = true)
       .def_property_readonly("num_workers", &ExactPrunedNN::num_workers)
-      .def_property_readonly("bf16_products", &ExactPrunedNN::bf16_products);
+      .def_property_readonly("quantized_products", &ExactPrunedNN::quantized_products);
 
   py::class_<NearestNeighbourScorer>(m, "NearestNeighbourScorer")
       .def(py::init([](int64_t k, std::shared_ptr<NearestNeighbourSearch> nn_method) {

@@ -19,8 +19,8 @@ struct ExactPrunedNN::Bank {
   mutable pruning::SearchHistory history;  // of the searches on this bank, which leave it unchanged
 };
 
-ExactPrunedNN::ExactPrunedNN(int num_workers, bool bf16_products)
-    : num_workers_(num_workers), bf16_products_(bf16_products) {
+ExactPrunedNN::ExactPrunedNN(int num_workers, bool quantized_products)
+    : num_workers_(num_workers), quantized_products_(quantized_products) {
   if (num_workers < 1) throw std::invalid_argument("ExactPrunedNN: num_workers must be at least 1");
 }
 
@@ -42,7 +42,7 @@ void ExactPrunedNN::install(std::unique_ptr<Bank> bank, const std::string& sourc
   bank_ = std::move(bank);
 }
 
-bool ExactPrunedNN::bf16_products_native() { return pruning::native_bf16_products(); }
+bool ExactPrunedNN::quantized_products_native() { return pruning::native_quantized_products(); }
 
 std::string ExactPrunedNN::pruning_filename(const std::string& index_filename) {
   const std::string extension = ".faiss";
@@ -72,7 +72,7 @@ std::pair<at::Tensor, at::Tensor> ExactPrunedNN::search(int64_t k, const at::Ten
   const pruning::PruningIndex& p = *bank->pruning;
   const at::Tensor queries = checked_queries(k, query_features, p.count, p.dim);
   pruning::SearchCounts counts;
-  auto result = pruning::search(p, k, queries, num_workers_, bf16_products_, &bank->history, &counts);
+  auto result = pruning::search(p, k, queries, num_workers_, quantized_products_, &bank->history, &counts);
   if (stats) {
     stats->queries += queries.size(0);
     stats->refined += counts.refined;

@@ -1,5 +1,9 @@
 #include <ATen/ATen.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -24,20 +28,17 @@ using simd::v8i;
 // twice as often; items of four rows leave too few items to balance the threads.
 constexpr int64_t kChunk = 56;
 constexpr int64_t kGroup = 4;  // blocks whose first-tier bounds are computed together
-// The dense search: the first tier over the second tier's axes for every slot, as one matrix product per block of
-// queries (16 MB of dot products for 256 queries and 16,464 slots), then refined query by query, kTask per task. It
-// costs about as much on every bank; the cell walk costs less where it refines fewer than about a tenth of the rows
-// (tire: 2%, magnetic_tile: 42%). Blocks of 256 queries rather than 128 cost magnetic_tile 8 to 12% less: OpenBLAS
-// copies the slots' coordinates into its own layout once per product.
+// The dense search: a first tier bounded for every slot at once, then refined query by query. It costs about as much
+// on every bank; the cell walk costs less where it refines fewer than about a tenth of the rows (tire: 2%,
+// magnetic_tile: 42%). In float the first tier is the second tier's axes, one matrix product per block of queries
+// (16 MB of dot products for 256 queries and 16,464 slots), refined kTask queries per task. Blocks of 256 queries
+// rather than 128 cost magnetic_tile 8 to 12% less: OpenBLAS copies the slots' coordinates into its own layout once
+// per product. Quantized, it is the third tier's axes, kQuantizedTask queries per pass over the quantized rows.
 constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kTask = 8;
-constexpr int64_t kPrefetchAhead = 4;  // slots whose refined coordinates the dense search fetches ahead
+constexpr int64_t kQuantizedTask = 16;  // one 512-bit sum per query and group of slots: 16 of the 32 registers
+constexpr int64_t kPrefetchAhead = 4;   // slots whose refined coordinates the dense search fetches ahead
 constexpr double kDenseShare = 0.1;
-// The dense tier's product in bfloat16: both sides rounded to bfloat16 (relative error u = 2^-8 each), the products
-// exact in float and summed in float (that error is the float product's, within dense_error), the sum rounded to
-// bfloat16 (u again). The dot product is then off from the float one by at most (3u + 4u^2) |q| |r|, the bound by
-// twice that: 0.02356 |q| |r|, which 0.024 covers with room for rounding the term itself.
-constexpr double kBf16DotError = 0.024;
 constexpr int64_t kSampledChunks = 2;  // work items the cell walk searches first, to choose between the two
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -223,63 +224,91 @@ PATCHCORE_SIMD_KERNEL int64_t refine(const RefineTiers& bank, const int32_t* ids
   return refined;
 }
 
-// The dense tier's dot products of one query with every slot: float, or bfloat16 as the bfloat16 product writes
-// them (the upper half of a float's bits).
-struct DenseDots {
-  const float* f32 = nullptr;
-  const uint16_t* bf16 = nullptr;
-
-  float at(int64_t slot) const {
-    if (!bf16) return f32[slot];
-    const uint32_t bits = static_cast<uint32_t>(bf16[slot]) << 16;
-    float value;
-    std::memcpy(&value, &bits, sizeof value);
-    return value;
+// Dense first-tier bounds of one query against n slots in float: |q|^2 + |r|^2 - 2 q.r over the leading axes, given
+// the dot products, plus the squared difference of the remaining norms. → bounds[n].
+PATCHCORE_SIMD_KERNEL void dense_bounds(const float* dots, const float* norms, const float* tails, int64_t n,
+                                        float q_norm, float q_tail, float* bounds) {
+  int64_t r = 0;
+  for (; r + kLanes <= n; r += kLanes) {
+    v8f dot, rn, rt;
+    load8(dot, dots + r);
+    load8(rn, norms + r);
+    load8(rt, tails + r);
+    const v8f rest = q_tail - rt;
+    store8(bounds + r, ((q_norm + rn) - 2.0f * dot) + rest * rest);
   }
-};
-
-using v8u16 = uint16_t __attribute__((vector_size(16)));
-using v8u = uint32_t __attribute__((vector_size(32)));
-
-__attribute__((always_inline)) inline void load8_dots(v8f& v, const DenseDots& dots, int64_t r) {
-  if (!dots.bf16) return load8(v, dots.f32 + r);
-  v8u16 half;
-  std::memcpy(&half, dots.bf16 + r, sizeof half);
-  const v8u bits = __builtin_convertvector(half, v8u) << 16;
-  std::memcpy(&v, &bits, sizeof v);
+  for (; r < n; ++r) {
+    const float rest = q_tail - tails[r];
+    bounds[r] = ((q_norm + norms[r]) - 2.0f * dots[r]) + rest * rest;
+  }
 }
 
-// Dense first-tier bounds of one query against n slots: |q|^2 + |r|^2 - 2 q.r over the leading axes, given the dot
-// products, plus the squared difference of the remaining norms, less `q_error` |r| (lengths: |r|) for the products'
-// rounding beyond the float error that the thresholds carry. → bounds[n], and in lowest[kLanes] the slot with the
-// lowest bound among those of each lane (slot % kLanes), or -1: the lowest bound of all is one of them.
-PATCHCORE_SIMD_KERNEL void dense_bounds(const DenseDots& dots, const float* norms, const float* lengths,
-                                        const float* tails, int64_t n, float q_norm, float q_tail, float q_error,
-                                        float* bounds, int32_t* lowest) {
+// → lowest[kLanes], the slot with the lowest of the n bounds among those of each lane (slot % kLanes), or -1: the
+// lowest bound of all is one of them.
+PATCHCORE_SIMD_KERNEL void lowest_of_lanes(const float* bounds, int64_t n, int32_t* lowest) {
   v8f best = v8f{} + kInf;
   v8i best_slot = v8i{} - 1, slot = {0, 1, 2, 3, 4, 5, 6, 7};
   int64_t r = 0;
   for (; r + kLanes <= n; r += kLanes, slot += static_cast<int32_t>(kLanes)) {
-    v8f dot, rn, rl, rt;
-    load8_dots(dot, dots, r);
-    load8(rn, norms + r);
-    load8(rl, lengths + r);
-    load8(rt, tails + r);
-    const v8f rest = q_tail - rt;
-    const v8f b = (((q_norm + rn) - 2.0f * dot) + rest * rest) - q_error * rl;
-    store8(bounds + r, b);
+    v8f b;
+    load8(b, bounds + r);
     const v8i lower = b < best;
     best = lower ? b : best;
     best_slot = lower ? slot : best_slot;
   }
   std::memcpy(lowest, &best_slot, sizeof best_slot);
   for (; r < n; ++r) {
-    const float rest = q_tail - tails[r];
-    bounds[r] = (((q_norm + norms[r]) - 2.0f * dots.at(r)) + rest * rest) - q_error * lengths[r];
     int32_t& lane = lowest[r % kLanes];
-    if (lane < 0 || bounds[r] < bounds[lane]) lane = static_cast<int32_t>(r);
+    if (bounds[r] < (lane < 0 ? kInf : bounds[lane])) lane = static_cast<int32_t>(r);
   }
 }
+
+// Up to kQuantizedTask queries of the quantized dense tier (PruningIndex::quantized_rows): per query its codes
+// q~ = round(c / s) over the tier's axes, four to an int32, its scale s, |c|^2, |c - s q~| and |s q~| (both rounded
+// up), its tail, and 128 * sum(q~), which the rows' offset of 128 adds to each sum of products.
+struct QuantizedQueries {
+  std::vector<int32_t> codes;  // [kQuantizedTask][quantized_axes / 4]
+  float scale[kQuantizedTask], norm[kQuantizedTask], error[kQuantizedTask], length[kQuantizedTask],
+      tail[kQuantizedTask];
+  int32_t offset[kQuantizedTask];
+};
+
+#if defined(PATCHCORE_VNNI_KERNEL)
+// Quantized dense bounds of kQuantizedTask queries against every slot: → bounds[i * stride + slot]. The sums of
+// products are exact in int32, so the dot product s_q s_r (q~ . r~) is off from the float coordinates' q . r only by
+// the quantization, at most |c_q - s_q q~| |r| + |s_q q~| |c_r - s_r r~| (Cauchy-Schwarz), subtracted twice; the
+// bound's float roundings are those of the float tier's, a few units of (|q| + |r|)^2.
+PATCHCORE_VNNI_KERNEL void quantized_bounds(const PruningIndex& p, const QuantizedQueries& q, float* bounds,
+                                            int64_t stride) {
+  constexpr int64_t lanes = kQuantizedLanes;
+  const int64_t steps = p.quantized_axes / 4, groups = p.quantized_groups();
+  const int32_t* codes = q.codes.data();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* rows = p.quantized_rows.data() + g * steps * lanes * 4;
+    __m512i sums[kQuantizedTask];
+    for (auto& sum : sums) sum = _mm512_setzero_si512();
+    for (int64_t k = 0; k < steps; ++k) {
+      const __m512i row = _mm512_loadu_si512(rows + k * lanes * 4);
+      for (int64_t i = 0; i < kQuantizedTask; ++i)
+        sums[i] = _mm512_dpbusd_epi32(sums[i], row, _mm512_set1_epi32(codes[i * steps + k]));
+    }
+    const float* terms = p.quantized_terms.data() + g * kQuantizedTerms * lanes;
+    const __m512 scale = _mm512_loadu_ps(terms + kScale * lanes), norm = _mm512_loadu_ps(terms + kNorm * lanes),
+                 length = _mm512_loadu_ps(terms + kLength * lanes), error = _mm512_loadu_ps(terms + kError * lanes),
+                 tail = _mm512_loadu_ps(terms + kTail * lanes);
+    for (int64_t i = 0; i < kQuantizedTask; ++i) {
+      const __m512 products = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[i], _mm512_set1_epi32(q.offset[i])));
+      const __m512 dot = _mm512_mul_ps(products, _mm512_mul_ps(scale, _mm512_set1_ps(q.scale[i])));
+      const __m512 off = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(q.error[i]), length),
+                                       _mm512_mul_ps(_mm512_set1_ps(q.length[i]), error));
+      const __m512 rest = _mm512_sub_ps(_mm512_set1_ps(q.tail[i]), tail);
+      const __m512 head = _mm512_sub_ps(_mm512_add_ps(_mm512_set1_ps(q.norm[i]), norm),
+                                        _mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(dot, off)));
+      _mm512_storeu_ps(bounds + i * stride + g * lanes, _mm512_add_ps(head, _mm512_mul_ps(rest, rest)));
+    }
+  }
+}
+#endif
 
 // For each set of passing lanes (bit l for lane l), the passing lanes first, in order.
 struct LanePacks {
@@ -322,15 +351,15 @@ inline void prefetch(const float* data, size_t bytes) {
   for (size_t at = 0; at < bytes; at += 64) __builtin_prefetch(begin + at);
 }
 
-// The dense search's refinement of a slot: its first tier's |q|^2 + |r|^2 - 2 q.r (`first`) plus, tier by tier
-// while the bound stays within `threshold`, the squared differences of the tier's further coordinates and of the
-// norms beyond them.
-PATCHCORE_SIMD_KERNEL float dense_refined_bound(const RefineTiers& bank, int64_t slot, float first, const float* q,
-                                                const float* q_tails, float threshold) {
+// The dense search's refinement of a slot past the dense tier `tier`: its bound from that tier (`bound`) less the
+// squared difference of the norms beyond the tier's axes, plus, tier by tier while the bound stays within `threshold`,
+// the squared differences of the tier's further coordinates and of the norms beyond them.
+PATCHCORE_SIMD_KERNEL float dense_refined_bound(const RefineTiers& bank, int64_t slot, int tier, float bound,
+                                                const float* q, const float* q_tails, float threshold) {
   const float* rc = bank.coordinates + slot * bank.width;
-  float sum = first, rest = q_tails[1] - bank.tails[1][slot];
-  float bound = sum + rest * rest;
-  for (int64_t t = 2, done = bank.axes[1]; t < kTiers && bound <= threshold; ++t) {
+  float rest = q_tails[tier] - bank.tails[tier][slot];
+  float sum = bound - rest * rest;
+  for (int64_t t = tier + 1, done = bank.axes[tier]; t < kTiers && bound <= threshold; ++t) {
     if (bank.axes[t] == bank.axes[t - 1]) continue;
     sum += sum_of_squared_differences(q + done, rc + done, bank.axes[t] - done);
     done = bank.axes[t];
@@ -350,6 +379,7 @@ struct Neighbour {
 struct Query {
   const float* features;  // as given, [d]
   const float* coords;    // rotated, [width]
+  double norm = 0.0;      // centred
   float first_norm = 0.f, box_tail = 0.f, tails[kTiers] = {};
   double slack = 0.0, first_absolute = 0.0;
   float first_threshold = kInf, refine_threshold = kInf;
@@ -378,9 +408,10 @@ struct Search {
   // which moves gap^2 by at most that times (|q| + |centre|)^2, within first_absolute. And the box bounds:
   // (box_axes / 2 + 5) units relative, below (first + 8) as box_axes <= first.
   double first_error;
-  // The dense first tier's |q|^2 + |r|^2 - 2 q.r over axes[1]: the dot product, in whatever order the matrix
-  // product sums it, is off by at most axes[1] units of |q| |r|, the norms, the tail term and the sums by a few
-  // units of (|q| + |r|)^2 each: all of it within dense_error (|q| + dense_reach)^2.
+  // The dense first tier's |q|^2 + |r|^2 - 2 q.r: in float over axes[1], the dot product, in whatever order the
+  // matrix product sums it, is off by at most axes[1] units of |q| |r|; quantized, it is off by the quantization,
+  // which the bound subtracts, and two roundings. The norms, the tail term, the sums, and taking the tail term off
+  // again to refine, by a few units of (|q| + |r|)^2 each: all of it within dense_error (|q| + dense_reach)^2.
   double dense_error;
 
   Search(const PruningIndex& index, int64_t neighbours, const at::Tensor& queries, const at::Tensor& centred_queries,
@@ -400,7 +431,7 @@ struct Search {
         exact_error(relative_error_of_sum(index.dim) + 2.0 * kFloatUnit),
         refine_error(relative_error_of_sum(index.width()) + 4.0 * kFloatUnit),
         first_error(std::max((index.axes[0] + 8) * kFloatUnit * 1.01, relative_error_of_sum(index.axes[0]))),
-        dense_error((index.axes[1] + 16) * kFloatUnit * 1.01) {
+        dense_error((index.axes[1] + 24) * kFloatUnit * 1.01) {
     for (int t = 0; t < kTiers; ++t) {
       tiers.tails[t] = index.tails[t].data();
       tiers.axes[t] = std::min(index.axes[t], width);  // a tier of no further axes is passed over
@@ -457,48 +488,41 @@ class Searcher {
     return true;
   }
 
-  // Query qi by the dense search, given its dense first-tier dot products with every slot. Slots are refined in slot
-  // order once the k lowest bounds have their exact distances, which most often hold the nearest rows.
-  void search_dense(int64_t qi, const DenseDots& dots) {
-    Query& query = queries_[0];
-    double norm = 0.0;
-    start_query(query, qi, &norm);
-    const int64_t n = p_.slots, axes = p_.axes[1], width = p_.width();
-    double dense_norm = 0.0;
-    for (int64_t j = 0; j < axes; ++j) dense_norm += static_cast<double>(query.coords[j]) * query.coords[j];
-    const double absolute = s_->dense_error * std::pow(norm + query.slack + p_.dense_reach, 2.0);
-    const float q_norm = static_cast<float>(dense_norm);
-    const float q_error = dots.bf16 ? static_cast<float>(kBf16DotError * std::sqrt(dense_norm)) : 0.0f;
-    bounds_.resize(static_cast<size_t>(n));
+  // Query qi (started) by the dense search, given its bounds from the dense tier `tier` for every slot, which it overwrites.
+  // Slots are refined in slot order once the k lowest bounds have their exact distances, which most often hold the
+  // nearest rows.
+  void search_dense(Query& query, int64_t qi, float* bounds, int tier) {
+    const int64_t n = p_.slots, width = p_.width();
+    const double absolute = s_->dense_error * std::pow(query.norm + query.slack + p_.dense_reach, 2.0);
     int32_t lowest[kLanes];
-    dense_bounds(dots, p_.dense_norms.data(), p_.dense_lengths.data(), p_.tails[1].data(), n, q_norm, query.tails[1],
-                 q_error, bounds_.data(), lowest);
+    lowest_of_lanes(bounds, n, lowest);
     // The lowest bound of each lane, lowest first; the first is the lowest of all, and most often the nearest row's.
     std::sort(lowest, lowest + kLanes, [&](int32_t a, int32_t b) {
       if (a < 0 || b < 0) return b < 0 && a >= 0;
-      return bounds_[a] < bounds_[b] || (bounds_[a] == bounds_[b] && a < b);
+      return bounds[a] < bounds[b] || (bounds[a] == bounds[b] && a < b);
     });
     for (int64_t i = 0; i < std::min(s_->k, kLanes) && lowest[i] >= 0; ++i) {
       // Not refined again below: NaN passes no threshold, not even the infinite one of fewer than k rows.
-      bounds_[lowest[i]] = std::numeric_limits<float>::quiet_NaN();
+      bounds[lowest[i]] = std::numeric_limits<float>::quiet_NaN();
       consider(query, p_.row_of_slot[lowest[i]]);
     }
     // Thresholds for these bounds: they carry the first tier's absolute error.
     auto threshold = [&](double relative) { return round_up_to_float(query.reach2 * (1.0 + relative) + absolute); };
     float first_threshold = threshold(s_->dense_error), refine_threshold = threshold(s_->refine_error);
     dense_passing_.resize(static_cast<size_t>(n));
-    const int64_t count = slots_within(bounds_.data(), n, first_threshold, dense_passing_.data());
+    const int64_t count = slots_within(bounds, n, first_threshold, dense_passing_.data());
     const float* q = query.coords;
     // The slots left are read all over the coordinates: fetching a few slots ahead hides most of the memory latency.
-    const size_t refined_bytes = static_cast<size_t>(p_.axes[2] - axes) * sizeof(float);  // the next tier's
+    const int64_t refined_from = p_.axes[tier];
+    const size_t refined_bytes = static_cast<size_t>(p_.axes[tier + 1] - refined_from) * sizeof(float);
     for (int64_t i = 0; i < count; ++i) {
       if (i + kPrefetchAhead < count)
-        prefetch(p_.coordinates.data() + dense_passing_[i + kPrefetchAhead] * width + axes, refined_bytes);
+        prefetch(p_.coordinates.data() + dense_passing_[i + kPrefetchAhead] * width + refined_from, refined_bytes);
       const int64_t slot = dense_passing_[i];
-      if (!(bounds_[slot] <= first_threshold)) continue;  // the threshold fell since slots_within
+      if (!(bounds[slot] <= first_threshold)) continue;  // the threshold fell since slots_within
       ++refined;
-      const float first = ((q_norm + p_.dense_norms[slot]) - 2.0f * dots.at(slot)) - q_error * p_.dense_lengths[slot];
-      if (dense_refined_bound(s_->tiers, slot, first, q, query.tails, refine_threshold) <= refine_threshold) {
+      if (dense_refined_bound(s_->tiers, slot, tier, bounds[slot], q, query.tails, refine_threshold) <=
+          refine_threshold) {
         consider(query, p_.row_of_slot[slot]);
         first_threshold = threshold(s_->dense_error);
         refine_threshold = threshold(s_->refine_error);
@@ -507,6 +531,69 @@ class Searcher {
     finish(query, qi);
   }
 
+  // Queries [begin, end) (at most kTask) by the dense search in float, given their dot products with every slot over
+  // the second tier's axes, `dots` rows apart; `done` says which the walk has searched.
+  void search_dense_float(int64_t begin, int64_t end, const float* dots, int64_t stride, const char* done) {
+    const int64_t n = p_.slots, axes = p_.axes[1];
+    bounds_.resize(static_cast<size_t>(n));
+    for (int64_t qi = begin; qi < end; ++qi) {
+      if (done[qi / kChunk]) continue;
+      Query& query = queries_[0];
+      start_query(query, qi);
+      double q_norm = 0.0;
+      for (int64_t j = 0; j < axes; ++j) q_norm += static_cast<double>(query.coords[j]) * query.coords[j];
+      dense_bounds(dots + (qi - begin) * stride, p_.dense_norms.data(), p_.tails[1].data(), n,
+                   static_cast<float>(q_norm), query.tails[1], bounds_.data());
+      search_dense(query, qi, bounds_.data(), 1);
+    }
+  }
+
+#if defined(PATCHCORE_VNNI_KERNEL)
+  // Queries [begin, end) (at most kQuantizedTask) by the dense search on the quantized tier; `done` says which the
+  // walk has searched.
+  void search_dense_quantized(int64_t begin, int64_t end, const char* done) {
+    const int64_t stride = p_.quantized_groups() * kQuantizedLanes, axes = p_.axes[2];
+    const int64_t steps = p_.quantized_axes / 4;
+    bounds_.resize(static_cast<size_t>(kQuantizedTask * stride));
+    QuantizedQueries& q = quantized_;
+    q.codes.assign(static_cast<size_t>(kQuantizedTask * steps), 0);
+    const double up = 1.0 + 4.0 * kFloatUnit;
+    for (int64_t i = 0; i < kQuantizedTask; ++i) {
+      q.scale[i] = 1.0f;
+      q.norm[i] = q.error[i] = q.length[i] = q.tail[i] = 0.0f;
+      q.offset[i] = 0;
+      const int64_t qi = begin + i;
+      if (qi >= end || done[qi / kChunk]) continue;
+      start_query(queries_[i], qi);
+      const float* c = queries_[i].coords;
+      float largest = 0.0f;
+      for (int64_t a = 0; a < axes; ++a) largest = std::max(largest, std::abs(c[a]));
+      const float scale = largest > 0.0f ? largest / 127.0f : 1.0f;
+      double squared = 0.0, error = 0.0, length = 0.0;
+      int32_t sum = 0;
+      auto* bytes = reinterpret_cast<int8_t*>(q.codes.data() + i * steps);
+      for (int64_t a = 0; a < axes; ++a) {
+        const double code = std::clamp(std::nearbyint(static_cast<double>(c[a]) / scale), -127.0, 127.0);
+        bytes[a] = static_cast<int8_t>(code);
+        sum += static_cast<int32_t>(code);
+        squared += static_cast<double>(c[a]) * c[a];
+        const double off = c[a] - code * scale;
+        error += off * off;
+        length += code * scale * code * scale;
+      }
+      q.scale[i] = scale;
+      q.norm[i] = static_cast<float>(squared);
+      q.error[i] = static_cast<float>(std::sqrt(error) * up);
+      q.length[i] = static_cast<float>(std::sqrt(length) * up);
+      q.tail[i] = queries_[i].tails[2];
+      q.offset[i] = 128 * sum;
+    }
+    quantized_bounds(p_, q, bounds_.data(), stride);
+    for (int64_t qi = begin; qi < end; ++qi)
+      if (!done[qi / kChunk]) search_dense(queries_[qi - begin], qi, bounds_.data() + (qi - begin) * stride, 2);
+  }
+#endif
+
   // Serves `search`, the same queries with the same index, from now on: the dense search's own rotation and tiers.
   void switch_to(const Search& search) { s_ = &search; }
 
@@ -514,8 +601,8 @@ class Searcher {
   int64_t exact = 0;    // rows whose exact distance was computed
 
  private:
-  // Prepares query qi: its features, coordinates, tails and error margins; → its centred norm in `norm`.
-  void start_query(Query& query, int64_t qi, double* norm) {
+  // Prepares query qi: its features, coordinates, norm, tails and error margins.
+  void start_query(Query& query, int64_t qi) {
     const int64_t d = p_.dim, first = p_.axes[0];
     query.features = s_->rows + qi * d;
     query.coords = s_->coords + qi * s_->width;
@@ -523,18 +610,18 @@ class Searcher {
     const float* c = query.coords;
     double squared = 0.0;
     for (int64_t j = 0; j < d; ++j) squared += static_cast<double>(xc[j]) * xc[j];
-    *norm = std::sqrt(squared);
-    const double coordinate_error = s_->coordinate_error_factor * *norm;
+    query.norm = std::sqrt(squared);
+    const double coordinate_error = s_->coordinate_error_factor * query.norm;
     float level_tails[kTiers + 1];
     const double worst_tail =
-        tails_beyond(c, squared, d, s_->levels, level_tails, *norm, coordinate_error, kFloatUnit);
+        tails_beyond(c, squared, d, s_->levels, level_tails, query.norm, coordinate_error, kFloatUnit);
     query.box_tail = level_tails[0];
     std::copy(level_tails + 1, level_tails + kTiers + 1, query.tails);
     double first_norm = 0.0;
     for (int64_t j = 0; j < first; ++j) first_norm += static_cast<double>(c[j]) * c[j];
     query.first_norm = static_cast<float>(first_norm);
     // + 2 units of the norm: centring the query in float moves it by at most one.
-    query.slack = (coordinate_error + 2.0 * kFloatUnit * *norm + worst_tail) * 1.01 + p_.row_error;
+    query.slack = (coordinate_error + 2.0 * kFloatUnit * query.norm + worst_tail) * 1.01 + p_.row_error;
     query.first_absolute = s_->first_error * std::pow(std::sqrt(first_norm) + p_.first_tier_norm, 2.0);
     query.first_threshold = query.refine_threshold = kInf;
     query.reach2 = std::numeric_limits<double>::infinity();
@@ -555,8 +642,7 @@ class Searcher {
   // Prepares query qi for the cell walk: start_query, the bound of every cell (into row_bounds), and the cell with
   // the nearest centre as its seed.
   void start(Query& query, int64_t qi, float* row_bounds) {
-    double norm;
-    start_query(query, qi, &norm);
+    start_query(query, qi);
     const int64_t first = p_.axes[0];
     const float* c = query.coords;
     // Bound of every cell: |q - centre| - radius over the first-tier axes, and the gap between the query's tail
@@ -653,14 +739,15 @@ class Searcher {
   std::vector<int32_t> passing_;  // blocks of a cell whose box passed, then padding to a whole group
   std::vector<uint8_t> masks_;
   std::vector<Candidate> candidates_;   // min-heap by bound
-  std::vector<float> bounds_;           // the dense search's bounds, [slots]
+  std::vector<float> bounds_;           // the dense search's bounds, [queries of a task][slots]
+  QuantizedQueries quantized_;
   std::vector<int32_t> dense_passing_;  // the slots its first tier passes, [slots]
 };
 
 }  // namespace
 
 std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const at::Tensor& queries, int max_threads,
-                                         bool bf16_products, SearchHistory* history, SearchCounts* counts) {
+                                         bool quantized_products, SearchHistory* history, SearchCounts* counts) {
   if (!all_finite(queries.data_ptr<float>(), queries.numel()))
     throw std::invalid_argument("ExactPrunedNN: query features contain NaN or infinite values");
   const int64_t nq = queries.size(0);
@@ -711,6 +798,17 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
     else
       history->dense_in_a_row.store(0, std::memory_order_relaxed);
   }
+  const auto counted = [&] {
+    if (counts) {
+      if (dense)
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) counts->dense += done[chunk] ? 0 : chunk_size(chunk);
+      for (const Searcher& searcher : searchers) {
+        counts->refined += searcher.refined;
+        counts->exact += searcher.exact;
+      }
+    }
+    return std::make_pair(distances, indices);
+  };
   if (!dense) {
     parallel_for(
         chunks,
@@ -724,46 +822,39 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
                                 : at::cat({rotated, centred.mm(p.basis.slice(1, walk_width, p.width()))}, 1).contiguous();
     const Search dense_search(p, k, queries, centred, all_axes, distances, indices);
     for (Searcher& searcher : searchers) searcher.switch_to(dense_search);
-    const bool bf16 = bf16_products && p.dense_rows_bf16.defined();
-    at::Tensor left = rotated.slice(1, 0, p.axes[1]), right;
-    if (bf16) {
-      left = left.to(at::kBFloat16);
-      right = p.dense_rows_bf16;
-    } else {
-      right = at::from_blob(const_cast<float*>(p.coordinates.data()), {p.slots, p.width()}, at::kFloat)
-                  .slice(1, 0, p.axes[1])
-                  .t();
+#if defined(PATCHCORE_VNNI_KERNEL)
+    if (quantized_products && !p.quantized_rows.empty()) {
+      parallel_for((nq + kQuantizedTask - 1) / kQuantizedTask,
+                   [&](int64_t task, int worker) {
+                     const int64_t begin = task * kQuantizedTask;
+                     searchers[worker].search_dense_quantized(begin, std::min(nq, begin + kQuantizedTask),
+                                                              done.data());
+                   },
+                   max_threads);
+      return counted();
     }
-    at::Tensor dots = at::empty({std::min(nq, kQueryBlock), p.slots}, left.scalar_type());
+#endif
+    const at::Tensor left = rotated.slice(1, 0, p.axes[1]);
+    const at::Tensor right =
+        at::from_blob(const_cast<float*>(p.coordinates.data()), {p.slots, p.width()}, at::kFloat)
+            .slice(1, 0, p.axes[1])
+            .t();
+    at::Tensor dots = at::empty({std::min(nq, kQueryBlock), p.slots}, at::kFloat);
     for (int64_t begin = 0; begin < nq; begin += kQueryBlock) {
       const int64_t end = std::min(nq, begin + kQueryBlock);
       at::Tensor block = dots.slice(0, 0, end - begin);
       at::mm_out(block, left.slice(0, begin, end), right);
-      const auto query_dots = [&](int64_t qi) {
-        DenseDots d;
-        if (bf16)
-          d.bf16 = reinterpret_cast<const uint16_t*>(block.data_ptr<at::BFloat16>()) + (qi - begin) * p.slots;
-        else
-          d.f32 = block.data_ptr<float>() + (qi - begin) * p.slots;
-        return d;
-      };
       parallel_for((end - begin + kTask - 1) / kTask,
                    [&](int64_t task, int worker) {
-                     for (int64_t qi = begin + task * kTask; qi < std::min(end, begin + (task + 1) * kTask); ++qi)
-                       if (!done[qi / kChunk]) searchers[worker].search_dense(qi, query_dots(qi));
+                     const int64_t first = begin + task * kTask;
+                     searchers[worker].search_dense_float(first, std::min(end, first + kTask),
+                                                          block.data_ptr<float>() + (first - begin) * p.slots,
+                                                          p.slots, done.data());
                    },
                    max_threads);
     }
   }
-  if (counts) {
-    if (dense)
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) counts->dense += done[chunk] ? 0 : chunk_size(chunk);
-    for (const Searcher& searcher : searchers) {
-      counts->refined += searcher.refined;
-      counts->exact += searcher.exact;
-    }
-  }
-  return {distances, indices};
+  return counted();
 }
 
 }  // namespace patchcore::pruning

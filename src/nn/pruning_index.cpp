@@ -17,6 +17,7 @@ namespace {
 constexpr int64_t kRowsPerCell = 64;  // k-means cells over the first-tier coordinates
 constexpr int kKMeansIterations = 8;
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 int64_t aligned(int64_t slots) { return (slots + kLanes - 1) / kLanes * kLanes; }
 
@@ -203,11 +204,11 @@ double tail_error(double norm, double coordinate_error, double tail, double unit
   return through_square + kFloatUnit * tail;  // + rounding the tail to float
 }
 
-bool native_bf16_products() {
+bool native_quantized_products() {
 #if defined(__x86_64__)
   static const bool native = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
+    return __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("avx512vnni") != 0;
   }();
   return native;
 #else
@@ -215,25 +216,66 @@ bool native_bf16_products() {
 #endif
 }
 
-void derive_dense_norms(PruningIndex& p) {
-  const int64_t width = p.width(), axes = p.axes[1];
-  p.dense_norms.assign(static_cast<size_t>(p.slots), kInf);
-  p.dense_lengths.assign(static_cast<size_t>(p.slots), 0.0f);
+namespace {
+
+// The quantized dense tier (see PruningIndex::quantized_rows). A zero scale would divide by zero: a slot whose
+// coordinates are all zero keeps scale 1 and codes 0.
+void quantize_dense_tier(PruningIndex& p) {
+  constexpr int64_t lanes = kQuantizedLanes;
+  const int64_t width = p.width(), axes = p.axes[2], padded = (axes + 3) / 4 * 4, groups = p.quantized_groups();
+  p.quantized_axes = padded;
+  p.quantized_rows.assign(static_cast<size_t>(groups * padded * lanes), 128);
+  p.quantized_terms.assign(static_cast<size_t>(groups * kQuantizedTerms * lanes), 0.0f);
+  const double up = 1.0 + 4.0 * kFloatUnit;
+  for (int64_t s = 0; s < groups * lanes; ++s) {
+    const int64_t g = s / lanes, lane = s % lanes;
+    float* terms = p.quantized_terms.data() + g * kQuantizedTerms * lanes + lane;
+    if (s >= p.slots || p.row_of_slot[s] < 0) {
+      terms[kNorm * lanes] = kNaN;
+      continue;
+    }
+    const float* c = p.coordinates.data() + s * width;
+    float largest = 0.0f;
+    for (int64_t a = 0; a < axes; ++a) largest = std::max(largest, std::abs(c[a]));
+    const float scale = largest > 0.0f ? largest / 127.0f : 1.0f;
+    double squared = 0.0, error = 0.0;
+    for (int64_t a = 0; a < axes; ++a) {
+      const double code = std::clamp(std::nearbyint(static_cast<double>(c[a]) / scale), -127.0, 127.0);
+      p.quantized_rows[static_cast<size_t>(((g * padded + a) / 4 * lanes + lane) * 4 + a % 4)] =
+          static_cast<uint8_t>(code + 128.0);
+      squared += static_cast<double>(c[a]) * c[a];
+      const double off = c[a] - code * scale;
+      error += off * off;
+    }
+    terms[kScale * lanes] = scale;
+    terms[kNorm * lanes] = static_cast<float>(squared);
+    terms[kLength * lanes] = static_cast<float>(std::sqrt(squared) * up);
+    terms[kError * lanes] = static_cast<float>(std::sqrt(error) * up);
+    terms[kTail * lanes] = p.tails[2][s];
+  }
+}
+
+}  // namespace
+
+void derive_dense_tiers(PruningIndex& p) {
+  const int64_t width = p.width();
+  p.dense_norms.assign(static_cast<size_t>(p.slots), kNaN);
   double reach = 0.0;
   for (int64_t s = 0; s < p.slots; ++s) {
     if (p.row_of_slot[s] < 0) continue;
     const float* c = p.coordinates.data() + s * width;
     double squared = 0.0;
-    for (int64_t a = 0; a < axes; ++a) squared += static_cast<double>(c[a]) * c[a];
-    p.dense_norms[s] = static_cast<float>(squared);
-    p.dense_lengths[s] = static_cast<float>(std::sqrt(squared) * (1.0 + 4.0 * kFloatUnit));
-    reach = std::max(reach, std::sqrt(squared) + p.tails[1][s]);
+    for (int64_t a = 0, t = 1; t <= 2; ++t) {
+      for (; a < p.axes[t]; ++a) squared += static_cast<double>(c[a]) * c[a];
+      if (t == 1) p.dense_norms[s] = static_cast<float>(squared);
+      reach = std::max(reach, std::sqrt(squared) + p.tails[t][s]);
+    }
   }
   p.dense_reach = static_cast<float>(reach * (1.0 + 4.0 * kFloatUnit));
-  if (native_bf16_products()) {
-    const at::Tensor coordinates = at::from_blob(p.coordinates.data(), {p.slots, width}, at::kFloat).slice(1, 0, axes);
-    p.dense_rows_bf16 = coordinates.t().to(at::kBFloat16).contiguous();
-  }
+  p.quantized_axes = 0;
+  p.quantized_rows.clear();
+  p.quantized_terms.clear();
+  if (native_quantized_products()) quantize_dense_tier(p);
 }
 
 std::shared_ptr<const PruningIndex> build_pruning_index(const float* rows, int64_t n, int64_t d) {
@@ -255,7 +297,7 @@ std::shared_ptr<const PruningIndex> build_pruning_index(const float* rows, int64
   p->basis = basis64.to(at::kFloat).contiguous();
   const RotatedRows rotated = rotate_rows(*p, x, basis64);
   lay_out(*p, rotated, cells_of(*p, rotated));
-  derive_dense_norms(*p);
+  derive_dense_tiers(*p);
   use_huge_pages(rows, static_cast<size_t>(n * d) * sizeof(float));
   use_huge_pages(p->coordinates.data(), p->coordinates.size() * sizeof(float));
   use_huge_pages(p->blocks.data(), p->blocks.size() * sizeof(float));

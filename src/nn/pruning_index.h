@@ -33,6 +33,8 @@ constexpr int64_t kTierAxes[kTiers] = {32, 128, 256, 384};
 // Leading axes of the bounding box of each block of 8 rows, checked before the block's first-tier bounds.
 constexpr int64_t kBoxAxes = 16;
 constexpr int64_t kLanes = 8;  // rows per block, interleaved in the first-tier coordinates
+constexpr int64_t kQuantizedLanes = 16;  // slots per group of the quantized dense tier: one 512-bit vector of sums
+enum QuantizedTerm { kScale, kNorm, kLength, kError, kTail, kQuantizedTerms };
 
 struct Cell {
   int64_t begin, end;         // slots
@@ -64,25 +66,31 @@ struct PruningIndex {
   std::vector<float> centres;   // [cell groups of 8, axes[0], 8]: interleaved, 8 cells per lane group
   float row_error = 0.f;        // bound on every row's representation error (see tail_error)
   float first_tier_norm = 0.f;  // largest first-tier norm of a row
-  // The dense search's first tier (pruned_search.cpp): the second tier's axes, bounded for every slot at once by a
-  // matrix product. Derived from the coordinates when the structure is built or read.
-  std::vector<float> dense_norms;    // [slots] squared norms over those axes; infinite on padding
-  std::vector<float> dense_lengths;  // [slots] their square roots, 0 on padding: the bfloat16 product's error term
-  float dense_reach = 0.f;           // largest norm over those axes plus tail beyond them, of a row
-  // Where native_bf16_products(): those coordinates rounded to bfloat16, [axes[1], slots], the product's right side.
-  at::Tensor dense_rows_bf16;
+  // The dense search's first tier (pruned_search.cpp), bounded for every slot at once. Derived from the coordinates
+  // when the structure is built or read. In float, over the second tier's axes, by a matrix product:
+  // Padding has NaN norms, so that its dense bounds pass no threshold, not even the infinite one before k rows are
+  // found.
+  std::vector<float> dense_norms;  // [slots] squared norms over those axes; NaN on padding
+  float dense_reach = 0.f;         // largest norm over a dense tier's axes plus tail beyond them, of a row
+  // Where native_quantized_products(), in 8-bit integers over the third tier's axes instead: per slot, its
+  // coordinates c over those axes divided by its scale s = max |c_i| / 127 and rounded, plus 128, laid out for the
+  // integer dot products, 16 slots per group: [groups][quantized_axes / 4][16][4], padded with code 128 (zero).
+  int64_t quantized_axes = 0;           // the third tier's axes rounded up to a multiple of 4
+  std::vector<uint8_t> quantized_rows;  // [groups * quantized_axes * 16]
+  // Per group of 16 slots, kQuantizedTerms vectors of 16: the scale s, |c|^2 (NaN on padding), |c| and the
+  // error |c - s * codes| (both rounded up), and the tail beyond the third tier.
+  std::vector<float> quantized_terms;  // [groups][kQuantizedTerms][16]
 
   int64_t width() const { return axes[kTiers - 1]; }
+  int64_t quantized_groups() const { return (slots + kQuantizedLanes - 1) / kQuantizedLanes; }
 };
 
-// Whether this CPU multiplies bfloat16 natively (AVX512_BF16). There the dense tier's product runs in bfloat16,
-// several times the float rate, through oneDNN, which accumulates in float; elsewhere bfloat16 products are slower
-// than float ones, so the product stays in float.
-bool native_bf16_products();
+// Whether this CPU has 8-bit integer dot products (AVX512_VNNI), 64 products per instruction: there the dense search's
+// first tier runs on the quantized coordinates, over twice the axes of the float product in about its time.
+bool native_quantized_products();
 
-// Fills dense_norms, dense_lengths, dense_reach and, where native_bf16_products(), dense_rows_bf16 from the
-// coordinates.
-void derive_dense_norms(PruningIndex& index);
+// Fills dense_norms and dense_reach and, where native_quantized_products(), the quantized tier from the coordinates.
+void derive_dense_tiers(PruningIndex& index);
 
 // The pruning structure of the bank `rows` ([n, d] float32, finite, kept alive by the caller).
 std::shared_ptr<const PruningIndex> build_pruning_index(const float* rows, int64_t n, int64_t d);
@@ -118,10 +126,11 @@ struct SearchCounts {
 // The k nearest bank rows of each query ([nq, d] float32 contiguous, k <= count): (squared distances [nq, k],
 // row indices [nq, k]), those of brute force, with ties in distance broken by the lower row index. Runs on at most
 // max_threads threads (0: the thread setting); learns which search suits the bank in `history` when given; adds
-// its work to `counts` when given. With `bf16_products`, the dense
-// tier's product runs in bfloat16 where the index holds dense_rows_bf16; the neighbours are the same either way.
+// its work to `counts` when given. With `quantized_products`, the
+// dense search's first tier runs on the quantized coordinates where the index holds them; the neighbours are the
+// same either way.
 std::pair<at::Tensor, at::Tensor> search(const PruningIndex& index, int64_t k, const at::Tensor& queries,
-                                         int max_threads, bool bf16_products, SearchHistory* history,
+                                         int max_threads, bool quantized_products, SearchHistory* history,
                                          SearchCounts* counts);
 
 // Relative error bound of a float sum of n non-negative terms in 16 lanes (sum_of_squared_differences).

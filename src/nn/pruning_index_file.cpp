@@ -209,7 +209,7 @@ std::shared_ptr<const PruningIndex> read_pruning_index(const std::string& path, 
       if (std::isnan(v)) in.fail("a box bound is not a number");
   if (!at::isfinite(p->mean).all().item<bool>() || !at::isfinite(p->basis).all().item<bool>())
     in.fail("the rotation is not finite");
-  derive_dense_norms(*p);
+  derive_dense_tiers(*p);
   return p;
 }
 

@@ -125,9 +125,9 @@ TEST(ExactPrunedNN, MagneticTileFeaturesGiveTheBruteForceNeighbours) {
   };
   const torch::Tensor bank = ApproximateGreedyCoresetSampler(0.1).run(embed("train/good", 24));
   const torch::Tensor queries = torch::cat({embed("test/good", 1), embed("test/crack", 1)}).contiguous();
-  for (bool bf16 : {true, false}) {
-    SCOPED_TRACE(bf16 ? "bfloat16 products where native" : "float products");
-    ExactPrunedNN nn(2, bf16);
+  for (bool quantized : {true, false}) {
+    SCOPED_TRACE(quantized ? "quantized products where native" : "float products");
+    ExactPrunedNN nn(2, quantized);
     nn.fit(bank);
     for (int64_t k : {1, 3}) expect_same_as_faiss(bank, queries, k, nn);
     ExactPrunedNN::Stats stats;
@@ -144,9 +144,9 @@ TEST(ExactPrunedNN, UnstructuredDataTakeTheDenseSearchAndGiveTheBruteForceNeighb
   torch::Tensor queries = torch::randn({700, 300});
   queries.slice(0, 600, 620) = bank.slice(0, 10, 30);  // at distance 0
   queries.slice(0, 620, 640) = 0.0;                    // near the centre, where every row is about as far
-  for (bool bf16 : {true, false}) {
-    SCOPED_TRACE(bf16 ? "bfloat16 products where native" : "float products");
-    ExactPrunedNN nn(2, bf16);
+  for (bool quantized : {true, false}) {
+    SCOPED_TRACE(quantized ? "quantized products where native" : "float products");
+    ExactPrunedNN nn(2, quantized);
     nn.fit(bank);
     for (int64_t k : {1, 4, 17}) expect_same_as_faiss(bank, queries, k, nn);
   }
@@ -191,26 +191,52 @@ TEST(ExactPrunedNN, ABankThatKeepsTakingTheDenseSearchSparesTheSample) {
   EXPECT_EQ(refined[16], refined[0]) << "the 17th call samples again";
 }
 
-// The dense search's bounds take a bfloat16 product to be the float one rounded thrice: both inputs and the float
-// sum to bfloat16 (relative error u = 2^-8 each), so off by at most (3u + 4u^2) |q| |r| plus the float sum's own
-// error. oneDNN's product must keep to that, which it does only by summing in float.
-TEST(ExactPrunedNN, BFloat16ProductsStayWithinTheErrorTheBoundsAllowFor) {
-  if (!ExactPrunedNN::bf16_products_native()) GTEST_SKIP() << "this CPU has no native bfloat16 products";
-  torch::manual_seed(3);
-  // Principal coordinates: decaying spread, mixed signs, a few large values, a column of zeros.
-  const torch::Tensor spread = torch::exp(-torch::arange(128, torch::kFloat32) / 40.0);
-  torch::Tensor q = torch::randn({300, 128}) * spread * 20.0;
-  torch::Tensor r = torch::randn({5000, 128}) * spread * 20.0;
-  q.slice(0, 0, 10) *= 1e3;
-  r.select(1, 127) = 0.0;
-  const torch::Tensor product = q.to(torch::kBFloat16).mm(r.t().contiguous().to(torch::kBFloat16)).to(torch::kFloat64);
-  const torch::Tensor exact = q.to(torch::kFloat64).mm(r.to(torch::kFloat64).t());
-  const double u = std::ldexp(1.0, -8);
-  const double allowed = 3.0 * u + 4.0 * u * u + 128.0 * std::ldexp(1.0, -24) * 1.01;
-  const torch::Tensor lengths = q.to(torch::kFloat64).norm(2, 1, true) * r.to(torch::kFloat64).norm(2, 1).unsqueeze(0);
-  const double worst = ((product - exact).abs() / lengths).max().item<double>();
-  EXPECT_LE(worst, allowed);
-  EXPECT_GT(worst, u / 16) << "the product was not rounded to bfloat16 at all";
+// The quantized dense tier rounds each slot's and query's coordinates to 255 levels of its own largest one, so
+// coordinates far larger than the rest of their vector leave those rest to few levels and the quantization error
+// is large; the bounds subtract it, so the neighbours stay the brute force's. Log-normal magnitudes give such
+// vectors, among them rows whose largest coordinate dwarfs every other.
+TEST(ExactPrunedNN, QuantizedProductsKeepTheNeighboursOfDataWithOutlyingCoordinates) {
+  torch::manual_seed(9);
+  torch::Tensor bank = torch::randn({3000, 260}) * torch::exp(torch::randn({3000, 260}) * 1.5);
+  bank.slice(0, 0, 40).select(1, 7) *= 50.0;
+  bank.slice(0, 40, 50) = 0.0;  // rows whose scale is of no use
+  // Near pairs, so that the queries beside them have two rows at almost the same distance, far closer than the
+  // quantization error: only the bound's margin keeps the nearer one.
+  bank.slice(0, 2000, 2300) = bank.slice(0, 0, 300) + torch::randn({300, 260}) * 0.1;
+  torch::Tensor queries = torch::cat({bank.slice(0, 0, 300) + torch::randn({300, 260}) * 0.1,
+                                      torch::randn({300, 260}) * torch::exp(torch::randn({300, 260}) * 1.5),
+                                      torch::zeros({16, 260})})
+                              .contiguous();
+  for (bool quantized : {true, false}) {
+    SCOPED_TRACE(quantized ? "quantized products where native" : "float products");
+    ExactPrunedNN nn(2, quantized);
+    nn.fit(bank);
+    // Against distances in double: FAISS's own |q|^2 + |r|^2 - 2 q.r cancels too much on the outlying rows.
+    for (int64_t k : {1, 5}) {
+      const auto [distances, indices] = nn.run(k, queries);
+      expect_exact(queries, bank, k, distances, indices);
+    }
+    ExactPrunedNN::Stats stats;
+    nn.search(1, queries, &stats);
+    EXPECT_GT(stats.dense, 300) << "the check above covers the dense search";
+  }
+}
+
+// k the whole bank: until k rows are found every threshold is infinite, and the dense search must still pass over
+// the padding slots at the end of each cell but the last (their row index is -1).
+TEST(ExactPrunedNN, TheDenseSearchPassesOverPaddingWhileTheThresholdIsInfinite) {
+  torch::manual_seed(12);
+  const torch::Tensor bank = torch::randn({150, 300});
+  const torch::Tensor queries = torch::randn({200, 300});
+  for (bool quantized : {true, false}) {
+    SCOPED_TRACE(quantized ? "quantized products where native" : "float products");
+    ExactPrunedNN nn(2, quantized);
+    nn.fit(bank);
+    ExactPrunedNN::Stats stats;
+    const auto [distances, indices] = nn.search(150, queries, &stats);
+    EXPECT_GT(stats.dense, 0);
+    expect_exact(queries, bank, 150, distances, indices);
+  }
 }
 
 TEST(ExactPrunedNN, ClusteredDataGiveTheBruteForceNeighbours) {

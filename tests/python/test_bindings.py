@@ -50,13 +50,13 @@ def test_numpy_arrays_come_out_with_the_published_dtypes():
         nn.run(0, rng.standard_normal((2, 4)))
 
 
-@pytest.mark.parametrize("bf16_products", [True, False])
-def test_exact_pruned_search_finds_the_flat_searchs_neighbours(bf16_products):
+@pytest.mark.parametrize("quantized_products", [True, False])
+def test_exact_pruned_search_finds_the_flat_searchs_neighbours(quantized_products):
     # Unstructured rows: the cells prune nothing and the dense search, with either product, answers.
     bank = rng.standard_normal((2000, 300)).astype(np.float32)
     queries = rng.standard_normal((600, 300)).astype(np.float32)
-    pruned, flat = common.ExactPrunedNN(2, bf16_products=bf16_products), common.FaissNN(False, 2)
-    assert pruned.bf16_products == bf16_products
+    pruned, flat = common.ExactPrunedNN(2, quantized_products=quantized_products), common.FaissNN(False, 2)
+    assert pruned.quantized_products == quantized_products
     pruned.fit(bank)
     flat.fit(bank)
     (distances, indices), (flat_distances, flat_indices) = pruned.run(3, queries), flat.run(3, queries)

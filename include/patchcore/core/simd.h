@@ -16,6 +16,13 @@
 #define PATCHCORE_SIMD_KERNEL
 #endif
 
+// The one exception: 8-bit integer dot products (AVX512_VNNI), which the vector types cannot express. Such a kernel
+// is written with intrinsics, compiled for that instruction set alone and called only where the CPU has it, behind
+// a check of __builtin_cpu_supports by its caller.
+#if defined(__x86_64__)
+#define PATCHCORE_VNNI_KERNEL __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#endif
+
 namespace patchcore::simd {
 
 using v8f = float __attribute__((vector_size(32)));

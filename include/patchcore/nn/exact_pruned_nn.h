@@ -18,9 +18,9 @@ namespace patchcore {
 class ExactPrunedNN : public NearestNeighbourSearch {
  public:
   // Searches on the CPU, on at most num_workers threads of the thread setting (core/parallel.h). With
-  // bf16_products, the dense search's first product runs in bfloat16 where the CPU multiplies it natively
-  // (AVX512_BF16), with its rounding in the bounds: the same neighbours, faster (docs/exact_search.md).
-  explicit ExactPrunedNN(int num_workers = 4, bool bf16_products = true);
+  // quantized_products, the dense search's first tier runs on 8-bit coordinates where the CPU has 8-bit dot products
+  // (AVX512_VNNI), with the quantization in the bounds: the same neighbours, faster (docs/exact_search.md).
+  explicit ExactPrunedNN(int num_workers = 4, bool quantized_products = true);
   ~ExactPrunedNN() override;
 
   void fit(const at::Tensor& features) override;
@@ -44,9 +44,9 @@ class ExactPrunedNN : public NearestNeighbourSearch {
   int64_t dimension() const override;
   const char* kind() const override { return "ExactPrunedNN"; }
   int num_workers() const { return num_workers_; }
-  bool bf16_products() const { return bf16_products_; }
-  // Whether this CPU multiplies bfloat16 natively, so that bf16_products takes effect.
-  static bool bf16_products_native();
+  bool quantized_products() const { return quantized_products_; }
+  // Whether this CPU has 8-bit dot products, so that quantized_products takes effect.
+  static bool quantized_products_native();
 
   // How much work searches did, for benchmarks.
   struct Stats {
@@ -67,7 +67,7 @@ class ExactPrunedNN : public NearestNeighbourSearch {
   void install(std::unique_ptr<Bank> bank, const std::string& source, const std::string& pruning_file);
 
   int num_workers_;
-  bool bf16_products_;
+  bool quantized_products_;
   std::shared_ptr<const Bank> bank_;
 };
 
