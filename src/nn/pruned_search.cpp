@@ -568,7 +568,7 @@ class Searcher {
       const float* c = queries_[i].coords;
       float largest = 0.0f;
       for (int64_t a = 0; a < axes; ++a) largest = std::max(largest, std::abs(c[a]));
-      const float scale = largest > 0.0f ? largest / 127.0f : 1.0f;
+      const float scale = largest / 127.0f > 0.0f ? largest / 127.0f : 1.0f;
       double squared = 0.0, error = 0.0, length = 0.0;
       int32_t sum = 0;
       auto* bytes = reinterpret_cast<int8_t*>(q.codes.data() + i * steps);

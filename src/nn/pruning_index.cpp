@@ -219,7 +219,7 @@ bool native_quantized_products() {
 namespace {
 
 // The quantized dense tier (see PruningIndex::quantized_rows). A zero scale would divide by zero: a slot whose
-// coordinates are all zero keeps scale 1 and codes 0.
+// coordinates are all zero, or so small that the scale underflows, keeps scale 1 and codes 0.
 void quantize_dense_tier(PruningIndex& p) {
   constexpr int64_t lanes = kQuantizedLanes;
   const int64_t width = p.width(), axes = p.axes[2], padded = (axes + 3) / 4 * 4, groups = p.quantized_groups();
@@ -237,7 +237,7 @@ void quantize_dense_tier(PruningIndex& p) {
     const float* c = p.coordinates.data() + s * width;
     float largest = 0.0f;
     for (int64_t a = 0; a < axes; ++a) largest = std::max(largest, std::abs(c[a]));
-    const float scale = largest > 0.0f ? largest / 127.0f : 1.0f;
+    const float scale = largest / 127.0f > 0.0f ? largest / 127.0f : 1.0f;
     double squared = 0.0, error = 0.0;
     for (int64_t a = 0; a < axes; ++a) {
       const double code = std::clamp(std::nearbyint(static_cast<double>(c[a]) / scale), -127.0, 127.0);
