@@ -297,7 +297,9 @@ PATCHCORE_VNNI_KERNEL void quantized_bounds(const PruningIndex& p, const Quantiz
                  length = _mm512_loadu_ps(terms + kLength * lanes), error = _mm512_loadu_ps(terms + kError * lanes),
                  tail = _mm512_loadu_ps(terms + kTail * lanes);
     for (int64_t i = 0; i < kQuantizedTask; ++i) {
-      const __m512 products = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[i], _mm512_set1_epi32(q.offset[i])));
+      // All lanes through the zero-masked form: the unmasked one trips GCC 12's -Wmaybe-uninitialized in its header.
+      const __m512 products =
+          _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_sub_epi32(sums[i], _mm512_set1_epi32(q.offset[i])));
       const __m512 dot = _mm512_mul_ps(products, _mm512_mul_ps(scale, _mm512_set1_ps(q.scale[i])));
       const __m512 off = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(q.error[i]), length),
                                        _mm512_mul_ps(_mm512_set1_ps(q.length[i]), error));
@@ -565,28 +567,15 @@ class Searcher {
       const int64_t qi = begin + i;
       if (qi >= end || done[qi / kChunk]) continue;
       start_query(queries_[i], qi);
-      const float* c = queries_[i].coords;
-      float largest = 0.0f;
-      for (int64_t a = 0; a < axes; ++a) largest = std::max(largest, std::abs(c[a]));
-      const float scale = largest / 127.0f > 0.0f ? largest / 127.0f : 1.0f;
-      double squared = 0.0, error = 0.0, length = 0.0;
-      int32_t sum = 0;
       auto* bytes = reinterpret_cast<int8_t*>(q.codes.data() + i * steps);
-      for (int64_t a = 0; a < axes; ++a) {
-        const double code = std::clamp(std::nearbyint(static_cast<double>(c[a]) / scale), -127.0, 127.0);
-        bytes[a] = static_cast<int8_t>(code);
-        sum += static_cast<int32_t>(code);
-        squared += static_cast<double>(c[a]) * c[a];
-        const double off = c[a] - code * scale;
-        error += off * off;
-        length += code * scale * code * scale;
-      }
-      q.scale[i] = scale;
-      q.norm[i] = static_cast<float>(squared);
-      q.error[i] = static_cast<float>(std::sqrt(error) * up);
-      q.length[i] = static_cast<float>(std::sqrt(length) * up);
+      const Quantized quantized =
+          quantize(queries_[i].coords, axes, [&](int64_t a, int32_t code) { bytes[a] = static_cast<int8_t>(code); });
+      q.scale[i] = quantized.scale;
+      q.norm[i] = static_cast<float>(quantized.squared);
+      q.error[i] = static_cast<float>(quantized.error * up);
+      q.length[i] = static_cast<float>(quantized.length * up);
       q.tail[i] = queries_[i].tails[2];
-      q.offset[i] = 128 * sum;
+      q.offset[i] = 128 * quantized.sum;
     }
     quantized_bounds(p_, q, bounds_.data(), stride);
     for (int64_t qi = begin; qi < end; ++qi)

@@ -218,8 +218,7 @@ bool native_quantized_products() {
 
 namespace {
 
-// The quantized dense tier (see PruningIndex::quantized_rows). A zero scale would divide by zero: a slot whose
-// coordinates are all zero, or so small that the scale underflows, keeps scale 1 and codes 0.
+// The quantized dense tier (see PruningIndex::quantized_rows).
 void quantize_dense_tier(PruningIndex& p) {
   constexpr int64_t lanes = kQuantizedLanes;
   const int64_t width = p.width(), axes = p.axes[2], padded = (axes + 3) / 4 * 4, groups = p.quantized_groups();
@@ -234,23 +233,14 @@ void quantize_dense_tier(PruningIndex& p) {
       terms[kNorm * lanes] = kNaN;
       continue;
     }
-    const float* c = p.coordinates.data() + s * width;
-    float largest = 0.0f;
-    for (int64_t a = 0; a < axes; ++a) largest = std::max(largest, std::abs(c[a]));
-    const float scale = largest / 127.0f > 0.0f ? largest / 127.0f : 1.0f;
-    double squared = 0.0, error = 0.0;
-    for (int64_t a = 0; a < axes; ++a) {
-      const double code = std::clamp(std::nearbyint(static_cast<double>(c[a]) / scale), -127.0, 127.0);
+    const Quantized q = quantize(p.coordinates.data() + s * width, axes, [&](int64_t a, int32_t code) {
       p.quantized_rows[static_cast<size_t>(((g * padded + a) / 4 * lanes + lane) * 4 + a % 4)] =
-          static_cast<uint8_t>(code + 128.0);
-      squared += static_cast<double>(c[a]) * c[a];
-      const double off = c[a] - code * scale;
-      error += off * off;
-    }
-    terms[kScale * lanes] = scale;
-    terms[kNorm * lanes] = static_cast<float>(squared);
-    terms[kLength * lanes] = static_cast<float>(std::sqrt(squared) * up);
-    terms[kError * lanes] = static_cast<float>(std::sqrt(error) * up);
+          static_cast<uint8_t>(code + 128);
+    });
+    terms[kScale * lanes] = q.scale;
+    terms[kNorm * lanes] = static_cast<float>(q.squared);
+    terms[kLength * lanes] = static_cast<float>(std::sqrt(q.squared) * up);
+    terms[kError * lanes] = static_cast<float>(q.error * up);
     terms[kTail * lanes] = p.tails[2][s];
   }
 }

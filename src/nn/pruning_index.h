@@ -12,7 +12,9 @@
 // first-tier norm so that no bound lets them through.
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -66,10 +68,9 @@ struct PruningIndex {
   std::vector<float> centres;   // [cell groups of 8, axes[0], 8]: interleaved, 8 cells per lane group
   float row_error = 0.f;        // bound on every row's representation error (see tail_error)
   float first_tier_norm = 0.f;  // largest first-tier norm of a row
-  // The dense search's first tier (pruned_search.cpp), bounded for every slot at once. Derived from the coordinates
-  // when the structure is built or read. In float, over the second tier's axes, by a matrix product:
-  // Padding has NaN norms, so that its dense bounds pass no threshold, not even the infinite one before k rows are
-  // found.
+  // The dense search's first tier (pruned_search.cpp), bounded for every slot at once; derived from the coordinates
+  // when the structure is built or read. Padding has NaN norms, so that its dense bounds pass no threshold, not even
+  // the infinite one before k rows are found. In float, over the second tier's axes, by a matrix product:
   std::vector<float> dense_norms;  // [slots] squared norms over those axes; NaN on padding
   float dense_reach = 0.f;         // largest norm over a dense tier's axes plus tail beyond them, of a row
   // Where native_quantized_products(), in 8-bit integers over the third tier's axes instead: per slot, its
@@ -91,6 +92,33 @@ bool native_quantized_products();
 
 // Fills dense_norms and dense_reach and, where native_quantized_products(), the quantized tier from the coordinates.
 void derive_dense_tiers(PruningIndex& index);
+
+// A vector's leading coordinates c[0, n) in 8 bits for the quantized dense tier: codes q~ = round(c / s) in
+// [-127, 127] with s = max |c_i| / 127 (1 where that is 0, so that tiny or zero vectors get codes 0), each passed to
+// put(i, code). Returns s and, in double: |c|^2, the quantization error |c - s q~|, the norm |s q~| and sum(q~).
+struct Quantized {
+  float scale;
+  double squared, error, length;
+  int32_t sum;
+};
+template <typename Put>
+Quantized quantize(const float* c, int64_t n, Put put) {
+  float largest = 0.0f;
+  for (int64_t i = 0; i < n; ++i) largest = std::max(largest, std::abs(c[i]));
+  Quantized out{largest / 127.0f > 0.0f ? largest / 127.0f : 1.0f, 0.0, 0.0, 0.0, 0};
+  for (int64_t i = 0; i < n; ++i) {
+    const double code = std::clamp(std::nearbyint(static_cast<double>(c[i]) / out.scale), -127.0, 127.0);
+    put(i, static_cast<int32_t>(code));
+    const double value = code * out.scale, off = c[i] - value;
+    out.squared += static_cast<double>(c[i]) * c[i];
+    out.error += off * off;
+    out.length += value * value;
+    out.sum += static_cast<int32_t>(code);
+  }
+  out.error = std::sqrt(out.error);
+  out.length = std::sqrt(out.length);
+  return out;
+}
 
 // The pruning structure of the bank `rows` ([n, d] float32, finite, kept alive by the caller).
 std::shared_ptr<const PruningIndex> build_pruning_index(const float* rows, int64_t n, int64_t d);
@@ -126,9 +154,8 @@ struct SearchCounts {
 // The k nearest bank rows of each query ([nq, d] float32 contiguous, k <= count): (squared distances [nq, k],
 // row indices [nq, k]), those of brute force, with ties in distance broken by the lower row index. Runs on at most
 // max_threads threads (0: the thread setting); learns which search suits the bank in `history` when given; adds
-// its work to `counts` when given. With `quantized_products`, the
-// dense search's first tier runs on the quantized coordinates where the index holds them; the neighbours are the
-// same either way.
+// its work to `counts` when given. With `quantized_products`, the dense search's first tier runs on the quantized
+// coordinates where the index holds them; the neighbours are the same either way.
 std::pair<at::Tensor, at::Tensor> search(const PruningIndex& index, int64_t k, const at::Tensor& queries,
                                          int max_threads, bool quantized_products, SearchHistory* history,
                                          SearchCounts* counts);
