@@ -30,7 +30,8 @@ void ExactPrunedNN::install(std::unique_ptr<Bank> bank, const std::string& sourc
   // The new bank replaces the old one even when it cannot be searched: never a half-fitted object.
   bank_.reset();
   const float* rows = bank->flat->get_xb();
-  if (!pruning_file.empty()) bank->pruning = pruning::read_pruning_index(pruning_file, rows, bank->flat->ntotal, bank->flat->d);
+  if (!pruning_file.empty())
+    bank->pruning = pruning::read_pruning_index(pruning_file, rows, bank->flat->ntotal, bank->flat->d);
   if (!bank->pruning) {
     try {
       bank->pruning = pruning::build_pruning_index(rows, bank->flat->ntotal, bank->flat->d);

@@ -394,10 +394,10 @@ struct Query {
 struct Search {
   const PruningIndex& p;
   int64_t k;
-  const float* rows;     // queries as given, [nq, d]
-  const float* centred;  // minus the bank's mean, [nq, d]
-  const float* coords;   // rotated, [nq, width]
-  int64_t width;         // of the rotation: the tiers beyond it are not used
+  const float* rows;           // queries as given, [nq, d]
+  const float* centred;        // minus the bank's mean, [nq, d]
+  const float* coords;         // rotated, [nq, width]
+  int64_t width;               // of the rotation: the tiers beyond it are not used
   int64_t levels[kTiers + 1];  // the index's tail levels, clamped to width
   int64_t nq;
   float* out_distances;  // [nq, k]
@@ -490,9 +490,9 @@ class Searcher {
     return true;
   }
 
-  // Query qi (started) by the dense search, given its bounds from the dense tier `tier` for every slot, which it overwrites.
-  // Slots are refined in slot order once the k lowest bounds have their exact distances, which most often hold the
-  // nearest rows.
+  // Query qi (started) by the dense search, given its bounds from the dense tier `tier` for every slot, which it
+  // overwrites. Slots are refined in slot order once the k lowest bounds have their exact distances, which most often
+  // hold the nearest rows.
   void search_dense(Query& query, int64_t qi, float* bounds, int tier) {
     const int64_t n = p_.slots, width = p_.width();
     const double absolute = s_->dense_error * std::pow(query.norm + query.slack + p_.dense_reach, 2.0);
@@ -727,8 +727,8 @@ class Searcher {
   std::vector<float> to_centres_;
   std::vector<int32_t> passing_;  // blocks of a cell whose box passed, then padding to a whole group
   std::vector<uint8_t> masks_;
-  std::vector<Candidate> candidates_;   // min-heap by bound
-  std::vector<float> bounds_;           // the dense search's bounds, [queries of a task][slots]
+  std::vector<Candidate> candidates_;  // min-heap by bound
+  std::vector<float> bounds_;          // the dense search's bounds, [queries of a task][slots]
   QuantizedQueries quantized_;
   std::vector<int32_t> dense_passing_;  // the slots its first tier passes, [slots]
 };
@@ -807,8 +807,9 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
         max_threads);
   } else {
     const at::Tensor all_axes =
-        walk_width == p.width() ? rotated
-                                : at::cat({rotated, centred.mm(p.basis.slice(1, walk_width, p.width()))}, 1).contiguous();
+        walk_width == p.width()
+            ? rotated
+            : at::cat({rotated, centred.mm(p.basis.slice(1, walk_width, p.width()))}, 1).contiguous();
     const Search dense_search(p, k, queries, centred, all_axes, distances, indices);
     for (Searcher& searcher : searchers) searcher.switch_to(dense_search);
 #if defined(PATCHCORE_VNNI_KERNEL)
@@ -816,18 +817,16 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
       parallel_for((nq + kQuantizedTask - 1) / kQuantizedTask,
                    [&](int64_t task, int worker) {
                      const int64_t begin = task * kQuantizedTask;
-                     searchers[worker].search_dense_quantized(begin, std::min(nq, begin + kQuantizedTask),
-                                                              done.data());
+                     searchers[worker].search_dense_quantized(begin, std::min(nq, begin + kQuantizedTask), done.data());
                    },
                    max_threads);
       return counted();
     }
 #endif
     const at::Tensor left = rotated.slice(1, 0, p.axes[1]);
-    const at::Tensor right =
-        at::from_blob(const_cast<float*>(p.coordinates.data()), {p.slots, p.width()}, at::kFloat)
-            .slice(1, 0, p.axes[1])
-            .t();
+    const at::Tensor right = at::from_blob(const_cast<float*>(p.coordinates.data()), {p.slots, p.width()}, at::kFloat)
+                                 .slice(1, 0, p.axes[1])
+                                 .t();
     at::Tensor dots = at::empty({std::min(nq, kQueryBlock), p.slots}, at::kFloat);
     for (int64_t begin = 0; begin < nq; begin += kQueryBlock) {
       const int64_t end = std::min(nq, begin + kQueryBlock);
@@ -837,8 +836,8 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
                    [&](int64_t task, int worker) {
                      const int64_t first = begin + task * kTask;
                      searchers[worker].search_dense_float(first, std::min(end, first + kTask),
-                                                          block.data_ptr<float>() + (first - begin) * p.slots,
-                                                          p.slots, done.data());
+                                                          block.data_ptr<float>() + (first - begin) * p.slots, p.slots,
+                                                          done.data());
                    },
                    max_threads);
     }

@@ -34,7 +34,7 @@ constexpr int kTiers = 4;
 constexpr int64_t kTierAxes[kTiers] = {32, 128, 256, 384};
 // Leading axes of the bounding box of each block of 8 rows, checked before the block's first-tier bounds.
 constexpr int64_t kBoxAxes = 16;
-constexpr int64_t kLanes = 8;  // rows per block, interleaved in the first-tier coordinates
+constexpr int64_t kLanes = 8;            // rows per block, interleaved in the first-tier coordinates
 constexpr int64_t kQuantizedLanes = 16;  // slots per group of the quantized dense tier: one 512-bit vector of sums
 enum QuantizedTerm { kScale, kNorm, kLength, kError, kTail, kQuantizedTerms };
 

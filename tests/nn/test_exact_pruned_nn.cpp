@@ -88,6 +88,18 @@ torch::Tensor clustered(int64_t n, int64_t d, int64_t clusters, uint64_t seed) {
   return ((centres.index_select(0, members) + torch::randn({n, d})) * scale + 2.0).contiguous();
 }
 
+// Runs `check` on searches fitted to `bank` with each dense first tier: quantized where the CPU has 8-bit dot
+// products, and float.
+template <typename Check>
+void for_each_dense_tier(const torch::Tensor& bank, Check check) {
+  for (bool quantized : {true, false}) {
+    SCOPED_TRACE(quantized ? "quantized products where native" : "float products");
+    ExactPrunedNN nn(2, quantized);
+    nn.fit(bank);
+    check(nn);
+  }
+}
+
 }  // namespace
 
 TEST(ExactPrunedNN, TireFeaturesGiveTheBruteForceNeighbours) {
@@ -125,15 +137,12 @@ TEST(ExactPrunedNN, MagneticTileFeaturesGiveTheBruteForceNeighbours) {
   };
   const torch::Tensor bank = ApproximateGreedyCoresetSampler(0.1).run(embed("train/good", 24));
   const torch::Tensor queries = torch::cat({embed("test/good", 1), embed("test/crack", 1)}).contiguous();
-  for (bool quantized : {true, false}) {
-    SCOPED_TRACE(quantized ? "quantized products where native" : "float products");
-    ExactPrunedNN nn(2, quantized);
-    nn.fit(bank);
+  for_each_dense_tier(bank, [&](const ExactPrunedNN& nn) {
     for (int64_t k : {1, 3}) expect_same_as_faiss(bank, queries, k, nn);
     ExactPrunedNN::Stats stats;
     nn.search(1, queries, &stats);
     EXPECT_GT(stats.dense, 0) << "the brute-force check above covers the dense search";
-  }
+  });
 }
 
 // Unstructured data: no principal axis holds much of the variance, the cells prune nothing, and the queries after
@@ -144,12 +153,9 @@ TEST(ExactPrunedNN, UnstructuredDataTakeTheDenseSearchAndGiveTheBruteForceNeighb
   torch::Tensor queries = torch::randn({700, 300});
   queries.slice(0, 600, 620) = bank.slice(0, 10, 30);  // at distance 0
   queries.slice(0, 620, 640) = 0.0;                    // near the centre, where every row is about as far
-  for (bool quantized : {true, false}) {
-    SCOPED_TRACE(quantized ? "quantized products where native" : "float products");
-    ExactPrunedNN nn(2, quantized);
-    nn.fit(bank);
+  for_each_dense_tier(bank, [&](const ExactPrunedNN& nn) {
     for (int64_t k : {1, 4, 17}) expect_same_as_faiss(bank, queries, k, nn);
-  }
+  });
   ExactPrunedNN nn(2);
   nn.fit(bank);
   ExactPrunedNN::Stats stats;
@@ -203,14 +209,11 @@ TEST(ExactPrunedNN, QuantizedProductsKeepTheNeighboursOfDataWithOutlyingCoordina
   // Near pairs, so that the queries beside them have two rows at almost the same distance, far closer than the
   // quantization error: only the bound's margin keeps the nearer one.
   bank.slice(0, 2000, 2300) = bank.slice(0, 0, 300) + torch::randn({300, 260}) * 0.1;
-  torch::Tensor queries = torch::cat({bank.slice(0, 0, 300) + torch::randn({300, 260}) * 0.1,
-                                      torch::randn({300, 260}) * torch::exp(torch::randn({300, 260}) * 1.5),
-                                      torch::zeros({16, 260})})
-                              .contiguous();
-  for (bool quantized : {true, false}) {
-    SCOPED_TRACE(quantized ? "quantized products where native" : "float products");
-    ExactPrunedNN nn(2, quantized);
-    nn.fit(bank);
+  torch::Tensor queries =
+      torch::cat({bank.slice(0, 0, 300) + torch::randn({300, 260}) * 0.1,
+                  torch::randn({300, 260}) * torch::exp(torch::randn({300, 260}) * 1.5), torch::zeros({16, 260})})
+          .contiguous();
+  for_each_dense_tier(bank, [&](const ExactPrunedNN& nn) {
     // Against distances in double: FAISS's own |q|^2 + |r|^2 - 2 q.r cancels too much on the outlying rows.
     for (int64_t k : {1, 5}) {
       const auto [distances, indices] = nn.run(k, queries);
@@ -219,7 +222,7 @@ TEST(ExactPrunedNN, QuantizedProductsKeepTheNeighboursOfDataWithOutlyingCoordina
     ExactPrunedNN::Stats stats;
     nn.search(1, queries, &stats);
     EXPECT_GT(stats.dense, 300) << "the check above covers the dense search";
-  }
+  });
 }
 
 // k the whole bank: until k rows are found every threshold is infinite, and the dense search must still pass over
@@ -228,15 +231,12 @@ TEST(ExactPrunedNN, TheDenseSearchPassesOverPaddingWhileTheThresholdIsInfinite) 
   torch::manual_seed(12);
   const torch::Tensor bank = torch::randn({150, 300});
   const torch::Tensor queries = torch::randn({200, 300});
-  for (bool quantized : {true, false}) {
-    SCOPED_TRACE(quantized ? "quantized products where native" : "float products");
-    ExactPrunedNN nn(2, quantized);
-    nn.fit(bank);
+  for_each_dense_tier(bank, [&](const ExactPrunedNN& nn) {
     ExactPrunedNN::Stats stats;
     const auto [distances, indices] = nn.search(150, queries, &stats);
     EXPECT_GT(stats.dense, 0);
     expect_exact(queries, bank, 150, distances, indices);
-  }
+  });
 }
 
 TEST(ExactPrunedNN, ClusteredDataGiveTheBruteForceNeighbours) {
