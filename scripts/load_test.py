@@ -4,9 +4,9 @@
 Fits and calibrates a model on DATA (or takes --models), starts the service, and drives it with concurrent clients
 for --duration seconds: good and defective test images, corrupt files, oversized bodies and unknown models, while one
 model is reloaded over HTTP and by SIGHUP. It checks that no answer is a 5xx other than 503, that the service never
-dies, that every scored image has the CLI's `patchcore predict` score, and that resident memory at rest after the
-reloads is what it was after the warm-up; it prints throughput and latency percentiles. Exit status 0 when every check passes, 1 otherwise, 77 when
-DATA is absent (a skip for ctest).
+dies, that every scored image has the CLI's `patchcore predict` score, and that resident memory and the thread count
+at rest after the reloads are what they were after the warm-up; it prints throughput and latency percentiles. Exit
+status 0 when every check passes, 1 otherwise, 77 when DATA is absent (a skip for ctest).
 
     scripts/load_test.py --cli build/patchcore --data ../shared/data/tire \\
         --weights ../shared/weights/resnet18-imagenet-stem-to-layer3.pth --duration 60
@@ -70,6 +70,10 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def thread_count(pid):
+    return len(os.listdir(f"/proc/{pid}/task"))
 
 
 def rss_bytes(pid):
@@ -231,7 +235,7 @@ def load_test(args):
         start = time.time()
         for t in threads:
             t.start()
-        rss, reloads = [], {"http": 0, "sighup": 0}
+        rss, threads_seen, reloads = [], [], {"http": 0, "sighup": 0}
         warm_up = start + args.duration * 0.25
         next_reload = start + args.duration / 6
         sighup_sent = False
@@ -241,6 +245,7 @@ def load_test(args):
                 fail(f"the service died with status {service.process.returncode}")
                 break
             rss.append((time.time(), rss_bytes(service.process.pid)))
+            threads_seen.append((time.time(), thread_count(service.process.pid)))
             if time.time() >= next_reload:
                 # One model reloaded while the clients run: over HTTP, and once by SIGHUP.
                 if not sighup_sent and time.time() > start + args.duration / 2:
@@ -264,6 +269,7 @@ def load_test(args):
         for _ in range(4):
             rest.append(rss_bytes(service.process.pid))
             time.sleep(0.25)
+        threads_at_rest = thread_count(service.process.pid)
         metrics = service.request("GET", "/metrics")[2].decode()
         alive = service.process.poll() is None
         exit_status = service.stop()
@@ -283,6 +289,11 @@ def load_test(args):
         if second and growth > max(args.rss_slack_mib * 2**20, 0.1 * rss_warm):
             fail(f"resident memory grew from {rss_warm / 2**20:.0f} MiB after warm-up to {rss_end / 2**20:.0f} MiB "
                  f"at rest after {sum(reloads.values())} reloads")
+        # A reload's own threads end with it: a thread left behind by each would go unnoticed in memory for a while.
+        threads_warm = min((n for t, n in threads_seen if warm_up <= t < warm_up + quarter), default=None)
+        if threads_warm is not None and threads_at_rest > threads_warm:
+            fail(f"the service ran {threads_warm} threads after warm-up and {threads_at_rest} at rest after "
+                 f"{sum(reloads.values())} reloads")
         scored = len(latencies)
         if scored == 0:
             fail("no image was scored")
@@ -294,6 +305,7 @@ def load_test(args):
             "rss_after_warm_up_mib": round(rss_warm / 2**20, 1), "rss_at_rest_mib": round(rss_end / 2**20, 1),
             "rss_peak_mib": round(max(r for _, r in rss) / 2**20, 1) if rss else None,
             "rss_mib_every_5_s": " ".join(str(round(r / 2**20)) for _, r in rss[::10]),
+            "threads_after_warm_up": threads_warm, "threads_at_rest": threads_at_rest,
             "reloads": reloads,
             "answers": {f"{k} {s}": n for (k, s), n in sorted(statuses.items())},
             "batches": {line.split('"')[1]: int(line.split()[-1]) for line in metrics.splitlines()
@@ -308,7 +320,7 @@ def load_test(args):
         if failures:
             print(f"service log: {service.log_path}\n" + service.log_text()[-4000:])
             return 1
-        print("load test passed: no 5xx but 503, no crash, every score the CLI's, memory flat")
+        print("load test passed: no 5xx but 503, no crash, every score the CLI's, memory and threads flat")
         return 0
     finally:
         if not args.keep:

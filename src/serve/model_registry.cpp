@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <future>
 
 namespace fs = std::filesystem;
 
@@ -21,6 +22,13 @@ bool ModelRegistry::is_model_folder_name(const std::string& name) {
 }
 
 std::shared_ptr<const ServedModel> ModelRegistry::load(const std::string& name) const {
+  // A thread that runs a forward pass keeps a team of OpenMP threads and oneDNN's scratchpad until it ends. Run on
+  // the HTTP thread that asked, each reload landing on another HTTP thread would leave one more team behind, up to
+  // one per HTTP thread; a thread of its own takes them with it, so the service's thread count stays what it was.
+  return std::async(std::launch::async, [&] { return load_on_this_thread(name); }).get();
+}
+
+std::shared_ptr<const ServedModel> ModelRegistry::load_on_this_thread(const std::string& name) const {
   const std::string dir = (fs::path(root_) / name).string();
   PublishedModelOptions options;
   options.num_workers = threads_;

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <thread>
 
 #include "patchcore/core/file.h"
 #include "patchcore/serve/inference_queue.h"
@@ -254,4 +255,52 @@ TEST(ModelRegistry, ServesEachFolderAndKeepsTheOldModelWhenAReloadFails) {
   registry.load_all();
   EXPECT_EQ(registry.find("tire"), nullptr);
   EXPECT_NE(registry.find("renamed"), nullptr);
+}
+
+// The service's HTTP threads outlive the reloads they ask for. A reload's warm-up pass runs on a thread that ends with
+// it, so the OpenMP team and scratchpad a forward pass gives its thread are not left behind on each of them.
+TEST(ModelRegistry, ReloadsAskedFromManyThreadsLeaveNoThreadBehind) {
+  PATCHCORE_REQUIRE_SHARED(data, "data/tire");
+  const std::string small = test::linked_data_set(data, {"train/good/000.png", "train/good/001.png"});
+  const fs::path root = test::temp_dir();
+  fs::copy(test::fit_with_cli(small, {}), root / "tire");
+  at::set_num_threads(2);  // a team of one thread would hide the leak
+  ModelRegistry registry(root.string(), 1);
+  ASSERT_EQ(registry.load_all().loaded, std::vector<std::string>{"tire"});
+  const auto threads = [] {
+    return std::distance(fs::directory_iterator("/proc/self/task"), fs::directory_iterator());
+  };
+  const auto before = threads();
+  std::mutex mutex;
+  std::condition_variable cv;
+  int reloaded = 0;
+  bool release = false;
+  std::vector<std::string> errors;
+  std::vector<std::thread> callers;
+  for (int i = 0; i < 3; ++i)
+    callers.emplace_back([&] {
+      std::string error;
+      try {
+        registry.reload("tire");
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+      std::unique_lock<std::mutex> lock(mutex);
+      if (!error.empty()) errors.push_back(error);
+      ++reloaded;
+      cv.notify_all();
+      cv.wait(lock, [&] { return release; });
+    });
+  {
+    std::unique_lock<std::mutex> lock(mutex);
+    cv.wait(lock, [&] { return reloaded == 3; });
+  }
+  EXPECT_EQ(threads(), before + 3);
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    release = true;
+  }
+  cv.notify_all();
+  for (auto& caller : callers) caller.join();
+  EXPECT_TRUE(errors.empty()) << errors.front();
 }

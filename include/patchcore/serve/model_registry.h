@@ -61,6 +61,7 @@ class ModelRegistry {
 
  private:
   std::shared_ptr<const ServedModel> load(const std::string& name) const;
+  std::shared_ptr<const ServedModel> load_on_this_thread(const std::string& name) const;
 
   std::string root_;
   int threads_;
