@@ -211,12 +211,14 @@ int fit(const ModelOptions& o, int threads) {
   for (const auto& s : train) paths.push_back(s.image_path);
   const auto model = make_model(o, threads);
   spdlog::info("fitting on {} training images from {}", paths.size(), o.data);
-  model->fit(paths, o.fit, progress_bar());
+  const FitReport report = model->fit(paths, o.fit, progress_bar());
   model->provenance().data = fs::absolute(o.data).lexically_normal().string();
   model->provenance().options = o.given;
   model->save_to_path(o.out);
-  spdlog::info("model written to {}: memory bank of {} patches, {:.1f} s", o.out, model->memory_bank_size(),
-               ms_since(start) / 1000.0);
+  spdlog::info("model written to {}: memory bank of {} patches from {}, {:.1f} s", o.out, model->memory_bank_size(),
+               report.patches, ms_since(start) / 1000.0);
+  spdlog::info("the training features ({} MiB) waited for the coreset {}", report.feature_bytes >> 20,
+               report.scratch_directory.empty() ? "in memory" : "in a scratch file in " + report.scratch_directory);
   return kExitSuccess;
 }
 

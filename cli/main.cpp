@@ -111,9 +111,9 @@ int main(int argc, char** argv) {
                     "most resident memory fit may use, e.g. 2GiB (fit refuses at once what would not fit; 0: no limit)")
         ->transform(CLI::AsSizeValue(true))
         ->check(CLI::NonNegativeNumber);
-    cmd->add_option(
-           "--scratch-dir", o.fit.scratch_directory,
-           "where the training features wait for the coreset, 4 bytes per value (default: the temporary directory)")
+    cmd->add_option("--scratch-dir", o.fit.scratch_directory,
+                    "a directory where the training features wait for the coreset, 4 bytes per value (default: in "
+                    "memory where they fit, else the temporary directory)")
         ->check(CLI::ExistingDirectory);
     cmd->add_option("--reference-randomness", o.reference_randomness,
                     "the published code's coreset randomness from its oracle's --dump .npz (arrays projection and "

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "patchcore/core/parallel.h"
+#include "patchcore/core/process_memory.h"
 
 #include <algorithm>
 #include <chrono>
@@ -44,7 +45,7 @@ BenchResult bench(PatchCore& model, const std::string& data_root, const BenchOpt
 
   StageTimer fit_timer;
   const auto fit_start = std::chrono::steady_clock::now();
-  model.fit(train, options.fit, progress, &fit_timer);
+  r.fit_report = model.fit(train, options.fit, progress, &fit_timer);
   r.fit_seconds = seconds_since(fit_start);
   for (const auto& [stage, s] : fit_timer.stages()) r.fit_stage_seconds[stage] = s.seconds;
   r.memory_bank_size = model.memory_bank_size();
@@ -88,6 +89,12 @@ std::string format_bench(const BenchResult& r) {
     out += line;
   }
   std::snprintf(line, sizeof line, "peak RSS: %.1f MiB\n", static_cast<double>(r.peak_rss_bytes) / (1024.0 * 1024.0));
+  out += line;
+  const std::string place = r.fit_report.scratch_directory.empty()
+                                ? "held in memory during fit, beside the resident memory"
+                                : "in a scratch file in " + r.fit_report.scratch_directory;
+  std::snprintf(line, sizeof line, "training features: %.1f MiB, %s\n",
+                static_cast<double>(r.fit_report.feature_bytes) / (1024.0 * 1024.0), place.c_str());
   return out + line;
 }
 
@@ -105,6 +112,8 @@ std::string bench_json(const BenchResult& r) {
       {"predict_stage_ms_per_image", r.predict_stage_ms_per_image},
       {"images_per_second", r.images_per_second},
       {"peak_rss_bytes", r.peak_rss_bytes},
+      {"training_feature_bytes", r.fit_report.feature_bytes},
+      {"training_features_scratch_directory", r.fit_report.scratch_directory},
   };
   return j.dump(2) + "\n";
 }

@@ -11,6 +11,7 @@
 
 #include "patchcore/core/device.h"
 #include "patchcore/core/file.h"
+#include "patchcore/core/process_memory.h"
 #include "patchcore/io/image_batches.h"
 #include "patchcore/memory_bank/feature_store.h"
 #include "patchcore/model_dir.h"
@@ -96,8 +97,8 @@ at::Tensor PatchCore::embed(const at::Tensor& images, std::vector<int64_t>* patc
   return patch_embedder_->forward(features, patch_shape);
 }
 
-void PatchCore::fit(const std::vector<std::string>& image_paths, const FitOptions& options,
-                    const ProgressCallback& progress, StageTimer* timer) {
+FitReport PatchCore::fit(const std::vector<std::string>& image_paths, const FitOptions& options,
+                         const ProgressCallback& progress, StageTimer* timer) {
   require_loaded("fit");
   if (image_paths.empty()) throw std::invalid_argument("PatchCore::fit: no training images");
   if (options.batch_size < 1) throw std::invalid_argument("PatchCore::fit: batch size must be at least 1");
@@ -121,9 +122,10 @@ void PatchCore::fit(const std::vector<std::string>& image_paths, const FitOption
       // will hold; in the others it is an estimate, and the summary grows where it falls short.
       const int64_t rows =
           embedded.size(0) / static_cast<int64_t>(images.size()) * static_cast<int64_t>(image_paths.size());
-      check_fit_memory(rows, embedded.size(1), options.memory_budget_bytes);
+      const bool in_memory = plan_fit_memory(rows, embedded.size(1), options);
       StageTimer::Scope scope(timer, "store");
-      store = std::make_unique<FeatureStore>(embedded.size(1), options.scratch_directory);
+      store = in_memory ? FeatureStore::in_memory(embedded.size(1))
+                        : std::make_unique<FeatureStore>(embedded.size(1), options.scratch_directory);
       store->reserve(rows);
       summary = at::empty({rows, chunk.size(1)}, at::kFloat);
     }
@@ -157,8 +159,12 @@ void PatchCore::fit(const std::vector<std::string>& image_paths, const FitOption
     bank = store->gather(selected);
   }
   fit_memory_bank(bank, timer);
-  StageTimer::Scope scope(timer, "normal scores");
-  measure_normal_scores(store->rows(), [&](const std::vector<int64_t>& rows) { return store->gather(rows); });
+  {
+    StageTimer::Scope scope(timer, "normal scores");
+    measure_normal_scores(store->rows(), [&](const std::vector<int64_t>& rows) { return store->gather(rows); });
+  }
+  return FitReport{store->rows(), store->rows() * store->dim() * static_cast<int64_t>(sizeof(float)),
+                   store->directory()};
 }
 
 void PatchCore::fit_features(const at::Tensor& features, StageTimer* timer) {
@@ -193,20 +199,27 @@ void PatchCore::fit_memory_bank(const at::Tensor& bank, StageTimer* timer) {
   anomaly_scorer_->fit({bank});
 }
 
-void PatchCore::check_fit_memory(int64_t rows, int64_t dim, int64_t budget_bytes) const {
-  if (budget_bytes == 0) return;
-  const int64_t in_use = current_rss_bytes();
+bool PatchCore::plan_fit_memory(int64_t rows, int64_t dim, const FitOptions& options) const {
+  const int64_t features = rows * dim * static_cast<int64_t>(sizeof(float));
   const int64_t selection = rows * featuresampler_->selection_bytes_per_row(dim);
   // The bank tensor, the index's copy of it and the index's own working data, which is no larger.
   const int64_t bank = 3 * featuresampler_->selection_size(rows) * dim * static_cast<int64_t>(sizeof(float));
-  const int64_t needed = in_use + std::max(selection, bank);
-  if (needed > budget_bytes) {
-    const auto mib = [](int64_t bytes) { return std::to_string(bytes >> 20) + " MiB"; };
-    throw std::runtime_error("PatchCore::fit: " + std::to_string(rows) + " training patches need about " + mib(needed) +
-                             " (" + mib(in_use) + " in use, " + mib(selection) + " for the coreset selection, " +
-                             mib(bank) + " for the memory bank and its index), more than the memory budget of " +
-                             mib(budget_bytes) + "; fit fewer images or keep a smaller fraction");
+  const int64_t budget = options.memory_budget_bytes;
+  if (budget > 0) {
+    const int64_t in_use = current_rss_bytes();
+    const int64_t needed = in_use + std::max(selection, bank);
+    if (needed > budget) {
+      const auto mib = [](int64_t bytes) { return std::to_string(bytes >> 20) + " MiB"; };
+      throw std::runtime_error("PatchCore::fit: " + std::to_string(rows) + " training patches need about " +
+                               mib(needed) + " (" + mib(in_use) + " in use, " + mib(selection) +
+                               " for the coreset selection, " + mib(bank) +
+                               " for the memory bank and its index), more than the memory budget of " + mib(budget) +
+                               "; fit fewer images or keep a smaller fraction");
+    }
+    return options.scratch_directory.empty() && needed + features <= budget;
   }
+  // Half of what is available, as the backbone, the decoder and the rest of the system need room too.
+  return options.scratch_directory.empty() && features + std::max(selection, bank) <= available_memory_bytes() / 2;
 }
 
 at::Tensor PatchCore::embed(const std::vector<at::Tensor>& images, StageTimer* timer) const {

@@ -6,9 +6,12 @@
 #include <opencv2/imgcodecs.hpp>
 #include <thread>
 
+#include <unistd.h>
+
 #include "common_fixtures.h"
 #include "patchcore/backbone/resnet.h"
 #include "patchcore/bench.h"
+#include "patchcore/core/process_memory.h"
 #include "patchcore/core/stage_timer.h"
 #include "patchcore/io/dataset.h"
 #include "patchcore/io/image_batches.h"
@@ -89,6 +92,13 @@ TEST(PeakRss, CoversMemoryThisProcessTouched) {
   EXPECT_GE(peak_rss_bytes(), bytes);
   EXPECT_GE(peak_rss_bytes(), before);
   EXPECT_EQ(block[static_cast<size_t>(bytes) - 1], 1);
+}
+
+TEST(AvailableMemory, IsSomeOfThePhysicalMemory) {
+  const int64_t physical = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+  const int64_t available = available_memory_bytes();
+  EXPECT_GT(available, 0);
+  EXPECT_LE(available, physical);
 }
 
 TEST(ImageBatches, ReadsBatchesInOrderWithTheTransform) {
@@ -175,14 +185,19 @@ TEST(Bench, ReportsEveryStageOfFitAndPredict) {
   EXPECT_GT(r.predict_ms_per_image, 0);
   EXPECT_DOUBLE_EQ(r.images_per_second, 1000.0 / r.predict_ms_per_image);
   EXPECT_GT(r.peak_rss_bytes, 0);
+  EXPECT_EQ(r.fit_report.patches, r.memory_bank_size);
+  EXPECT_EQ(r.fit_report.feature_bytes, r.fit_report.patches * model.params().target_embed_dimension * 4);
+  EXPECT_EQ(r.fit_report.scratch_directory, "");  // a few kilobytes: held in memory
 
   const auto j = nlohmann::json::parse(bench_json(r));
+  EXPECT_EQ(j.at("training_feature_bytes").get<int64_t>(), r.fit_report.feature_bytes);
   EXPECT_EQ(j.at("memory_bank_size").get<int64_t>(), r.memory_bank_size);
   EXPECT_EQ(j.at("predict_stage_ms_per_image").at("search").get<double>(), r.predict_stage_ms_per_image.at("search"));
   EXPECT_EQ(j.at("fit_stage_seconds").size(), r.fit_stage_seconds.size());
   const std::string table = format_bench(r);
   for (const auto& stage : predict_stages) EXPECT_NE(table.find(stage), std::string::npos) << stage;
   EXPECT_NE(table.find("peak RSS"), std::string::npos);
+  EXPECT_NE(table.find("training features"), std::string::npos);
 
   options.repeat = 0;
   EXPECT_THROW(bench(model, root, options), std::invalid_argument);

@@ -190,8 +190,16 @@ TEST(PatchCore, StreamedFitEqualsFitFeaturesOnAllEmbeddingsWithinItsBudget) {
   options.scratch_directory = test::temp_dir();
   options.memory_budget_bytes = int64_t{64} << 30;
   const auto streamed = make();
-  streamed->fit(train, options);
+  const FitReport report = streamed->fit(train, options);
   EXPECT_TRUE(fs::is_empty(options.scratch_directory));
+  EXPECT_EQ(report.scratch_directory, options.scratch_directory);
+  EXPECT_EQ(report.patches, 3 * 784);
+  EXPECT_EQ(report.feature_bytes, report.patches * params.target_embed_dimension * 4);
+  // Without a scratch directory, features that fit the budget wait in memory.
+  FitOptions in_memory_options = options;
+  in_memory_options.scratch_directory.clear();
+  const auto held = make();
+  EXPECT_EQ(held->fit(train, in_memory_options).scratch_directory, "");
 
   // The same batches embedded and held at once, then subsampled.
   const auto in_memory = make();
@@ -204,8 +212,10 @@ TEST(PatchCore, StreamedFitEqualsFitFeaturesOnAllEmbeddingsWithinItsBudget) {
   ASSERT_EQ(in_memory->memory_bank_size(), rows);
   const std::string work = test::temp_dir();
   streamed->anomaly_scorer().nn_method().save(work + "/streamed.faiss");
+  held->anomaly_scorer().nn_method().save(work + "/held.faiss");
   in_memory->anomaly_scorer().nn_method().save(work + "/in_memory.faiss");
   EXPECT_TRUE(read_file(work + "/streamed.faiss") == read_file(work + "/in_memory.faiss"));
+  EXPECT_TRUE(read_file(work + "/held.faiss") == read_file(work + "/in_memory.faiss"));
 
   // A budget below what is already in use is refused before the long work, and the fitted bank stays.
   options.memory_budget_bytes = int64_t{1} << 20;

@@ -27,6 +27,9 @@ struct BenchResult {
   std::map<std::string, double> predict_stage_ms_per_image;
   double images_per_second = 0;  // 1000 / predict_ms_per_image
   int64_t peak_rss_bytes = 0;    // of the whole process, at the end
+  // Where fit kept the training features. Held in memory, they are not in the resident memory: an anonymous memory
+  // file is mapped by no one.
+  FitReport fit_report;
 };
 
 // Fits `model` (loaded; any fitted state is replaced) on root/train/good, then predicts every image of

@@ -80,9 +80,18 @@ struct FitOptions {
   // (the memory already in use, plus the larger of the sampler's selection data and the memory bank with its
   // index) would exceed it.
   int64_t memory_budget_bytes = 0;
-  // Where the patch features wait for the coreset, in an unnamed file (FeatureStore); the system's temporary
-  // directory when empty. It needs 4 bytes per feature value: patches x target_embed_dimension x 4.
+  // Where the patch features wait for the coreset (FeatureStore), 4 bytes per feature value: patches x
+  // target_embed_dimension x 4. Given, an unnamed file in that directory. Empty, in memory where they fit (within
+  // the budget with everything else fit holds; without a budget, in half the memory available), else an unnamed
+  // file in the system's temporary directory.
   std::string scratch_directory;
+};
+
+// Where fit kept the training features, for its report.
+struct FitReport {
+  int64_t patches = 0;            // training patches embedded
+  int64_t feature_bytes = 0;      // their features: patches x target_embed_dimension x 4
+  std::string scratch_directory;  // the directory of the file they waited in; empty when they were held in memory
 };
 
 // Reports progress of long steps: stage name, items done, items in total.
@@ -108,12 +117,12 @@ class PatchCore {
   at::Tensor embed(const std::vector<at::Tensor>& images, StageTimer* timer = nullptr) const;
 
   // Fits the memory bank on training images (files, read with params.transform), batch by batch. Each batch's
-  // embeddings go to a FeatureStore on disk and only the sampler's summary of them stays in memory; the
-  // selected rows are read back and indexed. The result equals fit_features() on all embeddings at once.
-  // The next batch is decoded while the current one is embedded. `timer` (optional) receives stages
-  // "decode", "backbone", "embedding", "store", "coreset" and "index".
-  void fit(const std::vector<std::string>& image_paths, const FitOptions& options = {},
-           const ProgressCallback& progress = {}, StageTimer* timer = nullptr);
+  // embeddings go to a FeatureStore, in memory or on disk (FitOptions::scratch_directory), beside the sampler's
+  // summary of them; the selected rows are read back and indexed. The result equals fit_features() on all
+  // embeddings at once. The next batch is decoded while the current one is embedded. `timer` (optional) receives
+  // stages "decode", "backbone", "embedding", "store", "coreset" and "index".
+  FitReport fit(const std::vector<std::string>& image_paths, const FitOptions& options = {},
+                const ProgressCallback& progress = {}, StageTimer* timer = nullptr);
   // Fits on already-embedded features [N, D] (e.g. from embed()); `timer` receives "coreset" and "index".
   void fit_features(const at::Tensor& features, StageTimer* timer = nullptr);
 
@@ -169,8 +178,9 @@ class PatchCore {
   void fit_memory_bank(const at::Tensor& bank, StageTimer* timer);
   // Scores a sample of the `patches` training patches, read by `rows`, against the fitted bank.
   void measure_normal_scores(int64_t patches, const std::function<at::Tensor(const std::vector<int64_t>&)>& rows);
-  // Throws when fitting `rows` patches of `dim` features would exceed the budget (0: no budget).
-  void check_fit_memory(int64_t rows, int64_t dim, int64_t budget_bytes) const;
+  // Whether the features of `rows` patches of `dim` values wait for the coreset in memory (true) or in a scratch
+  // file (FitOptions::scratch_directory). Throws when what fit must hold would exceed the budget.
+  bool plan_fit_memory(int64_t rows, int64_t dim, const FitOptions& options) const;
 
   std::string device_;
   PatchCoreParams params_;

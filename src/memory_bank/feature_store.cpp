@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,8 +23,7 @@ std::string system_error(const std::string& what, int error) { return what + ": 
 
 }  // namespace
 
-FeatureStore::FeatureStore(int64_t dim, const std::string& directory) : dim_(dim) {
-  if (dim < 1) throw std::invalid_argument("FeatureStore: dim must be >= 1, got " + std::to_string(dim));
+FeatureStore::FeatureStore(int64_t dim, const std::string& directory) : FeatureStore(-1, dim) {
   directory_ = directory.empty() ? std::filesystem::temp_directory_path().string() : directory;
   fd_ = ::open(directory_.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
   if (fd_ < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
@@ -37,12 +37,27 @@ FeatureStore::FeatureStore(int64_t dim, const std::string& directory) : dim_(dim
         system_error(directory_ + ": cannot create a scratch file for the training features", errno));
 }
 
+FeatureStore::FeatureStore(int fd, int64_t dim) : fd_(fd), dim_(dim) {
+  if (dim < 1) {
+    if (fd >= 0) ::close(fd);
+    throw std::invalid_argument("FeatureStore: dim must be >= 1, got " + std::to_string(dim));
+  }
+}
+
+std::unique_ptr<FeatureStore> FeatureStore::in_memory(int64_t dim) {
+  const int fd = ::memfd_create("patchcore-features", MFD_CLOEXEC);
+  if (fd < 0) throw std::runtime_error(system_error("cannot hold the training features in memory", errno));
+  return std::unique_ptr<FeatureStore>(new FeatureStore(fd, dim));
+}
+
 FeatureStore::~FeatureStore() {
   if (fd_ >= 0) ::close(fd_);
 }
 
+std::string FeatureStore::where() const { return directory_.empty() ? "memory" : directory_; }
+
 void FeatureStore::reserve(int64_t rows) {
-  if (rows <= rows_) return;
+  if (rows <= rows_ || directory_.empty()) return;
   const int64_t row_bytes = dim_ * static_cast<int64_t>(sizeof(float));
   if (rows > std::numeric_limits<int64_t>::max() / row_bytes)
     throw std::runtime_error(directory_ + ": cannot reserve scratch space for " + std::to_string(rows) +
@@ -68,8 +83,7 @@ void FeatureStore::append(const at::Tensor& rows) {
     const ssize_t n = ::pwrite(fd_, bytes + written, static_cast<size_t>(total - written), offset + written);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0)
-      throw std::runtime_error(
-          system_error(directory_ + ": writing training features to the scratch file failed", n < 0 ? errno : EIO));
+      throw std::runtime_error(system_error(where() + ": writing training features failed", n < 0 ? errno : EIO));
     written += n;
   }
   rows_ += data.size(0);
@@ -100,8 +114,8 @@ at::Tensor FeatureStore::gather(const std::vector<int64_t>& indices) const {
       const ssize_t n = ::pread(fd_, reinterpret_cast<char*>(run.data()) + got, want - got, offset + got);
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0)
-        throw std::runtime_error(system_error(
-            directory_ + ": reading training features back from the scratch file failed", n < 0 ? errno : EIO));
+        throw std::runtime_error(
+            system_error(where() + ": reading training features back failed", n < 0 ? errno : EIO));
       got += static_cast<size_t>(n);
     }
     for (; q < end; ++q) std::memcpy(dst + order[q] * dim_, run.data() + (indices[order[q]] - first) * dim_, row_bytes);

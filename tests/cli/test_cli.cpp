@@ -34,19 +34,22 @@ TEST(Cli, FitPredictEvaluateEndToEnd) {
   const std::string data = tiny_tire(tire);
   const std::string work = patchcore::test::temp_dir();
 
-  CliRun fit =
-      run_cli_line("fit --data " + data + " --weights " + weights + " --out " + work + "/model --coreset 0.25 --seed 3");
+  CliRun fit = run_cli_line("fit --data " + data + " --weights " + weights + " --out " + work +
+                            "/model --coreset 0.25 --seed 3");
   ASSERT_EQ(fit.status, 0) << fit.output();
-  EXPECT_NE(fit.output().find("memory bank of 588 patches"), std::string::npos) << fit.output();  // int(3·784·0.25)
+  EXPECT_NE(fit.output().find("memory bank of 588 patches from 2352"), std::string::npos)
+      << fit.output();  // int(3·784·0.25)
+  EXPECT_NE(fit.output().find("the training features (9 MiB) waited for the coreset in memory"), std::string::npos)
+      << fit.output();  // 2352 x 1024 x 4 bytes
 
   CliRun predict = run_cli_line("predict --model " + work + "/model " + data + "/test/cut " + data +
-                           "/test/good/000.png --out " + work + "/pred");
+                                "/test/good/000.png --out " + work + "/pred");
   ASSERT_EQ(predict.status, 0) << predict.output();
   for (const char* f : {"scores.csv", "summary.json", "000_overlay.png", "000_map.npy", "001_map.npy", "000_1_map.npy"})
     EXPECT_TRUE(fs::exists(work + "/pred/" + f)) << f;
 
   CliRun evaluate = run_cli_line("evaluate --model " + work + "/model --data " + data + " --out " + work +
-                            "/report --json " + work + "/metrics.json");
+                                 "/report --json " + work + "/metrics.json");
   ASSERT_EQ(evaluate.status, 0) << evaluate.output();
   std::ifstream json_file(work + "/metrics.json");
   const auto metrics = nlohmann::json::parse(json_file);
@@ -78,17 +81,16 @@ TEST(Cli, PredictsAndEvaluatesWithAModelThePublishedCodeSaved) {
   for (const char* kind : {"single", "ensemble"}) {
     const std::string model = patchcore::test::fixture(std::string("parity/published/") + kind);
     const CliRun predict = run_cli_line("predict --model " + model + " --weights " + weights + " " + data +
-                                   "/test/good --out " + work + "/pred_" + kind);
+                                        "/test/good --out " + work + "/pred_" + kind);
     ASSERT_EQ(predict.status, 0) << predict.output();
     EXPECT_EQ(read_csv(work + "/pred_" + kind + "/scores.csv").size(), 3u) << kind;
-    const CliRun evaluate =
-        run_cli_line("evaluate --model " + model + " --weights " + weights + " --data " + data + " --json " + work +
-                "/metrics_" + kind + ".json");
+    const CliRun evaluate = run_cli_line("evaluate --model " + model + " --weights " + weights + " --data " + data +
+                                         " --json " + work + "/metrics_" + kind + ".json");
     ASSERT_EQ(evaluate.status, 0) << evaluate.output();
     EXPECT_NE(evaluate.output().find("image_auroc"), std::string::npos) << evaluate.output();
   }
   const CliRun without_weights = run_cli_line("predict --model " + patchcore::test::fixture("parity/published/single") +
-                                         " " + data + "/test/good --out " + work + "/none");
+                                              " " + data + "/test/good --out " + work + "/none");
   EXPECT_NE(without_weights.status, 0);
   EXPECT_NE(without_weights.output().find("give them with --weights"), std::string::npos) << without_weights.output();
 }

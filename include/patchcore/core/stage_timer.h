@@ -1,6 +1,6 @@
 #pragma once
-// Wall time per named stage of a pipeline, and the process's peak memory, for `patchcore bench` and
-// for anyone who wants to know where the time of fit or predict goes.
+// Wall time per named stage of a pipeline, for `patchcore bench` and for anyone who wants to know where the time of
+// fit or predict goes.
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -43,10 +43,5 @@ class StageTimer {
   mutable std::mutex mutex_;
   std::map<std::string, Stage> stages_;
 };
-
-// The most resident memory this process has used so far (VmHWM), in bytes; 0 where the system does not say.
-int64_t peak_rss_bytes();
-// The resident memory of this process now (VmRSS), in bytes; 0 where the system does not say.
-int64_t current_rss_bytes();
 
 }  // namespace patchcore
