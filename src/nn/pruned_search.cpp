@@ -559,7 +559,6 @@ class Searcher {
     bounds_.resize(static_cast<size_t>(kQuantizedTask * stride));
     QuantizedQueries& q = quantized_;
     q.codes.assign(static_cast<size_t>(kQuantizedTask * steps), 0);
-    const double up = 1.0 + 4.0 * kFloatUnit;
     for (int64_t i = 0; i < kQuantizedTask; ++i) {
       q.scale[i] = 1.0f;
       q.norm[i] = q.error[i] = q.length[i] = q.tail[i] = 0.0f;
@@ -572,8 +571,8 @@ class Searcher {
           quantize(queries_[i].coords, axes, [&](int64_t a, int32_t code) { bytes[a] = static_cast<int8_t>(code); });
       q.scale[i] = quantized.scale;
       q.norm[i] = static_cast<float>(quantized.squared);
-      q.error[i] = static_cast<float>(quantized.error * up);
-      q.length[i] = static_cast<float>(quantized.length * up);
+      q.error[i] = quantized.error;
+      q.length[i] = quantized.length;
       q.tail[i] = queries_[i].tails[2];
       q.offset[i] = 128 * quantized.sum;
     }

@@ -225,7 +225,6 @@ void quantize_dense_tier(PruningIndex& p) {
   p.quantized_axes = padded;
   p.quantized_rows.assign(static_cast<size_t>(groups * padded * lanes), 128);
   p.quantized_terms.assign(static_cast<size_t>(groups * kQuantizedTerms * lanes), 0.0f);
-  const double up = 1.0 + 4.0 * kFloatUnit;
   for (int64_t s = 0; s < groups * lanes; ++s) {
     const int64_t g = s / lanes, lane = s % lanes;
     float* terms = p.quantized_terms.data() + g * kQuantizedTerms * lanes + lane;
@@ -239,8 +238,8 @@ void quantize_dense_tier(PruningIndex& p) {
     });
     terms[kScale * lanes] = q.scale;
     terms[kNorm * lanes] = static_cast<float>(q.squared);
-    terms[kLength * lanes] = static_cast<float>(std::sqrt(q.squared) * up);
-    terms[kError * lanes] = static_cast<float>(q.error * up);
+    terms[kLength * lanes] = q.norm;
+    terms[kError * lanes] = q.error;
     terms[kTail * lanes] = p.tails[2][s];
   }
 }

@@ -95,29 +95,32 @@ void derive_dense_tiers(PruningIndex& index);
 
 // A vector's leading coordinates c[0, n) in 8 bits for the quantized dense tier: codes q~ = round(c / s) in
 // [-127, 127] with s = max |c_i| / 127 (1 where that is 0, so that tiny or zero vectors get codes 0), each passed to
-// put(i, code). Returns s and, in double: |c|^2, the quantization error |c - s q~|, the norm |s q~| and sum(q~).
+// put(i, code). Returns s, sum(q~), |c|^2 in double, and the lengths that the bound's error term multiplies (|c|, the
+// norm |s q~| and the quantization error |c - s q~|) as floats rounded up, so that the term never shrinks.
 struct Quantized {
   float scale;
-  double squared, error, length;
   int32_t sum;
+  double squared;
+  float norm, length, error;
 };
 template <typename Put>
 Quantized quantize(const float* c, int64_t n, Put put) {
   float largest = 0.0f;
   for (int64_t i = 0; i < n; ++i) largest = std::max(largest, std::abs(c[i]));
-  Quantized out{largest / 127.0f > 0.0f ? largest / 127.0f : 1.0f, 0.0, 0.0, 0.0, 0};
+  const float scale = largest / 127.0f > 0.0f ? largest / 127.0f : 1.0f;
+  int32_t sum = 0;
+  double squared = 0.0, error = 0.0, length = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    const double code = std::clamp(std::nearbyint(static_cast<double>(c[i]) / out.scale), -127.0, 127.0);
+    const double code = std::clamp(std::nearbyint(static_cast<double>(c[i]) / scale), -127.0, 127.0);
     put(i, static_cast<int32_t>(code));
-    const double value = code * out.scale, off = c[i] - value;
-    out.squared += static_cast<double>(c[i]) * c[i];
-    out.error += off * off;
-    out.length += value * value;
-    out.sum += static_cast<int32_t>(code);
+    const double value = code * scale, off = c[i] - value;
+    squared += static_cast<double>(c[i]) * c[i];
+    error += off * off;
+    length += value * value;
+    sum += static_cast<int32_t>(code);
   }
-  out.error = std::sqrt(out.error);
-  out.length = std::sqrt(out.length);
-  return out;
+  const auto up = [](double x) { return static_cast<float>(std::sqrt(x) * (1.0 + 4.0 * kFloatUnit)); };
+  return Quantized{scale, sum, squared, up(squared), up(length), up(error)};
 }
 
 // The pruning structure of the bank `rows` ([n, d] float32, finite, kept alive by the caller).
