@@ -17,8 +17,9 @@
 #endif
 
 // The one exception: 8-bit integer dot products (AVX512_VNNI), which the vector types cannot express. Such a kernel
-// is written with intrinsics, compiled for that instruction set alone and called only where the CPU has it, behind
-// a check of __builtin_cpu_supports by its caller.
+// is written with intrinsics (the product itself in one line of assembly where GCC 12 compiles its intrinsic badly),
+// compiled for that instruction set alone and called only where the CPU has it, behind a check of
+// __builtin_cpu_supports by its caller.
 #if defined(__x86_64__)
 #define PATCHCORE_VNNI_KERNEL __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #endif
