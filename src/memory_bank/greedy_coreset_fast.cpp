@@ -347,6 +347,15 @@ std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vecto
       }
     };
 
+    // Starts fetching what a catch-up of point i reads first. The points of a round lie all over memory, and their
+    // misses cost the loop a sixth of its time on magnetic_tile. Inlined: GCC deems a function of prefetches alone
+    // free of effects and drops its calls.
+    const auto fetch = [&](int64_t i) __attribute__((always_inline)) {
+      __builtin_prefetch(&state[i]);
+      __builtin_prefetch(&p.norms[i]);
+      for (int64_t k = 0; k < levels.stride; k += 16) __builtin_prefetch(values.data() + i * levels.stride + k);
+      for (int64_t k = 0; k < p.dim; k += 16) __builtin_prefetch(p.data + i * p.dim + k);
+    };
     std::vector<Best> round;
     while (static_cast<int64_t>(selected.size()) < count) {
       const Best top = heap.front();
@@ -360,16 +369,13 @@ std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vecto
       round.clear();
       for (int64_t k = 0; k < kRoundPerThread * threads && !heap.empty(); ++k) {
         std::pop_heap(heap.begin(), heap.end(), HeapOrder{});
+        fetch(heap.back().index);
         round.push_back(heap.back());
         heap.pop_back();
       }
       const Best next = heap.empty() ? Best{} : heap.front();
-      // The next point is most often caught up next: start fetching its state, values and row.
-      if (!heap.empty()) {
-        __builtin_prefetch(&state[next.index]);
-        for (int64_t k = 0; k < levels.stride; k += 16) __builtin_prefetch(values.data() + next.index * levels.stride + k);
-        for (int64_t k = 0; k < p.dim; k += 16) __builtin_prefetch(p.rows[next.index] + k);
-      }
+      // The next point is most often caught up in the next round.
+      if (!heap.empty()) fetch(next.index);
       parallel_for(static_cast<int64_t>(round.size()),
                    [&](int64_t k, int worker) { catch_up(round[k].index, next, scratch[worker]); }, threads);
       for (const Best& b : round) {
