@@ -753,16 +753,6 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
     throw std::invalid_argument("ExactPrunedNN: query features contain NaN or infinite values");
   const int64_t nq = queries.size(0);
   const at::Tensor centred = (queries - p.mean).contiguous();
-  // The walk leaves few rows to its last tier, so it stops a tier short and rotates the queries to fewer axes: on
-  // tire the wider rotation cost more than the exact distances it spared.
-  const int64_t walk_width = p.axes[kTiers - 2];
-  const at::Tensor rotated = centred.mm(p.basis.slice(1, 0, walk_width)).contiguous();  // float GEMM
-  at::Tensor distances = at::empty({nq, k}, at::kFloat);
-  at::Tensor indices = at::empty({nq, k}, at::kLong);
-  const Search search(p, k, queries, centred, rotated, distances, indices);
-  const int64_t chunks = (nq + kChunk - 1) / kChunk;
-  std::vector<Searcher> searchers(static_cast<size_t>(parallel_threads(std::max(chunks, nq / kTask), max_threads)),
-                                  Searcher(search));
   // The cell walk over a few work items, spread over the queries, measures how well the cells prune this bank for
   // them: where it refines more than kDenseShare of the rows per query, the dense search costs less. A sampled item
   // stops at that share, so that a bank the cells prune poorly costs little walking, and the dense search takes the
@@ -776,6 +766,18 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
   const bool trusted = history &&
                        history->dense_in_a_row.load(std::memory_order_relaxed) >= SearchHistory::kTrustedChoices &&
                        call % SearchHistory::kResampleEvery != 0;
+  // The walk leaves few rows to its last tier, so it stops a tier short and rotates the queries to fewer axes: on
+  // tire the wider rotation cost more than the exact distances it spared. A call that takes the dense search at
+  // once rotates them to every axis in one product.
+  const int64_t walk_width = p.axes[kTiers - 2];
+  const at::Tensor rotated =
+      centred.mm(p.basis.slice(1, 0, trusted ? p.width() : walk_width)).contiguous();  // float GEMM
+  at::Tensor distances = at::empty({nq, k}, at::kFloat);
+  at::Tensor indices = at::empty({nq, k}, at::kLong);
+  const Search search(p, k, queries, centred, rotated, distances, indices);
+  const int64_t chunks = (nq + kChunk - 1) / kChunk;
+  std::vector<Searcher> searchers(static_cast<size_t>(parallel_threads(std::max(chunks, nq / kTask), max_threads)),
+                                  Searcher(search));
   const int64_t sampled = trusted ? 0 : std::min(chunks, kSampledChunks);
   auto sample_chunk = [&](int64_t i) { return (2 * i + 1) * chunks / (2 * sampled); };
   auto chunk_size = [&](int64_t chunk) { return std::min(kChunk, nq - chunk * kChunk); };
@@ -818,10 +820,9 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
         },
         max_threads);
   } else {
+    const int64_t width = rotated.size(1);
     const at::Tensor all_axes =
-        walk_width == p.width()
-            ? rotated
-            : at::cat({rotated, centred.mm(p.basis.slice(1, walk_width, p.width()))}, 1).contiguous();
+        width == p.width() ? rotated : at::cat({rotated, centred.mm(p.basis.slice(1, width, p.width()))}, 1).contiguous();
     const Search dense_search(p, k, queries, centred, all_axes, distances, indices);
     for (Searcher& searcher : searchers) searcher.switch_to(dense_search);
 #if defined(PATCHCORE_VNNI_KERNEL)
