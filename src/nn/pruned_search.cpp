@@ -39,7 +39,7 @@ constexpr int64_t kTask = 8;
 constexpr int64_t kQuantizedTask = 16;  // one 512-bit sum per query and group of slots: 16 of the 32 registers
 constexpr int64_t kPrefetchAhead = 4;   // slots whose refined coordinates the dense search fetches ahead
 constexpr double kDenseShare = 0.1;
-constexpr int64_t kSampledChunks = 2;  // work items the cell walk searches first, to choose between the two
+constexpr int64_t kSampledItems = 2;  // items of queries the cell walk searches first, to choose between the two
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // sum((a - b)^2) over n floats in 16 lanes. Every term is non-negative, so the relative error is at most
@@ -470,15 +470,14 @@ class Searcher {
         cell_order_(static_cast<size_t>(cell_count_)),
         to_centres_(static_cast<size_t>((cell_count_ + kLanes - 1) / kLanes * kLanes)) {}
 
-  // A work item is two rows of the patch grid. Its queries look alike and need mostly the same cells, so the
-  // cells are visited in one order for all of them and each cell's rows are read from memory once for the whole
-  // item rather than once per query. The walk gives up once it has refined more than `budget` rows, leaving the
-  // item's results unwritten, and says whether it finished.
-  bool search_chunk(int64_t chunk, int64_t budget = std::numeric_limits<int64_t>::max()) {
-    const int64_t begin = chunk * kChunk, count = std::min(s_->nq, begin + kChunk) - begin;
+  // A work item is two rows of the patch grid (`ids`, at most kChunk queries). Its queries look alike and need
+  // mostly the same cells, so the cells are visited in one order for all of them and each cell's rows are read from
+  // memory once for the whole item rather than once per query. The walk gives up once it has refined more than
+  // `budget` rows, leaving the item's results unwritten, and says whether it finished.
+  bool search_item(const int64_t* ids, int64_t count, int64_t budget = std::numeric_limits<int64_t>::max()) {
     const int64_t refined_before = refined;
     for (int64_t i = 0; i < count; ++i) {
-      start(queries_[i], begin + i, cell_bounds_.data() + i * cell_count_);
+      start(queries_[i], ids[i], cell_bounds_.data() + i * cell_count_);
       // The cell with the nearest centre first: it most often holds the nearest row, so the threshold is tight
       // before the shared walk. (The cell with the lowest bound favours wide cells, which hold it less often.)
       visit(queries_[i], queries_[i].seed_cell);
@@ -502,7 +501,7 @@ class Searcher {
         visit(query, ci);
       }
     }
-    for (int64_t i = 0; i < count; ++i) finish(queries_[i], begin + i);
+    for (int64_t i = 0; i < count; ++i) finish(queries_[i], ids[i]);
     return true;
   }
 
@@ -558,12 +557,12 @@ class Searcher {
   }
 
   // Queries [begin, end) (at most kTask) by the dense search in float, given their dot products with every slot over
-  // the second tier's axes, `dots` rows apart; `done` says which the walk has searched.
+  // the second tier's axes, `dots` rows apart; `done` says which queries the walk has searched.
   void search_dense_float(int64_t begin, int64_t end, const float* dots, int64_t stride, const char* done) {
     const int64_t n = p_.slots, axes = p_.axes[1];
     bounds_.resize(static_cast<size_t>(n));
     for (int64_t qi = begin; qi < end; ++qi) {
-      if (done[qi / kChunk]) continue;
+      if (done[qi]) continue;
       Query& query = queries_[0];
       start_query(query, qi);
       double q_norm = 0.0;
@@ -575,8 +574,8 @@ class Searcher {
   }
 
 #if defined(PATCHCORE_VNNI_KERNEL)
-  // Queries [begin, end) (at most kQuantizedTask) by the dense search on the quantized tier; `done` says which the
-  // walk has searched.
+  // Queries [begin, end) (at most kQuantizedTask) by the dense search on the quantized tier; `done` says which
+  // queries the walk has searched.
   void search_dense_quantized(int64_t begin, int64_t end, const char* done) {
     const int64_t stride = p_.quantized_groups() * kQuantizedLanes, axes = p_.axes[2];
     const int64_t steps = p_.quantized_axes / 4;
@@ -588,7 +587,7 @@ class Searcher {
       q.norm[i] = q.error[i] = q.length[i] = q.tail[i] = 0.0f;
       q.offset[i] = 0;
       const int64_t qi = begin + i;
-      if (qi >= end || done[qi / kChunk]) continue;
+      if (qi >= end || done[qi]) continue;
       start_query(queries_[i], qi);
       auto* bytes = reinterpret_cast<int8_t*>(q.codes.data());
       const Quantized quantized = quantize(queries_[i].coords, axes, [&](int64_t a, int32_t code) {
@@ -603,7 +602,7 @@ class Searcher {
     }
     quantized_bounds(p_, q, bounds_.data(), stride);
     for (int64_t qi = begin; qi < end; ++qi)
-      if (!done[qi / kChunk]) search_dense(queries_[qi - begin], qi, bounds_.data() + (qi - begin) * stride, 2);
+      if (!done[qi]) search_dense(queries_[qi - begin], qi, bounds_.data() + (qi - begin) * stride, 2);
   }
 #endif
 
@@ -765,13 +764,13 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
     throw std::invalid_argument("ExactPrunedNN: query features contain NaN or infinite values");
   const int64_t nq = queries.size(0);
   const at::Tensor centred = (queries - p.mean).contiguous();
-  // The cell walk over a few work items, spread over the queries, measures how well the cells prune this bank for
-  // them: where it refines more than kDenseShare of the rows per query, the dense search costs less. A sampled item
-  // stops at that share, so that a bank the cells prune poorly costs little walking, and the dense search takes the
-  // rest of the call when at least half of the sampled items stopped. Their queries are searched again with the rest.
-  // Each sampled item lies in the middle of its share of the items: a call's first items are an image's top rows,
-  // which the cells prune better than the rest (magnetic_tile: sampling each image's first item keeps the walk,
-  // which loses there, for 63% of two-image calls).
+  // The cell walk over a few items of queries spread evenly over the call measures how well the cells prune this
+  // bank for them: where it refines more than kDenseShare of the rows per query, the dense search costs less. A
+  // sampled item stops at that share, so that a bank the cells prune poorly costs little walking, and the dense
+  // search takes the rest of the call when at least half of the sampled items stopped; the queries of the items that
+  // finished keep their results. The samples are spread rather than contiguous: the cells prune an image's top rows
+  // better than the rest, and a contiguous item in the middle of a call of 4 or 8 images is such rows (magnetic_tile
+  // then kept the walk, 4 times slower there, for every call).
   // Where the bank's calls keep choosing the dense search, the sample, which that search then repeats, is spared
   // (SearchHistory): on magnetic_tile it costs about an eighth of a call.
   const int64_t call = history ? history->calls.fetch_add(1, std::memory_order_relaxed) : 0;
@@ -790,22 +789,26 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
   const int64_t chunks = (nq + kChunk - 1) / kChunk;
   std::vector<Searcher> searchers(static_cast<size_t>(parallel_threads(std::max(chunks, nq / kTask), max_threads)),
                                   Searcher(search));
-  const int64_t sampled = trusted ? 0 : std::min(chunks, kSampledChunks);
-  auto sample_chunk = [&](int64_t i) { return (2 * i + 1) * chunks / (2 * sampled); };
-  auto chunk_size = [&](int64_t chunk) { return std::min(kChunk, nq - chunk * kChunk); };
+  const int64_t sampled = trusted ? 0 : std::min(nq, kSampledItems);
+  const int64_t sample_size = sampled > 0 ? std::min(kChunk, nq / sampled) : 0;
   auto share = [&](int64_t queries) {
     return static_cast<int64_t>(kDenseShare * static_cast<double>(queries) * static_cast<double>(p.count));
   };
-  std::vector<char> done(static_cast<size_t>(chunks), 0);
+  std::vector<char> done(static_cast<size_t>(nq), 0);  // per query: searched by the walk
+  std::vector<char> finished(static_cast<size_t>(sampled), 0);
   parallel_for(
       sampled,
       [&](int64_t i, int worker) {
-        const int64_t chunk = sample_chunk(i);
-        done[chunk] = searchers[worker].search_chunk(chunk, share(chunk_size(chunk)));
+        // Item i holds every sampled-th query of an even spacing of the call, starting at its i-th.
+        std::vector<int64_t> ids(static_cast<size_t>(sample_size));
+        for (int64_t j = 0; j < sample_size; ++j) ids[j] = (j * sampled + i) * nq / (sample_size * sampled);
+        finished[i] = searchers[worker].search_item(ids.data(), sample_size, share(sample_size));
+        if (finished[i])
+          for (int64_t q : ids) done[q] = 1;
       },
       max_threads);
   int64_t stopped = 0;
-  for (int64_t i = 0; i < sampled; ++i) stopped += done[sample_chunk(i)] ? 0 : 1;
+  for (int64_t i = 0; i < sampled; ++i) stopped += finished[i] ? 0 : 1;
   const bool dense = 2 * stopped >= sampled;
   if (history && !trusted) {
     if (dense)
@@ -815,8 +818,7 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
   }
   const auto counted = [&] {
     if (counts) {
-      if (dense)
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) counts->dense += done[chunk] ? 0 : chunk_size(chunk);
+      if (dense) counts->dense += nq - std::count(done.begin(), done.end(), 1);
       for (const Searcher& searcher : searchers) {
         counts->refined += searcher.refined;
         counts->exact += searcher.exact;
@@ -828,7 +830,10 @@ std::pair<at::Tensor, at::Tensor> search(const PruningIndex& p, int64_t k, const
     parallel_for(
         chunks,
         [&](int64_t chunk, int worker) {
-          if (!done[chunk]) searchers[worker].search_chunk(chunk);
+          int64_t ids[kChunk], count = 0;
+          for (int64_t q = chunk * kChunk; q < std::min(nq, (chunk + 1) * kChunk); ++q)
+            if (!done[q]) ids[count++] = q;
+          if (count > 0) searchers[worker].search_item(ids, count);
         },
         max_threads);
   } else {

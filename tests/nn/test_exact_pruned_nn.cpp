@@ -143,6 +143,21 @@ TEST(ExactPrunedNN, MagneticTileFeaturesGiveTheBruteForceNeighbours) {
     nn.search(1, queries, &stats);
     EXPECT_GT(stats.dense, 0) << "the brute-force check above covers the dense search";
   });
+  // Calls of 4 and 8 images choose as calls of 2 do. A contiguous sampled item in the middle of such a call is an
+  // image's top rows, which the cells prune better than the rest.
+  ExactPrunedNN nn(2);
+  nn.fit(bank);
+  ExactPrunedNN::Stats two;
+  nn.search(1, queries, &two);
+  const torch::Tensor eight = embed("test/good", 8);
+  for (int64_t images : {4, 8}) {
+    ExactPrunedNN fresh(2);  // without the history of the calls before
+    fresh.fit(bank);
+    ExactPrunedNN::Stats stats;
+    fresh.search(1, eight.slice(0, 0, images * 784), &stats);
+    // All of them but the queries of sampled items that finished.
+    EXPECT_GE(stats.dense, images * 784 - 112) << images << " images; 2 took " << two.dense << " of 1568";
+  }
 }
 
 // Unstructured data: no principal axis holds much of the variance, the cells prune nothing, and the queries after
