@@ -546,13 +546,7 @@ class Searcher {
       if (bound <= query.refine_threshold) candidates_.push_back({bound, p_.row_of_slot[slot]});
     }
     refined += count;
-    std::make_heap(candidates_.begin(), candidates_.end());
-    while (!candidates_.empty() && candidates_.front().bound <= query.refine_threshold) {
-      const int64_t row = candidates_.front().row;
-      std::pop_heap(candidates_.begin(), candidates_.end());
-      candidates_.pop_back();
-      consider(query, row);
-    }
+    consider_candidates(query);
     finish(query, qi);
   }
 
@@ -707,6 +701,12 @@ class Searcher {
     candidates_.clear();
     refined += refine(s_->tiers, passing_.data(), masks_.data(), count, query.coords, query.tails,
                       query.refine_threshold, candidates_);
+    consider_candidates(query);
+  }
+
+  // The exact distances of the candidates, lowest bound first, while their bounds stay within the threshold, which
+  // each one can lower.
+  void consider_candidates(Query& query) {
     std::make_heap(candidates_.begin(), candidates_.end());
     while (!candidates_.empty() && candidates_.front().bound <= query.refine_threshold) {
       const int64_t row = candidates_.front().row;
