@@ -185,13 +185,22 @@ void PatchCore::measure_normal_scores(int64_t patches,
                                       const std::function<at::Tensor(const std::vector<int64_t>&)>& rows) {
   // Enough evenly spaced patches for a stable 99th percentile, at the cost of a few images' search.
   constexpr int64_t kSamples = 20000;
+  // Searched a few images' worth at a time, so that each block reuses the last one's memory: on a virtual machine
+  // every page touched for the first time costs a fault.
+  constexpr int64_t kBlock = 2048;
   const int64_t samples = std::min(patches, kSamples);
-  std::vector<int64_t> sample(static_cast<size_t>(samples));
-  for (int64_t i = 0; i < samples; ++i) sample[i] = i * patches / samples;
-  const at::Tensor scores = std::get<0>(std::get<0>(anomaly_scorer_->predict({rows(sample)})).sort());
+  std::vector<float> scores;
+  scores.reserve(static_cast<size_t>(samples));
+  for (int64_t begin = 0; begin < samples; begin += kBlock) {
+    std::vector<int64_t> block;
+    for (int64_t i = begin; i < std::min(samples, begin + kBlock); ++i) block.push_back(i * patches / samples);
+    const at::Tensor found = std::get<0>(anomaly_scorer_->predict({rows(block)})).contiguous();
+    scores.insert(scores.end(), found.data_ptr<float>(), found.data_ptr<float>() + found.numel());
+  }
+  std::sort(scores.begin(), scores.end());
   normal_scores_.patches = samples;
-  normal_scores_.max = scores[samples - 1].item<float>();
-  normal_scores_.p99 = scores[std::min(samples - 1, samples * 99 / 100)].item<float>();
+  normal_scores_.max = scores[samples - 1];
+  normal_scores_.p99 = scores[std::min(samples - 1, samples * 99 / 100)];
 }
 
 void PatchCore::fit_memory_bank(const at::Tensor& bank, StageTimer* timer) {
