@@ -31,13 +31,14 @@ std::vector<std::pair<std::string, std::string>> given_options(const CLI::App& c
   return given;
 }
 
-// Every batch allocates and frees tensors of a few to tens of MB. With glibc's defaults the larger ones are mapped
-// afresh or handed back to the system each time, and faulting their pages in again is expensive on virtual
-// machines: fit on magnetic_tile spends 1.2 s of system time more (docs/performance.md). Keeping freed memory for
-// reuse costs no peak memory in a command that runs once, as the largest batch's tensors are in use at once anyway.
+// Every batch allocates and frees tensors of a few to tens of MB, and fit some of up to 80 MB (the bank, the coreset's
+// summary). With glibc's defaults the larger ones are mapped afresh or handed back to the system each time, and
+// faulting their pages in again is expensive on virtual machines: fit on magnetic_tile spends 1.2 s of system time
+// more (docs/performance.md). Keeping freed memory for reuse costs no peak memory in a command that runs once, as the
+// largest batch's tensors are in use at once anyway.
 void keep_freed_memory() {
-  mallopt(M_MMAP_THRESHOLD, 32 << 20);  // the largest glibc accepts
-  mallopt(M_TRIM_THRESHOLD, 256 << 20);
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   mallopt(M_TOP_PAD, 64 << 20);
 }
 
