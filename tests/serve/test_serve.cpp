@@ -295,7 +295,8 @@ TEST(ModelRegistry, ReloadsAskedFromManyThreadsLeaveNoThreadBehind) {
     std::unique_lock<std::mutex> lock(mutex);
     cv.wait(lock, [&] { return reloaded == 3; });
   }
-  EXPECT_EQ(threads(), before + 3);
+  // At most the callers more: a thread counted in `before` (load_all's warm-up) may have ended since.
+  EXPECT_LE(threads(), before + 3);
   {
     std::lock_guard<std::mutex> lock(mutex);
     release = true;
