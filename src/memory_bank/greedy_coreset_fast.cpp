@@ -2,6 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "coreset_points.h"
@@ -264,9 +268,79 @@ struct Scratch {
   GreedyStats stats;
 };
 
-// Orders the heap so that its front is the best (score, row).
-struct HeapOrder {
-  bool operator()(const Best& a, const Best& b) const { return better(b, a); }
+// The points by (score, row), best first as `better` orders them. A radix heap: the points the loop takes next
+// mostly come from one small bucket, and a push appends to a bucket, where a binary heap over every point walks a
+// path of cache misses per push and pop while the loop's other threads wait.
+// It needs every entry pushed to be no better than the last one it took out, but a caught-up point can stay
+// above the rest: such entries wait in `ahead_`, a binary heap of at most a round's points.
+class PointQueue {
+ public:
+  explicit PointQueue(const std::vector<float>& scores) {
+    for (size_t i = 0; i < scores.size(); ++i) push(Best{scores[i], static_cast<int64_t>(i)});
+  }
+  bool empty() const { return size_ == 0; }
+  Best top() { return entry(lowest_key()); }
+  Best pop() {
+    const uint64_t k = lowest_key();
+    if (!ahead_.empty()) {
+      std::pop_heap(ahead_.begin(), ahead_.end(), std::greater<>{});
+      ahead_.pop_back();
+    } else {
+      buckets_[0].pop_back();
+    }
+    --size_;
+    return entry(k);
+  }
+  void push(Best b) {
+    const uint64_t k = key(b);
+    if (k < last_) {
+      ahead_.push_back(k);
+      std::push_heap(ahead_.begin(), ahead_.end(), std::greater<>{});
+    } else {
+      buckets_[bucket(k)].push_back(k);
+    }
+    ++size_;
+  }
+
+ private:
+  // Lower keys are better: the score's bits in an order that follows the float's (-0 taken as +0), inverted,
+  // then the row. Rows fit 32 bits (checked by the caller).
+  static uint64_t key(Best b) {
+    uint32_t u;
+    const float score = b.score + 0.0f;
+    std::memcpy(&u, &score, sizeof u);
+    const uint32_t ordered = (u & 0x80000000u) != 0 ? ~u : u | 0x80000000u;
+    return static_cast<uint64_t>(~ordered) << 32 | static_cast<uint64_t>(b.index);
+  }
+  static Best entry(uint64_t k) {
+    const auto ordered = ~static_cast<uint32_t>(k >> 32);
+    const uint32_t u = (ordered & 0x80000000u) != 0 ? ordered & 0x7FFFFFFFu : ~ordered;
+    float score;
+    std::memcpy(&score, &u, sizeof score);
+    return Best{score, static_cast<int64_t>(k & 0xFFFFFFFFu)};
+  }
+  // Bucket b > 0 holds the keys whose highest bit that differs from last_ is bit b - 1; bucket 0, last_ itself.
+  int bucket(uint64_t k) const { return k == last_ ? 0 : 64 - __builtin_clzll(k ^ last_); }
+  uint64_t lowest_key() {
+    if (!ahead_.empty()) return ahead_.front();
+    if (buckets_[0].empty()) {  // the lowest key moves to bucket 0, the rest of its bucket to lower buckets
+      int b = 1;
+      while (buckets_[b].empty()) ++b;
+      std::vector<uint64_t>& from = buckets_[b];
+      last_ = *std::min_element(from.begin(), from.end());
+      for (uint64_t k : from) buckets_[bucket(k)].push_back(k);
+      // A bucket empties only here, so releasing a large one keeps every bucket within twice its size.
+      if (from.capacity() > kKeptCapacity) std::vector<uint64_t>().swap(from);
+      from.clear();
+    }
+    return last_;
+  }
+
+  static constexpr size_t kKeptCapacity = 4096;
+  std::vector<uint64_t> buckets_[65];
+  uint64_t last_ = 0;  // no key in the buckets is lower
+  std::vector<uint64_t> ahead_;
+  size_t size_ = 0;
 };
 
 }  // namespace
@@ -274,10 +348,10 @@ struct HeapOrder {
 int64_t greedy_coreset_fast_bytes_per_row(int64_t dim, double percentage) {
   const std::vector<int64_t> levels = level_dims(dim);
   const int64_t stride = levels.back() + static_cast<int64_t>(levels.size());
-  // Level values of every point and, per selection, a centre's values and row; per point its state, heap entry,
-  // row pointer, norm and the score passed in.
+  // Level values of every point and, per selection, a centre's values and row; per point its state, queue key
+  // (room for two: a bucket holds at most twice its keys), row pointer, norm and the score passed in.
   const double per_point = 4.0 * stride + (4.0 * stride + 4.0 * dim + 4) * std::max(0.0, percentage) +
-                           sizeof(PointState) + sizeof(Best) + 8 + 4 + 4;
+                           sizeof(PointState) + 2 * sizeof(uint64_t) + 8 + 4 + 4;
   return static_cast<int64_t>(std::ceil(per_point));
 }
 
@@ -285,6 +359,8 @@ std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vecto
                                          GreedyStats* stats) {
   const Points p = coreset::prepare_points(projected, "greedy_coreset_fast");
   coreset::check_scores(scores, p, count, "greedy_coreset_fast");
+  if (p.n > (int64_t{1} << 32))  // PointQueue keeps a row in 32 bits
+    throw std::invalid_argument("greedy_coreset_fast: at most 2^32 rows, got " + std::to_string(p.n));
   GreedyStats total;
   std::vector<int64_t> selected;
   if (count > 0) {
@@ -297,14 +373,12 @@ std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vecto
     const double eta = kEta * std::sqrt(level_values(p, projected, level_ends, values)) + 1e-30;
 
     std::vector<PointState> state(static_cast<size_t>(p.n));
-    std::vector<Best> heap(static_cast<size_t>(p.n));
     for (int64_t i = 0; i < p.n; ++i) {
       state[i].score = scores[i];
       state[i].threshold = skip_threshold(scores[i], p.delta, eta);
-      heap[i] = Best{scores[i], i};
     }
+    PointQueue queue(scores);
     scores = std::vector<float>();
-    std::make_heap(heap.begin(), heap.end(), HeapOrder{});
     Centres centres(p, levels.stride, count);
     const int threads = parallel_threads(kRoundPerThread * num_threads());
     std::vector<Scratch> scratch(static_cast<size_t>(threads));
@@ -358,7 +432,7 @@ std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vecto
     };
     std::vector<Best> round;
     while (static_cast<int64_t>(selected.size()) < count) {
-      const Best top = heap.front();
+      const Best top = queue.top();
       const PointState& st = state[top.index];
       if (st.spans == 0 && st.seen_until == centres.size()) {  // exact and above every upper bound: the argmax
         selected.push_back(top.index);
@@ -367,21 +441,22 @@ std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vecto
       }
       // A round catches up the leading points at once, each until it falls below the best point outside it.
       round.clear();
-      for (int64_t k = 0; k < kRoundPerThread * threads && !heap.empty(); ++k) {
-        std::pop_heap(heap.begin(), heap.end(), HeapOrder{});
-        fetch(heap.back().index);
-        round.push_back(heap.back());
-        heap.pop_back();
+      // Each thread's first point is fetched here; every catch-up then fetches the point `threads` places after
+      // its own, which the threads take about when it is done. Fetching the whole round here, the other threads
+      // waited for this loop's misses.
+      for (int64_t k = 0; k < kRoundPerThread * threads && !queue.empty(); ++k) {
+        round.push_back(queue.pop());
+        if (k < threads) fetch(round.back().index);
       }
-      const Best next = heap.empty() ? Best{} : heap.front();
+      const Best next = queue.empty() ? Best{} : queue.top();
       // The next point is most often caught up in the next round.
-      if (!heap.empty()) fetch(next.index);
+      if (!queue.empty()) fetch(next.index);
       parallel_for(static_cast<int64_t>(round.size()),
-                   [&](int64_t k, int worker) { catch_up(round[k].index, next, scratch[worker]); }, threads);
-      for (const Best& b : round) {
-        heap.push_back(Best{state[b.index].score, b.index});
-        std::push_heap(heap.begin(), heap.end(), HeapOrder{});
-      }
+                   [&](int64_t k, int worker) {
+                     if (k + threads < static_cast<int64_t>(round.size())) fetch(round[k + threads].index);
+                     catch_up(round[k].index, next, scratch[worker]);
+                   }, threads);
+      for (const Best& b : round) queue.push(Best{state[b.index].score, b.index});
     }
     for (const Scratch& sc : scratch) {
       total.exact_distances += sc.stats.exact_distances;

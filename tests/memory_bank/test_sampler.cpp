@@ -151,6 +151,20 @@ TEST(GreedyCoresetFast, MatchesReferenceOnConstantRowsWhereIndicesRepeat) {
             greedy_coreset_reference(torch::zeros({40, 128}), std::vector<float>(40, 0.0f), 20));
 }
 
+TEST(GreedyCoresetFast, MatchesReferenceForInitialScoresOfEverySign) {
+  // The loop orders points by their scores' bits: negative scores, both zeros and repeated values must order as
+  // the floats do, ties by the first index.
+  const torch::Tensor z = clustered(2000, 32, 8, 4);
+  std::vector<float> scores = approx_scores(z, 3);
+  for (size_t i = 0; i < scores.size(); ++i) {
+    if (i % 5 == 0) scores[i] = -scores[i];
+    if (i % 7 == 0) scores[i] = (i % 2 == 0) ? 0.0f : -0.0f;
+    if (i % 11 == 0) scores[i] = scores[i / 2];
+  }
+  for (int64_t count : {1, 10, 300})
+    EXPECT_EQ(greedy_coreset_fast(z, scores, count), greedy_coreset_reference(z, scores, count)) << count;
+}
+
 TEST(GreedyCoresetFast, MatchesReferenceForEveryDimension) {
   // Dimensions around the bound levels (8, 16, 32, 64) and below the first one.
   for (int64_t d : {1, 2, 7, 8, 9, 17, 33, 65, 100, 200}) {
