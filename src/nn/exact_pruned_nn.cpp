@@ -43,7 +43,7 @@ void ExactPrunedNN::install(std::unique_ptr<Bank> bank, const std::string& sourc
   bank_ = std::move(bank);
 }
 
-bool ExactPrunedNN::quantized_products_native() { return pruning::native_quantized_products(); }
+bool ExactPrunedNN::quantized_products_native() { return native_quantized_products(); }
 
 std::string ExactPrunedNN::pruning_filename(const std::string& index_filename) {
   const std::string extension = ".faiss";

@@ -1,9 +1,5 @@
 #include <ATen/ATen.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -285,14 +281,6 @@ struct QuantizedQueries {
 };
 
 #if defined(PATCHCORE_VNNI_KERNEL)
-// sum += the products of row's 64 unsigned bytes with the 4 signed bytes at `code`, four by four, as
-// _mm512_dpbusd_epi32 with *code broadcast. In assembly: in a loop of 16 running sums, GCC 12 copies each sum of the
-// intrinsic to another register and back at every step, which leaves the pass a quarter slower.
-__attribute__((always_inline)) PATCHCORE_VNNI_KERNEL inline __m512i dpbusd(__m512i sum, __m512i row, const int32_t* code) {
-  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(sum) : "v"(row), "m"(*code));
-  return sum;
-}
-
 // Quantized dense bounds of kQuantizedTask queries against every slot: → bounds[i * stride + slot]. The sums of
 // products are exact in int32, so the dot product s_q s_r (q~ . r~) is off from the float coordinates' q . r only by
 // the quantization, at most |c_q - s_q q~| |r| + |s_q q~| |c_r - s_r r~| (Cauchy-Schwarz), subtracted twice; the

@@ -204,18 +204,6 @@ double tail_error(double norm, double coordinate_error, double tail, double unit
   return through_square + kFloatUnit * tail;  // + rounding the tail to float
 }
 
-bool native_quantized_products() {
-#if defined(__x86_64__)
-  static const bool native = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("avx512vnni") != 0;
-  }();
-  return native;
-#else
-  return false;
-#endif
-}
-
 namespace {
 
 // The quantized dense tier (see PruningIndex::quantized_rows).

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "patchcore/core/numeric.h"
+#include "patchcore/core/quantized.h"
 
 namespace patchcore::pruning {
 
@@ -35,7 +36,6 @@ constexpr int64_t kTierAxes[kTiers] = {32, 128, 256, 384};
 // Leading axes of the bounding box of each block of 8 rows, checked before the block's first-tier bounds.
 constexpr int64_t kBoxAxes = 16;
 constexpr int64_t kLanes = 8;            // rows per block, interleaved in the first-tier coordinates
-constexpr int64_t kQuantizedLanes = 16;  // slots per group of the quantized dense tier: one 512-bit vector of sums
 enum QuantizedTerm { kScale, kNorm, kLength, kError, kTail, kQuantizedTerms };
 
 struct Cell {
@@ -86,42 +86,10 @@ struct PruningIndex {
   int64_t quantized_groups() const { return (slots + kQuantizedLanes - 1) / kQuantizedLanes; }
 };
 
-// Whether this CPU has 8-bit integer dot products (AVX512_VNNI), 64 products per instruction: there the dense search's
-// first tier runs on the quantized coordinates, over twice the axes of the float product in about its time.
-bool native_quantized_products();
 
 // Fills dense_norms and dense_reach and, where native_quantized_products(), the quantized tier from the coordinates.
 void derive_dense_tiers(PruningIndex& index);
 
-// A vector's leading coordinates c[0, n) in 8 bits for the quantized dense tier: codes q~ = round(c / s) in
-// [-127, 127] with s = max |c_i| / 127 (1 where that is 0, so that tiny or zero vectors get codes 0), each passed to
-// put(i, code). Returns s, sum(q~), |c|^2 in double, and the lengths that the bound's error term multiplies (|c|, the
-// norm |s q~| and the quantization error |c - s q~|) as floats rounded up, so that the term never shrinks.
-struct Quantized {
-  float scale;
-  int32_t sum;
-  double squared;
-  float norm, length, error;
-};
-template <typename Put>
-Quantized quantize(const float* c, int64_t n, Put put) {
-  float largest = 0.0f;
-  for (int64_t i = 0; i < n; ++i) largest = std::max(largest, std::abs(c[i]));
-  const float scale = largest / 127.0f > 0.0f ? largest / 127.0f : 1.0f;
-  int32_t sum = 0;
-  double squared = 0.0, error = 0.0, length = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double code = std::clamp(std::nearbyint(static_cast<double>(c[i]) / scale), -127.0, 127.0);
-    put(i, static_cast<int32_t>(code));
-    const double value = code * scale, off = c[i] - value;
-    squared += static_cast<double>(c[i]) * c[i];
-    error += off * off;
-    length += value * value;
-    sum += static_cast<int32_t>(code);
-  }
-  const auto up = [](double x) { return static_cast<float>(std::sqrt(x) * (1.0 + 4.0 * kFloatUnit)); };
-  return Quantized{scale, sum, squared, up(squared), up(length), up(error)};
-}
 
 // The pruning structure of the bank `rows` ([n, d] float32, finite, kept alive by the caller).
 std::shared_ptr<const PruningIndex> build_pruning_index(const float* rows, int64_t n, int64_t d);

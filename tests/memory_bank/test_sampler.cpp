@@ -51,6 +51,14 @@ std::vector<float> approx_scores(const torch::Tensor& z, uint64_t seed) {
   return ApproximateGreedyCoresetSampler(0.5, torch::kCPU, 10, z.size(1), seed).initial_scores(z);
 }
 
+// greedy_coreset_fast with both kinds of bounds, which must agree (on a CPU without 8-bit dot products both are
+// float), returning the default's selection.
+std::vector<int64_t> fast_both(const torch::Tensor& z, const std::vector<float>& scores, int64_t count,
+                               GreedyStats* stats = nullptr) {
+  const std::vector<int64_t> quantized = greedy_coreset_fast(z, scores, count, stats, CoresetBounds::kQuantized);
+  EXPECT_EQ(greedy_coreset_fast(z, scores, count, nullptr, CoresetBounds::kFloat), quantized) << "float bounds";
+  return quantized;
+}
 template <class F>
 void expect_invalid(F f, const std::string& fragment) {
   try {
@@ -118,7 +126,7 @@ TEST(GreedyCoresetFast, MatchesReferenceOnClusteredData) {
   const std::vector<float> scores = approx_scores(z, 3);
   const int64_t count = 2000;
   GreedyStats stats;
-  const std::vector<int64_t> fast = greedy_coreset_fast(z, scores, count, &stats);
+  const std::vector<int64_t> fast = fast_both(z, scores, count, &stats);
   EXPECT_EQ(fast, greedy_coreset_reference(z, scores, count));
   // The point of the fast loop: most exact distances are ruled out by the bounds.
   EXPECT_LT(stats.exact_distances, 20000 * count / 10);
@@ -132,12 +140,12 @@ TEST(GreedyCoresetFast, MatchesReferenceWithExactDuplicatesAndTies) {
   const torch::Tensor z = distinct.index_select(0, torch::randint(60, {3000}, torch::kInt64)).contiguous();
   std::vector<float> scores = approx_scores(z, 4);
   for (int64_t count : {30, 59, 60, 61, 300}) {
-    const std::vector<int64_t> fast = greedy_coreset_fast(z, scores, count);
+    const std::vector<int64_t> fast = fast_both(z, scores, count);
     EXPECT_EQ(fast, greedy_coreset_reference(z, scores, count)) << count;
   }
   // Equal initial scores too: the first selection is row 0.
   std::fill(scores.begin(), scores.end(), 1.0f);
-  const std::vector<int64_t> fast = greedy_coreset_fast(z, scores, 100);
+  const std::vector<int64_t> fast = fast_both(z, scores, 100);
   EXPECT_EQ(fast.front(), 0);
   EXPECT_EQ(fast, greedy_coreset_reference(z, scores, 100));
 }
@@ -145,9 +153,9 @@ TEST(GreedyCoresetFast, MatchesReferenceWithExactDuplicatesAndTies) {
 TEST(GreedyCoresetFast, MatchesReferenceOnConstantRowsWhereIndicesRepeat) {
   const torch::Tensor z = torch::full({500, 128}, 0.37f);
   const std::vector<float> scores = approx_scores(z, 2);
-  const std::vector<int64_t> fast = greedy_coreset_fast(z, scores, 50);
+  const std::vector<int64_t> fast = fast_both(z, scores, 50);
   EXPECT_EQ(fast, greedy_coreset_reference(z, scores, 50));
-  EXPECT_EQ(greedy_coreset_fast(torch::zeros({40, 128}), std::vector<float>(40, 0.0f), 20),
+  EXPECT_EQ(fast_both(torch::zeros({40, 128}), std::vector<float>(40, 0.0f), 20),
             greedy_coreset_reference(torch::zeros({40, 128}), std::vector<float>(40, 0.0f), 20));
 }
 
@@ -162,7 +170,20 @@ TEST(GreedyCoresetFast, MatchesReferenceForInitialScoresOfEverySign) {
     if (i % 11 == 0) scores[i] = scores[i / 2];
   }
   for (int64_t count : {1, 10, 300})
-    EXPECT_EQ(greedy_coreset_fast(z, scores, count), greedy_coreset_reference(z, scores, count)) << count;
+    EXPECT_EQ(fast_both(z, scores, count), greedy_coreset_reference(z, scores, count)) << count;
+}
+
+TEST(GreedyCoresetFast, MatchesReferenceOnDataWithOutlyingCoordinates) {
+  // Rows whose norms span orders of magnitude, a few huge coordinates and rows a rounding error apart: the 8-bit
+  // codes' error is large against the distances that decide, and only its term in the bound keeps the selection.
+  torch::manual_seed(21);
+  torch::Tensor z = torch::randn({3000, 128}) * torch::exp(torch::randn({3000, 1}) * 1.5);
+  z.index_put_({torch::randint(3000, {60}), torch::randint(128, {60})}, 40.0f);
+  z.slice(0, 1500, 3000).copy_(z.slice(0, 0, 1500) + torch::randn({1500, 128}) * 1e-4);
+  z = z.contiguous();
+  const std::vector<float> scores = approx_scores(z, 2);
+  for (int64_t count : {300, 1600})
+    EXPECT_EQ(fast_both(z, scores, count), greedy_coreset_reference(z, scores, count)) << count;
 }
 
 TEST(GreedyCoresetFast, MatchesReferenceForEveryDimension) {
@@ -170,14 +191,14 @@ TEST(GreedyCoresetFast, MatchesReferenceForEveryDimension) {
   for (int64_t d : {1, 2, 7, 8, 9, 17, 33, 65, 100, 200}) {
     const torch::Tensor z = clustered(3000, d, 10, 10 + d);
     const std::vector<float> scores = approx_scores(z, 7);
-    EXPECT_EQ(greedy_coreset_fast(z, scores, 400), greedy_coreset_reference(z, scores, 400)) << "dim " << d;
+    EXPECT_EQ(fast_both(z, scores, 400), greedy_coreset_reference(z, scores, 400)) << "dim " << d;
   }
 }
 
 TEST(GreedyCoresetFast, MatchesReferenceForMoreSelectionsThanRows) {
   const torch::Tensor z = clustered(200, 16, 5, 3);
   const std::vector<float> scores = approx_scores(z, 1);
-  EXPECT_EQ(greedy_coreset_fast(z, scores, 450), greedy_coreset_reference(z, scores, 450));
+  EXPECT_EQ(fast_both(z, scores, 450), greedy_coreset_reference(z, scores, 450));
 }
 
 TEST(GreedyCoresetFast, SameIndicesForAnyThreadCount) {
@@ -186,11 +207,11 @@ TEST(GreedyCoresetFast, SameIndicesForAnyThreadCount) {
   std::vector<int64_t> one, two, reference_two;
   {
     Threads t(1);
-    one = greedy_coreset_fast(z, scores, 500);
+    one = fast_both(z, scores, 500);
   }
   {
     Threads t(2);
-    two = greedy_coreset_fast(z, scores, 500);
+    two = fast_both(z, scores, 500);
     reference_two = greedy_coreset_reference(z, scores, 500);
   }
   EXPECT_EQ(one, two);

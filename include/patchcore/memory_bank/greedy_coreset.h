@@ -31,14 +31,19 @@ struct GreedyStats {
   int64_t catch_ups = 0;        // times a point on top of the heap was measured against centres it had not seen
 };
 
+// The lower bounds greedy_coreset_fast rules centres out with: 8-bit dot products over every dimension where the
+// CPU has them (AVX512_VNNI; elsewhere, as kFloat), or float sums over leading principal coordinates.
+enum class CoresetBounds { kQuantized, kFloat };
+
 // Both run `count` (>= 0) greedy selections starting from `scores` (one finite value per row) and return the
-// selected indices; they return identical results for identical inputs, whatever the thread count.
+// selected indices; they return identical results for identical inputs, whatever the thread count and bounds.
 std::vector<int64_t> greedy_coreset_reference(const at::Tensor& projected, std::vector<float> scores, int64_t count);
 std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vector<float> scores, int64_t count,
-                                         GreedyStats* stats = nullptr);
+                                         GreedyStats* stats = nullptr,
+                                         CoresetBounds bounds = CoresetBounds::kQuantized);
 
-// Peak bytes per point that greedy_coreset_fast holds beside the points themselves when it selects `percentage`
-// of them, for planning fit's memory.
+// Peak bytes per point that greedy_coreset_fast, with its default bounds, holds beside the points themselves when it
+// selects `percentage` of them, for planning fit's memory.
 int64_t greedy_coreset_fast_bytes_per_row(int64_t dim, double percentage);
 
 }  // namespace patchcore
