@@ -29,31 +29,33 @@ using simd::v8f;
 
 // The straightforward loop (greedy_coreset.cpp) measures every point against every new centre, yet only the
 // argmax has to be exact. Scores only fall, so a point's score is an upper bound on what it will be later: the
-// fast loop keeps points in a max-heap by their score so far and brings a point up to date (measures it against
-// the centres it has not seen) only when it reaches the top. It stops as soon as the point falls below the next
-// one in the heap, and a point that has seen every centre and stays on top is the argmax. Most points fall far
-// below the coreset's radius early and are never measured again.
+// fast loop keeps points in a priority queue by their score so far and brings a point up to date (measures it
+// against the centres it has not seen) only when it reaches the top. It stops as soon as the point falls below the
+// next one in the queue, and a point that has seen every centre and stays on top is the argmax. Most points fall
+// far below the coreset's radius early and are never measured again.
 //  - Unseen centres are taken newest first: the newest centres lie nearest the points still on top, so the score
 //    falls below the next point's soonest. A point keeps its unseen centres as a few spans of selection order;
 //    when there would be more, the two nearest spans merge and the centres between them are measured again,
 //    which only repeats a min.
-//  - Bounds. Points and centres are expressed in the leading principal directions of the data (an orthonormal
-//    basis from the covariance of a sample). For orthonormal rows P with complement Q, |z - c|^2 = |P(z - c)|^2
-//    + |Q(z - c)|^2 >= |Pz - Pc|^2 + (|Qz| - |Qc|)^2, so k coordinates plus the residual norm |Qz| bound the
-//    distance from below, tighter as k grows; the bound is tried with k = 8, 16, 32, 64 in turn, each reusing
-//    the last sum, on 32 centres at a time (eight side by side per group, in selection order). Only the centres
-//    that no bound rules out get the exact distance.
+//  - Bounds, 32 centres at a time; only the centres that no bound rules out get the exact distance. Where the CPU
+//    has 8-bit dot products, one quantized bound over every dimension (next_candidates_quantized). Elsewhere,
+//    points and centres are expressed in the leading principal directions of the data (an orthonormal basis from
+//    the covariance of a sample). For orthonormal rows P with complement Q, |z - c|^2 = |P(z - c)|^2 +
+//    |Q(z - c)|^2 >= |Pz - Pc|^2 + (|Qz| - |Qc|)^2, so k coordinates plus the residual norm |Qz| bound the
+//    distance from below, tighter as k grows; the bound is tried with k = 8, 16, 32, 64 in turn, each reusing the
+//    last sum (next_candidates).
 //  - A catch-up takes microseconds, too little to share out, so each round catches up the leading points of
-//    the heap at once, each until it falls below the best point left in the heap.
+//    the queue at once, each until it falls below the best point left in the queue.
 //
 // Exactness: min over the same distances does not depend on their order, so each score is, once every centre
 // is seen, bit for bit the straightforward loop's. A centre is skipped only when its bound proves that the
 // computed distance is >= the point's score. The proof covers the floats: Points::delta bounds the kernel's
 // rounding of squared distances (computed distance >= s whenever the exact one is >= sqrt(s^2 + delta), up to
-// 1 + kMargin for the sqrt roundings); kEta * max |z| bounds the error of the stored coordinates and residual
-// norms (computed in double from an orthonormalised basis, then rounded to float); kBoundSlack bounds the
-// relative rounding of the float sums of squares that evaluate the bounds. skip_threshold folds all of it into
-// one squared value per point.
+// 1 + kMargin for the sqrt roundings). For the float bounds, kEta * max |z| bounds the error of the stored
+// coordinates and residual norms (computed in double from an orthonormalised basis, then rounded to float), and
+// kBoundSlack the relative rounding of the float sums of squares that evaluate them; for the quantized bounds,
+// QuantizedPoints::absolute bounds their float evaluation. skip_threshold folds it all into one squared value per
+// point.
 namespace {
 
 constexpr double kMargin = 1e-6;
@@ -245,9 +247,8 @@ QuantizedPoints quantize_points(const Points& p) {
     for (int64_t i = chunk * kChunk; i < std::min(p.n, (chunk + 1) * kChunk); ++i) {
       for (int64_t j = 0; j < p.dim; ++j) centred[j] = p.rows[i][j] - mean[j];
       auto* bytes = reinterpret_cast<int8_t*>(q.codes.data() + i * q.steps);
-      const Quantized c = quantize(centred.data(), p.dim, [&](int64_t j, int32_t code) {
-        bytes[j] = static_cast<int8_t>(code);
-      });
+      const Quantized c =
+          quantize(centred.data(), p.dim, [&](int64_t j, int32_t code) { bytes[j] = static_cast<int8_t>(code); });
       float* t = q.terms.data() + i * kQuantizedTerms;
       t[kSquared] = static_cast<float>(c.squared);
       t[kScale] = c.scale;
@@ -276,9 +277,10 @@ inline uint32_t group_lanes(int64_t g, int64_t begin, int64_t end) {
 
 // The lanes of a group whose quantized bound, from the sums of products `sum` and the group's terms `t`, stays below
 // `bar`; the other arguments are the point's.
-__attribute__((always_inline)) PATCHCORE_VNNI_KERNEL inline uint32_t passing_lanes(
-    __m512i sum, __m512i shift, __m512 squared, __m512 scale, __m512 length, __m512 error, __m512 bar,
-    const float* t) {
+__attribute__((always_inline)) PATCHCORE_VNNI_KERNEL inline uint32_t passing_lanes(__m512i sum, __m512i shift,
+                                                                                   __m512 squared, __m512 scale,
+                                                                                   __m512 length, __m512 error,
+                                                                                   __m512 bar, const float* t) {
   constexpr int64_t lanes = kQuantizedLanes;
   // All lanes through the zero-masked form: the unmasked one trips GCC 12's -Wmaybe-uninitialized in its header.
   const __m512 products = _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_sub_epi32(sum, shift));
@@ -293,9 +295,8 @@ __attribute__((always_inline)) PATCHCORE_VNNI_KERNEL inline uint32_t passing_lan
 // next_candidates with the quantized bounds, two groups of 16 centres at a time (`codes` and `terms` as
 // Centres keeps them), each group's sums in two chains.
 PATCHCORE_VNNI_KERNEL int64_t next_candidates_quantized(const uint8_t* codes, const float* terms, int64_t steps,
-                                                        const int32_t* point, const float* point_terms,
-                                                        int32_t offset, float threshold, int64_t begin, int64_t end,
-                                                        uint32_t* found) {
+                                                        const int32_t* point, const float* point_terms, int32_t offset,
+                                                        float threshold, int64_t begin, int64_t end, uint32_t* found) {
   constexpr int64_t lanes = kQuantizedLanes;
   const int64_t lo = begin / lanes, hi = (end + lanes - 1) / lanes;
   const __m512 squared = _mm512_set1_ps(point_terms[kSquared]), scale = _mm512_set1_ps(point_terms[kScale]),
@@ -391,7 +392,8 @@ class Centres {
       const int64_t g = c / lanes, lane = c % lanes, steps = quantized_->steps;
       const auto* from = reinterpret_cast<const int8_t*>(quantized_->codes.data() + point * steps);
       uint8_t* to = codes_.data() + g * steps * lanes * 4;
-      for (int64_t k = 0; k < steps * 4; ++k) to[(k / 4 * lanes + lane) * 4 + k % 4] = static_cast<uint8_t>(from[k] + 128);
+      for (int64_t k = 0; k < steps * 4; ++k)
+        to[(k / 4 * lanes + lane) * 4 + k % 4] = static_cast<uint8_t>(from[k] + 128);
       for (int64_t t = 0; t < kQuantizedTerms; ++t)
         terms_[static_cast<size_t>((g * kQuantizedTerms + t) * lanes + lane)] =
             quantized_->terms[static_cast<size_t>(point * kQuantizedTerms + t)];
@@ -509,9 +511,8 @@ int64_t greedy_coreset_fast_bytes_per_row(int64_t dim, double percentage) {
   const std::vector<int64_t> levels = level_dims(dim);
   // What the bounds read of every point and of every centre again: its codes, offset and terms (quantized, the
   // default where the CPU has 8-bit products) or its level values.
-  const double bound_bytes = native_quantized_products()
-                                 ? (dim + 3) / 4 * 4 + 4.0 + 4.0 * kQuantizedTerms
-                                 : 4.0 * (levels.back() + static_cast<int64_t>(levels.size()));
+  const double bound_bytes = native_quantized_products() ? (dim + 3) / 4 * 4 + 4.0 + 4.0 * kQuantizedTerms
+                                                         : 4.0 * (levels.back() + static_cast<int64_t>(levels.size()));
   // Per selection a centre's bound values and row; per point its state, queue key (room for two: a bucket holds at
   // most twice its keys), row pointer, norm and the score passed in.
   const double per_point = bound_bytes + (bound_bytes + 4.0 * dim + 4) * std::max(0.0, percentage) +
@@ -535,12 +536,12 @@ std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vecto
     const Levels levels{widths.data(), static_cast<int64_t>(widths.size()),
                         level_ends.back() + static_cast<int64_t>(widths.size())};
     std::vector<float> values;
-    QuantizedPoints codes;
+    QuantizedPoints eight_bit;
     Margins margins;
     margins.delta = p.delta;
     if (quantized) {
-      codes = quantize_points(p);
-      margins.absolute = codes.absolute;
+      eight_bit = quantize_points(p);
+      margins.absolute = eight_bit.absolute;
     } else {
       margins.eta = kEta * std::sqrt(level_values(p, projected, level_ends, values)) + 1e-30;
       margins.slack = kBoundSlack;
@@ -553,7 +554,7 @@ std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vecto
     }
     PointQueue queue(scores);
     scores = std::vector<float>();
-    Centres centres(p, levels.stride, quantized ? &codes : nullptr, count);
+    Centres centres(p, levels.stride, quantized ? &eight_bit : nullptr, count);
     const int threads = parallel_threads(kRoundPerThread * num_threads());
     std::vector<Scratch> scratch(static_cast<size_t>(threads));
 
@@ -571,10 +572,9 @@ std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vecto
         int64_t first;
 #if defined(PATCHCORE_VNNI_KERNEL)
         if (quantized)
-          first = next_candidates_quantized(centres.codes(), centres.terms(), codes.steps,
-                                            codes.codes.data() + i * codes.steps,
-                                            codes.terms.data() + i * kQuantizedTerms, codes.offsets[i], st.threshold,
-                                            s.begin, s.end, &lanes);
+          first = next_candidates_quantized(
+              centres.codes(), centres.terms(), eight_bit.steps, eight_bit.codes.data() + i * eight_bit.steps,
+              eight_bit.terms.data() + i * kQuantizedTerms, eight_bit.offsets[i], st.threshold, s.begin, s.end, &lanes);
         else
 #endif
           first = next_candidates(levels, centres.groups(), values.data() + i * levels.stride, st.threshold, s.begin,
@@ -609,8 +609,9 @@ std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vecto
       __builtin_prefetch(&state[i]);
       __builtin_prefetch(&p.norms[i]);
       if (quantized) {
-        for (int64_t k = 0; k < codes.steps; k += 16) __builtin_prefetch(codes.codes.data() + i * codes.steps + k);
-        __builtin_prefetch(codes.terms.data() + i * kQuantizedTerms);
+        for (int64_t k = 0; k < eight_bit.steps; k += 16)
+          __builtin_prefetch(eight_bit.codes.data() + i * eight_bit.steps + k);
+        __builtin_prefetch(eight_bit.terms.data() + i * kQuantizedTerms);
       } else {
         for (int64_t k = 0; k < levels.stride; k += 16) __builtin_prefetch(values.data() + i * levels.stride + k);
       }
@@ -637,11 +638,13 @@ std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vecto
       const Best next = queue.empty() ? Best{} : queue.top();
       // The next point is most often caught up in the next round.
       if (!queue.empty()) fetch(next.index);
-      parallel_for(static_cast<int64_t>(round.size()),
-                   [&](int64_t k, int worker) {
-                     if (k + threads < static_cast<int64_t>(round.size())) fetch(round[k + threads].index);
-                     catch_up(round[k].index, next, scratch[worker]);
-                   }, threads);
+      parallel_for(
+          static_cast<int64_t>(round.size()),
+          [&](int64_t k, int worker) {
+            if (k + threads < static_cast<int64_t>(round.size())) fetch(round[k + threads].index);
+            catch_up(round[k].index, next, scratch[worker]);
+          },
+          threads);
       for (const Best& b : round) queue.push(Best{state[b.index].score, b.index});
     }
     for (const Scratch& sc : scratch) {

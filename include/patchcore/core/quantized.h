@@ -57,7 +57,8 @@ Quantized quantize(const float* c, int64_t n, Put put) {
 // sum += the products of row's 64 unsigned bytes with the 4 signed bytes at `code`, four by four, as
 // _mm512_dpbusd_epi32 with *code broadcast. In assembly: in a loop of 16 running sums, GCC 12 copies each sum of the
 // intrinsic to another register and back at every step, which leaves the pass a quarter slower.
-__attribute__((always_inline)) PATCHCORE_VNNI_KERNEL inline __m512i dpbusd(__m512i sum, __m512i row, const int32_t* code) {
+__attribute__((always_inline)) PATCHCORE_VNNI_KERNEL inline __m512i dpbusd(__m512i sum, __m512i row,
+                                                                           const int32_t* code) {
   asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(sum) : "v"(row), "m"(*code));
   return sum;
 }
