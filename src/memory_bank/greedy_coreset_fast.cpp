@@ -229,6 +229,10 @@ struct QuantizedPoints {
   double absolute = 0.0;
 };
 
+// Whether the default bounds are the quantized ones: where the CPU has 8-bit products, and for dimensions whose sums
+// of products (at most dim x 255 x 127 with the centres' offset) fit int32 by far.
+bool uses_quantized_bounds(int64_t dim) { return native_quantized_products() && dim <= 4096; }
+
 QuantizedPoints quantize_points(const Points& p) {
   QuantizedPoints q;
   q.steps = (p.dim + 3) / 4;
@@ -275,20 +279,18 @@ inline uint32_t group_lanes(int64_t g, int64_t begin, int64_t end) {
   return from >= to ? 0u : (0xFFFFu >> (16 - (to - from))) << from;
 }
 
-// The lanes of a group whose quantized bound, from the sums of products `sum` and the group's terms `t`, stays below
-// `bar`; the other arguments are the point's.
-__attribute__((always_inline)) PATCHCORE_VNNI_KERNEL inline uint32_t passing_lanes(__m512i sum, __m512i shift,
-                                                                                   __m512 squared, __m512 scale,
-                                                                                   __m512 length, __m512 error,
-                                                                                   __m512 bar, const float* t) {
+// The lanes of centre group g (`terms` as Centres keeps them) whose quantized bound against the point, from the sums
+// of products `sum`, stays below `bar`.
+__attribute__((always_inline)) PATCHCORE_VNNI_KERNEL inline uint32_t passing_lanes(__m512i sum, int32_t offset,
+                                                                                   const float* point_terms,
+                                                                                   const float* terms, int64_t g,
+                                                                                   __m512 bar) {
   constexpr int64_t lanes = kQuantizedLanes;
-  // All lanes through the zero-masked form: the unmasked one trips GCC 12's -Wmaybe-uninitialized in its header.
-  const __m512 products = _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_sub_epi32(sum, shift));
-  const __m512 dot = _mm512_mul_ps(products, _mm512_mul_ps(scale, _mm512_loadu_ps(t + kScale * lanes)));
-  const __m512 off = _mm512_add_ps(_mm512_mul_ps(error, _mm512_loadu_ps(t + kNorm * lanes)),
-                                   _mm512_mul_ps(length, _mm512_loadu_ps(t + kError * lanes)));
-  const __m512 bound = _mm512_sub_ps(_mm512_add_ps(squared, _mm512_loadu_ps(t + kSquared * lanes)),
-                                     _mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(dot, off)));
+  const float* t = terms + g * kQuantizedTerms * lanes;
+  const __m512 bound =
+      quantized_bound(sum, offset, point_terms[kSquared], point_terms[kScale], point_terms[kError],
+                      point_terms[kLength], _mm512_loadu_ps(t + kSquared * lanes), _mm512_loadu_ps(t + kScale * lanes),
+                      _mm512_loadu_ps(t + kNorm * lanes), _mm512_loadu_ps(t + kError * lanes));
   return static_cast<uint32_t>(_mm512_cmp_ps_mask(bound, bar, _CMP_LT_OQ));
 }
 
@@ -299,10 +301,7 @@ PATCHCORE_VNNI_KERNEL int64_t next_candidates_quantized(const uint8_t* codes, co
                                                         float threshold, int64_t begin, int64_t end, uint32_t* found) {
   constexpr int64_t lanes = kQuantizedLanes;
   const int64_t lo = begin / lanes, hi = (end + lanes - 1) / lanes;
-  const __m512 squared = _mm512_set1_ps(point_terms[kSquared]), scale = _mm512_set1_ps(point_terms[kScale]),
-               length = _mm512_set1_ps(point_terms[kLength]), error = _mm512_set1_ps(point_terms[kError]),
-               bar = _mm512_set1_ps(threshold);
-  const __m512i shift = _mm512_set1_epi32(offset);
+  const __m512 bar = _mm512_set1_ps(threshold);
   for (int64_t g = hi - 2; g > lo - 2; g -= 2) {
     const uint32_t live = group_lanes(g, begin, end) | group_lanes(g + 1, begin, end) << 16;
     // A group below lo is never read: its lanes are dead, so it reads group g + 1 instead.
@@ -321,11 +320,9 @@ PATCHCORE_VNNI_KERNEL int64_t next_candidates_quantized(const uint8_t* codes, co
       a0 = dpbusd(a0, _mm512_loadu_si512(a + k * lanes * 4), point + k);
       b0 = dpbusd(b0, _mm512_loadu_si512(b + k * lanes * 4), point + k);
     }
-    const uint32_t pass_a = passing_lanes(_mm512_add_epi32(a0, a1), shift, squared, scale, length, error, bar,
-                                          terms + first * kQuantizedTerms * lanes);
-    const uint32_t pass_b = passing_lanes(_mm512_add_epi32(b0, b1), shift, squared, scale, length, error, bar,
-                                          terms + (g + 1) * kQuantizedTerms * lanes);
-    const uint32_t pass = live & (pass_a | pass_b << 16);
+    const uint32_t pass =
+        live & (passing_lanes(_mm512_add_epi32(a0, a1), offset, point_terms, terms, first, bar) |
+                passing_lanes(_mm512_add_epi32(b0, b1), offset, point_terms, terms, g + 1, bar) << 16);
     if (pass != 0) {
       *found = pass;
       return lanes * g;
@@ -511,7 +508,7 @@ int64_t greedy_coreset_fast_bytes_per_row(int64_t dim, double percentage) {
   const std::vector<int64_t> levels = level_dims(dim);
   // What the bounds read of every point and of every centre again: its codes, offset and terms (quantized, the
   // default where the CPU has 8-bit products) or its level values.
-  const double bound_bytes = native_quantized_products() ? (dim + 3) / 4 * 4 + 4.0 + 4.0 * kQuantizedTerms
+  const double bound_bytes = uses_quantized_bounds(dim) ? (dim + 3) / 4 * 4 + 4.0 + 4.0 * kQuantizedTerms
                                                          : 4.0 * (levels.back() + static_cast<int64_t>(levels.size()));
   // Per selection a centre's bound values and row; per point its state, queue key (room for two: a bucket holds at
   // most twice its keys), row pointer, norm and the score passed in.
@@ -530,7 +527,7 @@ std::vector<int64_t> greedy_coreset_fast(const at::Tensor& projected, std::vecto
   std::vector<int64_t> selected;
   if (count > 0) {
     selected.reserve(static_cast<size_t>(count));
-    const bool quantized = bounds == CoresetBounds::kQuantized && native_quantized_products();
+    const bool quantized = bounds == CoresetBounds::kQuantized && uses_quantized_bounds(p.dim);
     const std::vector<int64_t> level_ends = level_dims(p.dim);
     const std::vector<int64_t> widths = level_widths(level_ends);
     const Levels levels{widths.data(), static_cast<int64_t>(widths.size()),

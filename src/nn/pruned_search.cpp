@@ -281,10 +281,8 @@ struct QuantizedQueries {
 };
 
 #if defined(PATCHCORE_VNNI_KERNEL)
-// Quantized dense bounds of kQuantizedTask queries against every slot: → bounds[i * stride + slot]. The sums of
-// products are exact in int32, so the dot product s_q s_r (q~ . r~) is off from the float coordinates' q . r only by
-// the quantization, at most |c_q - s_q q~| |r| + |s_q q~| |c_r - s_r r~| (Cauchy-Schwarz), subtracted twice; the
-// bound's float roundings are those of the float tier's, a few units of (|q| + |r|)^2.
+// Quantized dense bounds of kQuantizedTask queries against every slot: → bounds[i * stride + slot], quantized_bound
+// plus the tails' term. Its float roundings are those of the float tier's, a few units of (|q| + |r|)^2.
 PATCHCORE_VNNI_KERNEL void quantized_bounds(const PruningIndex& p, const QuantizedQueries& q, float* bounds,
                                             int64_t stride) {
   constexpr int64_t lanes = kQuantizedLanes;
@@ -306,15 +304,9 @@ PATCHCORE_VNNI_KERNEL void quantized_bounds(const PruningIndex& p, const Quantiz
                  tail = _mm512_loadu_ps(terms + kTail * lanes);
 #pragma GCC unroll 16
     for (int64_t i = 0; i < kQuantizedTask; ++i) {
-      // All lanes through the zero-masked form: the unmasked one trips GCC 12's -Wmaybe-uninitialized in its header.
-      const __m512 products =
-          _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_sub_epi32(sums[i], _mm512_set1_epi32(q.offset[i])));
-      const __m512 dot = _mm512_mul_ps(products, _mm512_mul_ps(scale, _mm512_set1_ps(q.scale[i])));
-      const __m512 off = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(q.error[i]), length),
-                                       _mm512_mul_ps(_mm512_set1_ps(q.length[i]), error));
+      const __m512 head = quantized_bound(sums[i], q.offset[i], q.norm[i], q.scale[i], q.error[i], q.length[i], norm,
+                                          scale, length, error);
       const __m512 rest = _mm512_sub_ps(_mm512_set1_ps(q.tail[i]), tail);
-      const __m512 head = _mm512_sub_ps(_mm512_add_ps(_mm512_set1_ps(q.norm[i]), norm),
-                                        _mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(dot, off)));
       _mm512_storeu_ps(bounds + i * stride + g * lanes, _mm512_add_ps(head, _mm512_mul_ps(rest, rest)));
     }
   }

@@ -62,6 +62,24 @@ __attribute__((always_inline)) PATCHCORE_VNNI_KERNEL inline __m512i dpbusd(__m51
   asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(sum) : "v"(row), "m"(*code));
   return sum;
 }
+
+// The lower bound on |a - b|^2 over the coded coordinates of one vector a against 16 vectors b, one per lane:
+//   |a|^2 + |b|^2 - 2 (s_a s_b (a~ . b~) + |a - s_a a~| |b| + |s_a a~| |b - s_b b~|),
+// from `sums` of a's codes times b's unsigned codes, which hold `offset` = 128 sum(a~) besides. With A the largest of
+// |v|, |s_v v~| and |v - s_v v~| over both vectors, each term is at most A^2, and the float evaluation rounds 8 times.
+__attribute__((always_inline)) PATCHCORE_VNNI_KERNEL inline __m512 quantized_bound(__m512i sums, int32_t offset,
+                                                                                   float a_squared, float a_scale,
+                                                                                   float a_error, float a_coded_norm,
+                                                                                   __m512 b_squared, __m512 b_scale,
+                                                                                   __m512 b_norm, __m512 b_error) {
+  // All lanes through the zero-masked form: the unmasked one trips GCC 12's -Wmaybe-uninitialized in its header.
+  const __m512 products = _mm512_maskz_cvtepi32_ps(0xFFFF, _mm512_sub_epi32(sums, _mm512_set1_epi32(offset)));
+  const __m512 dot = _mm512_mul_ps(products, _mm512_mul_ps(b_scale, _mm512_set1_ps(a_scale)));
+  const __m512 off = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(a_error), b_norm),
+                                   _mm512_mul_ps(_mm512_set1_ps(a_coded_norm), b_error));
+  return _mm512_sub_ps(_mm512_add_ps(_mm512_set1_ps(a_squared), b_squared),
+                       _mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(dot, off)));
+}
 #endif
 
 }  // namespace patchcore

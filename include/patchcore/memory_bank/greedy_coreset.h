@@ -32,7 +32,8 @@ struct GreedyStats {
 };
 
 // The lower bounds greedy_coreset_fast rules centres out with: 8-bit dot products over every dimension where the
-// CPU has them (AVX512_VNNI; elsewhere, as kFloat), or float sums over leading principal coordinates.
+// CPU has them (AVX512_VNNI) and the points have at most 4,096 dimensions (elsewhere, as kFloat), or float sums over
+// leading principal coordinates.
 enum class CoresetBounds { kQuantized, kFloat };
 
 // Both run `count` (>= 0) greedy selections starting from `scores` (one finite value per row) and return the
