@@ -27,8 +27,8 @@ std::vector<float> distance_matrix_row_norms(const at::Tensor& projected);
 // Work done by greedy_coreset_fast, for benchmarks.
 struct GreedyStats {
   int64_t exact_distances = 0;  // point-to-centre distances computed by the kernel
-  int64_t lower_bounds = 0;     // point-centre pairs whose first-level lower bound was evaluated
-  int64_t catch_ups = 0;        // times a point on top of the heap was measured against centres it had not seen
+  int64_t lower_bounds = 0;     // point-centre pairs whose lower bound was evaluated
+  int64_t catch_ups = 0;        // times a point on top of the queue was measured against centres it had not seen
 };
 
 // The lower bounds greedy_coreset_fast rules centres out with: 8-bit dot products over every dimension where the
