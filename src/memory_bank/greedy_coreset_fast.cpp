@@ -389,8 +389,7 @@ class Centres {
       const int64_t g = c / lanes, lane = c % lanes, steps = quantized_->steps;
       const auto* from = reinterpret_cast<const int8_t*>(quantized_->codes.data() + point * steps);
       uint8_t* to = codes_.data() + g * steps * lanes * 4;
-      for (int64_t k = 0; k < steps * 4; ++k)
-        to[(k / 4 * lanes + lane) * 4 + k % 4] = static_cast<uint8_t>(from[k] + 128);
+      for (int64_t k = 0; k < steps * 4; ++k) to[unsigned_code_at(k, lane)] = static_cast<uint8_t>(from[k] + 128);
       for (int64_t t = 0; t < kQuantizedTerms; ++t)
         terms_[static_cast<size_t>((g * kQuantizedTerms + t) * lanes + lane)] =
             quantized_->terms[static_cast<size_t>(point * kQuantizedTerms + t)];
@@ -509,7 +508,7 @@ int64_t greedy_coreset_fast_bytes_per_row(int64_t dim, double percentage) {
   // What the bounds read of every point and of every centre again: its codes, offset and terms (quantized, the
   // default where the CPU has 8-bit products) or its level values.
   const double bound_bytes = uses_quantized_bounds(dim) ? (dim + 3) / 4 * 4 + 4.0 + 4.0 * kQuantizedTerms
-                                                         : 4.0 * (levels.back() + static_cast<int64_t>(levels.size()));
+                                                        : 4.0 * (levels.back() + static_cast<int64_t>(levels.size()));
   // Per selection a centre's bound values and row; per point its state, queue key (room for two: a bucket holds at
   // most twice its keys), row pointer, norm and the score passed in.
   const double per_point = bound_bytes + (bound_bytes + 4.0 * dim + 4) * std::max(0.0, percentage) +

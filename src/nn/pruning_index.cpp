@@ -221,7 +221,7 @@ void quantize_dense_tier(PruningIndex& p) {
       continue;
     }
     const Quantized q = quantize(p.coordinates.data() + s * width, axes, [&](int64_t a, int32_t code) {
-      p.quantized_rows[static_cast<size_t>(((g * padded + a) / 4 * lanes + lane) * 4 + a % 4)] =
+      p.quantized_rows[static_cast<size_t>(g * padded * lanes + unsigned_code_at(a, lane))] =
           static_cast<uint8_t>(code + 128);
     });
     terms[kScale * lanes] = q.scale;

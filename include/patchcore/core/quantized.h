@@ -23,6 +23,11 @@ bool native_quantized_products();
 
 constexpr int64_t kQuantizedLanes = 16;  // vectors per group of the unsigned layout
 
+// Where, in its group of the unsigned layout, the code of coordinate `axis` of the vector in lane `lane` lies.
+constexpr int64_t unsigned_code_at(int64_t axis, int64_t lane) {
+  return (axis / 4 * kQuantizedLanes + lane) * 4 + axis % 4;
+}
+
 // A vector's coordinates c[0, n) in 8 bits: codes q~ = round(c / s) in [-127, 127] with s = max |c_i| / 127 (1 where
 // that is 0, so that tiny or zero vectors get codes 0), each passed to put(i, code). Returns s, sum(q~), |c|^2 in
 // double, and the lengths that the bound's error term multiplies (|c|, the norm |s q~| and the quantization error
